@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Step 01: get CT scans into ct_data/ - download public data sets, or import your own scans.
+
+Examples:
+  python 01_download_data.py                         # 5 spleen CTs (MSD Task09) -> ct_data/spleen_*.nii.gz
+  python 01_download_data.py --dataset all --max-samples 3
+  python 01_download_data.py --from /path/to/scans   # NIfTI files and DICOM series folders, no network
+  python 01_download_data.py --realistic             # 0.8x0.8x1.5 mm variants -> ct_data/realistic/
+
+Downloads resume after an interruption (re-run the same command) and are verified before use.
+Existing outputs are never overwritten without --force, and no folder is ever wiped.
+Exit status: 0 success, 1 on any error (reported as one line), 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common import download  # noqa: E402
+from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
+from common.errors import DownloadError, InputError  # noqa: E402
+from common.validation import load_scan  # noqa: E402
+from common.variants import REALISTIC_SPACING_MM, realistic_variant, write_variant  # noqa: E402
+from common.volume import is_nifti_path, scan_id  # noqa: E402
+
+DEFAULT_OUT = ROOT / "ct_data"
+DOWNLOADS_SUBDIR = "downloads"
+LEARN2REG_SUBDIR = "learn2reg"
+REALISTIC_SUBDIR = "realistic"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="01_download_data.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Sources: MSD Task09_Spleen (" + download.SPLEEN.url + ", md5-verified); Learn2Reg lung CT "
+               "exp/insp pairs (" + download.LEARN2REG.url + "). Offline? Use --from DIR.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output folder (default: %(default)s); archives are kept in OUT/downloads/")
+    p.add_argument("--dataset", choices=("spleen", "learn2reg", "all"), default=None,
+                   help="what to download (default: spleen, unless only --from/--realistic is given). "
+                        "spleen -> OUT/spleen_N.nii.gz; learn2reg -> OUT/learn2reg/case_XXX_{exp,insp}.nii.gz")
+    p.add_argument("--max-samples", type=int, default=5, metavar="N",
+                   help="number of spleen scans / learn2reg exp-insp pairs to extract (default: %(default)s)")
+    p.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
+                   help="import your own scans instead of downloading: NIfTI files (.nii/.nii.gz) are copied, "
+                        "DICOM series folders are converted to NIfTI (orientation preserved); searched recursively")
+    p.add_argument("--realistic", action="store_true",
+                   help="write clinical-resolution variants (%.1fx%.1fx%.1f mm, int16) of the scans in OUT "
+                        "into OUT/realistic/" % REALISTIC_SPACING_MM)
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--url", metavar="URL",
+                   help="download the chosen data set's archive from this mirror instead (still verified)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ---- download ---------------------------------------------------------------------------------
+def run_download(name: str, out: Path, max_samples: int, force: bool, url: str | None, progress: bool) -> None:
+    source = download.SOURCES[name]
+    archives = out / DOWNLOADS_SUBDIR
+    if not source.confirmed:
+        warn(f"{source.name}: {source.note}; the archive's checksum is not pinned, only its size is checked")
+    say(f"{source.name}: {url or source.url}")
+    archive = download.download_source(source, archives, url=url, progress=progress)
+    try:
+        if name == "spleen":
+            result = download.extract_spleen(archive, out, max_samples, force=force)
+        else:
+            result = download.extract_learn2reg(archive, out / LEARN2REG_SUBDIR, max_samples, force=force)
+    except DownloadError:
+        if source.md5 is None and source.sha256 is None:
+            archive.unlink(missing_ok=True)  # unverifiable and unreadable: let the next run fetch it again
+        raise
+    for path in result.written:
+        say(f"  wrote {path}")
+    for path in result.skipped:
+        say(f"  kept existing {path} (use --force to overwrite)")
+
+
+# ---- import -----------------------------------------------------------------------------------
+def _dicom_series_dirs(root: Path) -> list[Path]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    dirs = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
+    return [d for d in dirs if reader.GetGDCMSeriesIDs(str(d))]
+
+
+def find_importable(root: Path) -> tuple[list[Path], list[Path]]:
+    """(NIfTI files, DICOM series folders) under ``root`` (recursive); hidden files skipped."""
+    if root.is_file():
+        return ([root] if is_nifti_path(root) else []), []
+    niftis = sorted(p for p in root.rglob("*") if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    return niftis, _dicom_series_dirs(root)
+
+
+def run_import(src: Path, out: Path, force: bool) -> int:
+    if not src.exists():
+        raise InputError(src, "folder not found (--from)")
+    niftis, dicoms = find_importable(src)
+    if not niftis and not dicoms:
+        raise InputError(src, "no NIfTI files (.nii/.nii.gz) or DICOM series found (--from)")
+    failures = 0
+    for item in [*niftis, *dicoms]:
+        is_dicom = item.is_dir()
+        name = (scan_id(item) + ".nii.gz") if is_dicom else item.name
+        target = out / name
+        if target.exists() and not force:
+            say(f"  kept existing {target} (use --force to overwrite)")
+            continue
+        try:
+            vol, warnings = load_scan(item)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failures += 1
+            continue
+        for w in warnings:
+            warn(w)
+        if is_dicom:
+            atomic_save_nifti(vol.image, target)
+        else:
+            with atomic_path(target, suffix=".nii.gz" if name.endswith(".gz") else ".nii") as tmp:
+                shutil.copyfile(item, tmp)
+        say(f"  imported {item} -> {target} ({'x'.join(map(str, vol.shape))}, {vol.orientation})")
+    return failures
+
+
+# ---- realistic variants -----------------------------------------------------------------------
+def run_realistic(out: Path, force: bool) -> int:
+    scans = sorted(p for p in out.glob("*") if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    if not scans:
+        raise InputError(out, "no scans (*.nii.gz) to make realistic variants of; download or import some first")
+    failures = 0
+    for scan in scans:
+        target = out / REALISTIC_SUBDIR / (scan_id(scan) + ".nii.gz")
+        if target.exists() and not force:
+            say(f"  kept existing {target} (use --force to overwrite)")
+            continue
+        try:
+            vol, _ = load_scan(scan)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failures += 1
+            continue
+        variant = realistic_variant(vol.image)
+        write_variant(variant, target)
+        say(f"  wrote {target} ({'x'.join(map(str, variant.shape))})")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_samples < 1:
+        build_parser().error("--max-samples must be at least 1")
+    out: Path = args.out
+    dataset = args.dataset
+    if dataset is None and args.from_dir is None and not args.realistic:
+        dataset = "spleen"
+    progress = not args.no_progress and sys.stderr.isatty()
+    failures = 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.from_dir is not None:
+            say(f"importing from {args.from_dir}")
+            failures += run_import(args.from_dir, out, args.force)
+        if dataset is not None:
+            names = ["spleen", "learn2reg"] if dataset == "all" else [dataset]
+            if args.url and len(names) > 1:
+                raise InputError(None, "--url needs a single --dataset (spleen or learn2reg)")
+            for name in names:
+                run_download(name, out, args.max_samples, args.force, args.url, progress)
+        if args.realistic:
+            say(f"realistic variants -> {out / REALISTIC_SUBDIR}")
+            failures += run_realistic(out, args.force)
+    except (DownloadError, InputError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run the same command to resume", file=sys.stderr, flush=True)
+        return 130
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Compare benchmark results (scripts 03-06) against the official TotalSegmentator run.
+
+Reads ts-bench-result JSON files, and for every method and every scan also in the reference: speedup
+(reference median latency / method median latency), voxel agreement and per-class Dice of the method's mask
+against the reference's, structures missing or extra; optionally Dice against ground-truth label maps.
+Writes comparison.md, comparison.json and PNG plots into --out-dir.
+
+Example:
+    python 07_compare_vanilla_vs_optimized.py
+    python 07_compare_vanilla_vs_optimized.py --results benchmarks/03_vanilla.json benchmarks/05_optimized.json \\
+        --ground-truth ct_data/labels
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.errors import InputError
+from common.report import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths, run_comparison
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit status: 0 report written, 2 bad input (the message names the file).",
+    )
+    parser.add_argument(
+        "--results", nargs="+", metavar="RESULT.json", type=Path,
+        help="result files to compare (default: those of benchmarks/" + ", ".join(DEFAULT_RESULT_FILES)
+             + " that exist; absent ones are skipped with a note)")
+    parser.add_argument(
+        "--reference", metavar="FILE_OR_METHOD",
+        help=f"the reference: a result file or a method name (default: the result whose method is "
+             f"{REFERENCE_METHOD!r}, i.e. script 03; else the first result)")
+    parser.add_argument(
+        "--ground-truth", metavar="DIR", type=Path,
+        help="folder of ground-truth label maps named <scan_id>.nii.gz, <scan_id>_labels.nii.gz or "
+             "<scan_id>_seg.nii.gz; adds Dice vs ground truth for every method (reference included)")
+    parser.add_argument(
+        "--out-dir", metavar="DIR", type=Path, default=BENCHMARKS,
+        help="where to write comparison.md, comparison.json and the plots (default: benchmarks/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    notes: list[str] = []
+    if args.results:
+        paths = list(args.results)
+    else:
+        paths, notes = default_result_paths(BENCHMARKS)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    try:
+        doc, written = run_comparison(paths, args.out_dir, reference=args.reference,
+                                      ground_truth=args.ground_truth, notes=notes)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ref = doc["reference"]
+    print(f"reference: {ref['label']} ({ref['file']})")
+    for label, m in doc["methods"].items():
+        if m["is_reference"]:
+            continue
+        speed = "—" if m["speedup_total"] is None else f"{m['speedup_total']:.2f}x"
+        agree = "—" if m["mean_voxel_agreement"] is None else f"{100 * m['mean_voxel_agreement']:.3f} %"
+        print(f"{label}: speedup {speed}, voxel agreement {agree}, scans ok {m['n_ok']}/{m['n_scans']}")
+    for w in doc["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

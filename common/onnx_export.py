@@ -1,0 +1,50 @@
+"""Export the network of an nnU-Net v2 results folder to ONNX, and check it against PyTorch."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import atomic_path
+from common.model import ModelSpec
+
+OPSET = 17
+
+
+def export_onnx(spec: ModelSpec, target: str | Path, opset: int = OPSET) -> Path:
+    """Write the network as ONNX with dynamic batch and spatial axes (input 'image', output 'logits')."""
+    import torch
+
+    net = spec.build_network()
+    dummy = torch.zeros((1, 1, *spec.patch_size), dtype=torch.float32)
+    axes = {0: "batch", 2: "d0", 3: "d1", 4: "d2"}
+    with atomic_path(target, suffix=".onnx") as tmp, torch.inference_mode():
+        torch.onnx.export(net, (dummy,), str(tmp), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False)
+        import onnx
+
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return Path(target)
+
+
+def compare_backends(spec: ModelSpec, onnx_path: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Run one random full patch through PyTorch and ONNX Runtime; max |logit diff| and argmax agreement."""
+    import torch
+
+    from common.session import OnnxPredictor, TorchPredictor
+
+    rng = np.random.default_rng(seed)
+    patch = rng.standard_normal((1, 1, *spec.patch_size)).astype(np.float32)
+    torch_pred = TorchPredictor(spec.build_network())
+    ort_pred = OnnxPredictor(onnx_path)
+    t0 = time.perf_counter()
+    a = torch_pred(patch)
+    t1 = time.perf_counter()
+    b = ort_pred(patch)
+    t2 = time.perf_counter()
+    agree = float(np.mean(np.argmax(a, 1) == np.argmax(b, 1)))
+    return {"patch_shape": list(patch.shape), "seed": seed, "max_abs_logit_diff": float(np.max(np.abs(a - b))),
+            "max_abs_logit": float(np.max(np.abs(a))), "argmax_agreement": agree,
+            "pytorch_s": t1 - t0, "onnxruntime_s": t2 - t1, "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,316 @@
+"""The one versioned result schema that scripts 03-06 write and 07 reads ("ts-bench-result", version 1).
+
+A result is a plain JSON object (dict), validated by hand: strict on required keys and their types,
+tolerant of extra keys. Times are seconds; shapes are the scan's (x, y, z) voxel counts; spacing is mm.
+
+    {"schema": "ts-bench-result", "schema_version": 1, "script": "05_...", "method": "optimized",
+     "created": "2025-01-01T12:00:00Z", "machine": {...}, "versions": {...},
+     "model": {"name": ..., "weights": "official" | "standin", "sha256": ...}, "settings": {...},
+     "scans": [{"file", "scan_id", "shape", "spacing_mm", "orientation",
+                "repeats": [{"total_s": 1.2, "stages": {"load": 0.1, ...}}, ...],
+                "median": {"total_s", "stages", "min_total_s", "max_total_s", "iqr_total_s", "n"} | None,
+                "labels_present": [1, 2, ...], "mask": "path/to/labels.nii.gz" | None,
+                "status": "ok" | "failed", "error": None | "one line"}, ...],
+     "summary": {...}}
+"""
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import atomic_write_json
+from common.errors import InputError
+from common.machine import library_versions, machine_info
+from common.metrics import latency_stats
+from common.volume import scan_id as _scan_id
+
+SCHEMA_NAME = "ts-bench-result"
+SCHEMA_VERSION = 1
+STAGES = ("load", "preprocess", "inference", "postprocess", "passport", "save")
+WEIGHTS = ("official", "standin")
+STATUSES = ("ok", "failed")
+MAX_ERROR_CHARS = 500
+
+
+def utc_now() -> str:
+    """Current time, ISO-8601 UTC to the second, e.g. "2025-01-01T12:00:00Z"."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def one_line(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` collapsed to one line of at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def new_result(script: str, *, method: str, settings: dict, model: dict) -> dict:
+    """A new, empty result for ``script`` (e.g. "05_tuned_pipeline.py").
+
+    ``method``: "official_pytorch", "onnx_default", "optimized", "inference_passport", ...
+    ``model`` must hold "name", "weights" ("official" or "standin") and "sha256" (hex digest of the weights
+    file, or None); optional "labels" ({label id: structure name}) lets 07 name structures.
+    Raises ValueError on a bad ``model``.
+    """
+    model = dict(model)
+    for key in ("name", "weights", "sha256"):
+        if key not in model:
+            raise ValueError(f"model description lacks {key!r}")
+    if model["weights"] not in WEIGHTS:
+        raise ValueError(f"model weights must be one of {WEIGHTS}, got {model['weights']!r}")
+    return {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "script": str(script),
+        "method": str(method),
+        "created": utc_now(),
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "model": model,
+        "settings": dict(settings),
+        "scans": [],
+        "summary": {},
+    }
+
+
+def new_scan_record(file: str | Path, *, shape, spacing_mm, orientation: str) -> dict:
+    """A scan record: ``shape`` (x, y, z) voxels, ``spacing_mm`` (x, y, z) mm, ``orientation`` axis codes ("RAS")."""
+    return {
+        "file": str(file),
+        "scan_id": _scan_id(file),
+        "shape": [int(s) for s in shape],
+        "spacing_mm": [float(s) for s in spacing_mm],
+        "orientation": str(orientation),
+        "repeats": [],
+        "median": None,
+        "labels_present": [],
+        "mask": None,
+        "status": "ok",
+        "error": None,
+    }
+
+
+def add_repeat(record: dict, total_s: float, stages: dict[str, float]) -> dict:
+    """Append one timed run: ``total_s`` wall seconds and per-stage seconds (names from STAGES).
+
+    Raises ValueError on an unknown stage name or a negative / non-finite time. Returns ``record``.
+    """
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage name(s) {unknown}; allowed: {list(STAGES)}")
+    times = {"total_s": total_s, **stages}
+    for name, value in times.items():
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"time {name!r} must be a finite number of seconds >= 0, got {value!r}")
+    record["repeats"].append({"total_s": float(total_s),
+                              "stages": {k: float(stages[k]) for k in STAGES if k in stages}})
+    return record
+
+
+def finalize_scan(record: dict) -> dict:
+    """Fill record["median"] from its repeats (None when there are none). Returns ``record``.
+
+    median = {"total_s", "stages": {stage: median over repeats that timed it}, "min_total_s", "max_total_s",
+    "iqr_total_s" (75th - 25th percentile), "n" (repeats)}.
+    """
+    reps = record.get("repeats") or []
+    if not reps:
+        record["median"] = None
+        return record
+    totals = np.asarray([r["total_s"] for r in reps], dtype=np.float64)
+    stages = {}
+    for name in STAGES:
+        vals = [r["stages"][name] for r in reps if name in r.get("stages", {})]
+        if vals:
+            stages[name] = float(np.median(vals))
+    q25, q75 = np.percentile(totals, [25, 75])
+    record["median"] = {
+        "total_s": float(np.median(totals)),
+        "stages": stages,
+        "min_total_s": float(totals.min()),
+        "max_total_s": float(totals.max()),
+        "iqr_total_s": float(q75 - q25),
+        "n": int(totals.size),
+    }
+    return record
+
+
+def mark_failed(record: dict, error: str | BaseException) -> dict:
+    """Mark the scan failed with a one-line ``error`` (exceptions become "TypeName: message"). Returns ``record``."""
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    record["status"] = "failed"
+    record["error"] = one_line(error) or "failed"
+    return record
+
+
+def scan_voxels(record: dict) -> int:
+    """Number of voxels of the scan (product of its shape)."""
+    return int(np.prod(record["shape"], dtype=np.int64))
+
+
+def summarize(result: dict) -> dict:
+    """Compute result["summary"] (and return it).
+
+    n_scans, n_ok, n_failed, success_rate (0..1, None without scans), latency_mean_s / latency_median_s /
+    latency_p95_s (over the per-scan median totals of ok scans), total_voxels, total_median_s and
+    throughput_mvox_s (sum of voxels / sum of median totals / 1e6, Mvoxel/s).
+    """
+    scans = result.get("scans", [])
+    ok = [s for s in scans if s.get("status") == "ok"]
+    timed = [s for s in ok if s.get("median")]
+    totals = [s["median"]["total_s"] for s in timed]
+    stats = latency_stats(totals)
+    voxels = sum(scan_voxels(s) for s in timed)
+    total_s = float(sum(totals))
+    summary = {
+        "n_scans": len(scans),
+        "n_ok": len(ok),
+        "n_failed": len(scans) - len(ok),
+        "success_rate": (len(ok) / len(scans)) if scans else None,
+        "latency_mean_s": stats["mean"],
+        "latency_median_s": stats["median"],
+        "latency_p95_s": stats["p95"],
+        "total_voxels": int(voxels),
+        "total_median_s": total_s,
+        "throughput_mvox_s": (voxels / total_s / 1e6) if total_s > 0 else None,
+    }
+    result["summary"] = summary
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class _Checker:
+    def __init__(self, path: str | Path | None):
+        self.path = path
+
+    def fail(self, problem: str) -> None:
+        raise InputError(self.path, problem)
+
+    def field(self, obj: dict, key: str, where: str, kinds: tuple[type, ...], *, nullable: bool = False) -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            self.fail(f"missing required field '{name}'")
+        value = obj[key]
+        if value is None and nullable:
+            return None
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            want = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
+            self.fail(f"field '{name}' must be {want}, got {type(value).__name__}")
+        return value
+
+    def number(self, obj: dict, key: str, where: str, *, nullable: bool = False) -> Any:
+        value = self.field(obj, key, where, (int, float), nullable=nullable)
+        if value is not None and not math.isfinite(value):
+            self.fail(f"field '{where}.{key}' is not a finite number")
+        return value
+
+    def times(self, stages: dict, where: str) -> None:
+        for name, value in stages.items():
+            if name not in STAGES:
+                self.fail(f"'{where}' has unknown stage {name!r} (allowed: {', '.join(STAGES)})")
+            if not _is_number(value):
+                self.fail(f"'{where}.{name}' must be a finite number of seconds")
+
+
+def validate_result(obj: Any, path: str | Path | None = None) -> dict:
+    """Check ``obj`` against the result schema; return it. Raises InputError ('<path>: <problem>', one line)."""
+    c = _Checker(path)
+    if not isinstance(obj, dict):
+        c.fail(f"not a ts-bench result (top level is a JSON {type(obj).__name__}, expected an object)")
+    if obj.get("schema") != SCHEMA_NAME:
+        c.fail(f"not a ts-bench result (schema {obj.get('schema')!r}, expected {SCHEMA_NAME!r})")
+    if "schema_version" not in obj:
+        c.fail("missing required field 'schema_version'")
+    version = obj["schema_version"]
+    if version != SCHEMA_VERSION or not _is_int(version):
+        c.fail(f"result schema version {version}, this program reads version {SCHEMA_VERSION}")
+    for key in ("script", "method", "created"):
+        c.field(obj, key, "", (str,))
+    for key in ("machine", "versions", "settings", "summary"):
+        c.field(obj, key, "", (dict,))
+    model = c.field(obj, "model", "", (dict,))
+    c.field(model, "name", "model", (str,))
+    weights = c.field(model, "weights", "model", (str,))
+    if weights not in WEIGHTS:
+        c.fail(f"field 'model.weights' must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    c.field(model, "sha256", "model", (str,), nullable=True)
+    if "labels" in model and not isinstance(model["labels"], dict):
+        c.fail("field 'model.labels' must be an object {label id: name}")
+    scans = c.field(obj, "scans", "", (list,))
+    for i, scan in enumerate(scans):
+        w = f"scans[{i}]"
+        if not isinstance(scan, dict):
+            c.fail(f"'{w}' must be an object")
+        for key in ("file", "scan_id", "orientation"):
+            c.field(scan, key, w, (str,))
+        for key, check in (("shape", _is_int), ("spacing_mm", _is_number)):
+            seq = c.field(scan, key, w, (list,))
+            if not seq or not all(check(v) for v in seq):
+                c.fail(f"field '{w}.{key}' must be a non-empty list of {'integers' if key == 'shape' else 'numbers'}")
+        status = c.field(scan, "status", w, (str,))
+        if status not in STATUSES:
+            c.fail(f"field '{w}.status' must be one of {', '.join(STATUSES)}, got {status!r}")
+        c.field(scan, "error", w, (str,), nullable=True)
+        c.field(scan, "mask", w, (str,), nullable=True)
+        labels = c.field(scan, "labels_present", w, (list,))
+        if not all(_is_int(v) for v in labels):
+            c.fail(f"field '{w}.labels_present' must be a list of integers")
+        for j, rep in enumerate(c.field(scan, "repeats", w, (list,))):
+            wr = f"{w}.repeats[{j}]"
+            if not isinstance(rep, dict):
+                c.fail(f"'{wr}' must be an object")
+            c.number(rep, "total_s", wr)
+            c.times(c.field(rep, "stages", wr, (dict,)), f"{wr}.stages")
+        med = c.field(scan, "median", w, (dict,), nullable=True)
+        if med is not None:
+            wm = f"{w}.median"
+            for key in ("total_s", "min_total_s", "max_total_s", "iqr_total_s"):
+                c.number(med, key, wm)
+            c.field(med, "n", wm, (int,))
+            c.times(c.field(med, "stages", wm, (dict,)), f"{wm}.stages")
+    return obj
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """Validate ``result`` and write it as JSON to ``path`` atomically. Returns the path.
+
+    Call summarize() first if the summary should be current. Raises InputError (naming ``path``) when invalid.
+    """
+    validate_result(result, path)
+    return atomic_write_json(path, result)
+
+
+def read_result(path: str | Path) -> dict:
+    """Read and validate a result file. Raises InputError (one line, '<path>: <problem>') when the file is missing,
+    not JSON, another schema or schema version, or lacks / mistypes a required field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "result file not found" if not path.exists() else "not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"unreadable result file ({type(exc).__name__}: {exc})") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
+    return validate_result(obj, path)

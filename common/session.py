@@ -1,0 +1,89 @@
+"""Predictors behind one interface: ``predictor(batch)`` maps float32 (B, 1, *patch) -> (B, K, *patch) logits.
+
+ONNX Runtime sessions are tuned here (threads, graph optimisation level, execution mode, providers);
+the PyTorch network sits behind the same call for parity checks and as an alternative backend.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class OrtSettings:
+    """ONNX Runtime session settings; 0 threads = ONNX Runtime's default (one per physical core)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+    execution_mode: str = "sequential"  # or "parallel"
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class OnnxPredictor:
+    """One ONNX Runtime session, created once and reused for every tile of every scan."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, settings: OrtSettings | None = None):
+        import onnxruntime as ort
+
+        self.settings = settings or OrtSettings()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.settings.intra_op_threads
+        so.inter_op_num_threads = self.settings.inter_op_threads
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[self.settings.graph_optimization])
+        so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.settings.execution_mode == "parallel"
+                             else ort.ExecutionMode.ORT_SEQUENTIAL)
+        available = ort.get_available_providers()
+        providers = [p for p in self.settings.providers if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.model_path = Path(model_path)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": str(self.model_path), **self.settings.to_dict(),
+                "providers_used": self.session.get_providers()}
+
+
+class TorchPredictor:
+    """The PyTorch network (nnU-Net's own module) behind the predictor interface, CPU, inference mode."""
+
+    backend = "pytorch"
+
+    def __init__(self, network, threads: int = 0):
+        import torch
+
+        self.torch = torch
+        self.network = network.eval()
+        self.threads = threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.network(self.torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        return out.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "threads": self.torch.get_num_threads()}

@@ -1,0 +1,121 @@
+"""nnU-Net-style sliding-window inference over a (C, Z, Y, X) volume with a Gaussian importance map.
+
+Backend-agnostic: the caller passes ``predict(batch)`` mapping float32 (B, C, *patch) -> (B, K, *patch)
+logits. Axes here are nnU-Net's (transposed) axes; the patch size comes from the plans.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def compute_steps(image_size: tuple[int, ...], patch_size: tuple[int, ...], step: float) -> list[list[int]]:
+    """Tile start indices per axis, as nnU-Net's compute_steps_for_sliding_window (image >= patch)."""
+    if not 0 < step <= 1:
+        raise ValueError("tile step must be in (0, 1]")
+    steps = []
+    for size, patch in zip(image_size, patch_size, strict=True):
+        if size < patch:
+            raise ValueError(f"image size {image_size} smaller than patch {patch_size}: pad first")
+        n = int(np.ceil((size - patch) / (patch * step))) + 1
+        actual = (size - patch) / (n - 1) if n > 1 else 0.0
+        steps.append([int(np.round(actual * i)) for i in range(n)])
+    return steps
+
+
+def tile_slices(image_size: tuple[int, ...], patch_size: tuple[int, ...], step: float) -> list[tuple[slice, ...]]:
+    """Spatial slices of every tile, in nnU-Net's order (first axis outermost)."""
+    steps = compute_steps(image_size, patch_size, step)
+    grids = np.meshgrid(*steps, indexing="ij")
+    starts = np.stack([g.ravel() for g in grids], axis=1)
+    return [tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch_size, strict=True)) for start in starts]
+
+
+@lru_cache(maxsize=4)
+def gaussian_importance(patch_size: tuple[int, ...], sigma_scale: float = 1.0 / 8,
+                        value_scaling_factor: float = 10.0) -> np.ndarray:
+    """nnU-Net's compute_gaussian, float16 (as nnU-Net builds it), zeros replaced by the smallest value."""
+    tmp = np.zeros(patch_size)
+    tmp[tuple(p // 2 for p in patch_size)] = 1
+    g = gaussian_filter(tmp, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
+    g /= np.max(g) / value_scaling_factor
+    g = g.astype(np.float16)
+    g[g == 0] = np.min(g[g != 0])
+    g.flags.writeable = False
+    return g
+
+
+def pad_to_patch(data: np.ndarray, patch_size: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Pad the spatial axes of (C, *spatial) up to the patch size with 0, content centred (nnU-Net's
+    pad_nd_image: the extra voxel of an odd difference goes after). Returns (padded, slicer to undo)."""
+    spatial = data.shape[1:]
+    diff = [max(p - s, 0) for s, p in zip(spatial, patch_size, strict=True)]
+    pads = [(d // 2, d - d // 2) for d in diff]
+    if not any(diff):
+        return data, tuple(slice(0, s) for s in spatial)
+    padded = np.pad(data, [(0, 0), *pads], mode="constant", constant_values=0)
+    return padded, tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial, strict=True))
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
+                          step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
+                          normalize: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Gaussian-weighted sliding-window logits for a (C, *spatial) float32 volume; returns (K, *spatial).
+
+    accumulate="float16" reproduces nnU-Net 2.x bit for bit in its arithmetic: tile logits (float32) times
+    the float16 Gaussian are added into float16 sums in the same tile order, then divided by the float16
+    weight sum. accumulate="float32" sums in float32 (faster in numpy, ~1e-3 closer to exact). With
+    ``normalize=False`` the division by the weight sum is skipped: the argmax is unchanged by it (every
+    voxel's weights are positive), so callers that only need labels save a full pass.
+    """
+    padded, unpad = pad_to_patch(data, patch_size)
+    spatial = padded.shape[1:]
+    slices = tile_slices(spatial, patch_size, step)
+    gauss16 = gaussian_importance(tuple(patch_size))
+    gauss32 = gauss16.astype(np.float32)
+    dtype = np.float16 if accumulate == "float16" else np.float32
+    logits = np.zeros((num_classes, *spatial), dtype=dtype)
+    weights = np.zeros(spatial, dtype=dtype)
+    done = 0
+    for group in _batches(slices, batch_size):
+        batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
+        out = predict(batch)
+        for k, sl in enumerate(group):
+            tile = out[k]
+            tile *= gauss32
+            region = (slice(None), *sl)
+            if dtype == np.float16:
+                logits[region] = (logits[region].astype(np.float32) + tile).astype(np.float16)
+                weights[sl] = (weights[sl].astype(np.float32) + gauss32).astype(np.float16)
+            else:
+                logits[region] += tile
+                weights[sl] += gauss32
+        done += len(group)
+        if progress is not None:
+            progress(len(group))
+    if normalize:
+        if dtype == np.float16:
+            logits = (logits.astype(np.float32) / weights.astype(np.float32)).astype(np.float16)
+        else:
+            logits /= weights
+    return logits[(slice(None), *unpad)]
+
+
+def sliding_window_labels(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
+                          step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
+                          progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Argmax of the sliding-window logits (first maximum wins, as torch/numpy argmax): (spatial) uint8."""
+    normalize = accumulate == "float16"  # float16 rounding after the division can change ties: keep it exact
+    logits = sliding_window_logits(data, predict, num_classes, patch_size, step, batch_size, accumulate,
+                                   normalize=normalize, progress=progress)
+    return np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)

@@ -1,0 +1,314 @@
+"""Tier 2: deformable registration of two passports with a regularised thin-plate spline.
+
+Works after the rigid tier, in the FIXED world frame (mm, RAS+). Moving boundary points are first
+mapped by the rigid transform (p = R y + t); the spline models the remaining displacement
+
+    u(x) = p - x   (fixed point x  ->  rigidly mapped moving point p),
+
+i.e. the FIXED -> MOVING direction needed to pull moving images onto the fixed grid. The inverse
+(MOVING -> FIXED) is computed numerically on the same grid (transform.invert_displacement).
+
+Correspondences (per structure, matched by name, never across structures):
+1. control points: a deterministic subsample of the fixed boundary points (<= ``max_control_points``
+   in total, shared across structures in proportion to their point counts) plus all centroids;
+2. initial field: a TPS through the centroid displacements (robust, averaged over each structure);
+3. ``iterations`` rounds of ICP with TPS regularisation: predict each control point's moving position
+   with the current field, find its nearest rigidly mapped moving boundary point of the same
+   structure (optionally only MUTUAL nearest neighbours), reject matches whose correction exceeds
+   max(``outlier_floor_mm``, ``outlier_factor`` x median correction), and, in "plane" mode, keep only
+   the correction along the fixed surface normal (point-to-plane: stops sliding along surfaces and
+   the noise of sparse surface samples); refit the TPS (scipy RBFInterpolator, thin_plate_spline,
+   ``smoothing``) on all surviving targets plus the centroids.
+The final spline is evaluated on a coarse regular grid (about ``grid_points`` nodes over the union of
+the two point clouds plus ``margin_mm``) and interpolated trilinearly for dense use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.interpolate import RBFInterpolator
+from scipy.spatial import cKDTree
+
+from registration.rigid import RigidResult
+from registration.structures import PassportLike, boundary_points, centroid, matched_names, structure_table
+from registration.transform import DisplacementGrid, Transform, invert_displacement
+
+
+@dataclass
+class DeformableResult:
+    """Displacement grid (fixed frame, mm) plus diagnostics. Times in milliseconds."""
+
+    grid: DisplacementGrid
+    n_control_points: int
+    n_centroids: int
+    structures_used: list[str]
+    structures_excluded: list[str]
+    history: list[dict[str, Any]]
+    time_ms: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def jacobian_stats(self) -> dict[str, float]:
+        return jacobian_stats(self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        g = self.grid
+        u = np.linalg.norm(g.fixed_to_moving, axis=-1)
+        return {
+            "direction": "u on a grid in the fixed frame: fixed x -> rigid-frame x + u(x); inverse stored too",
+            "n_control_points": int(self.n_control_points),
+            "n_centroids": int(self.n_centroids),
+            "n_structures_used": len(self.structures_used),
+            "structures_excluded": list(self.structures_excluded),
+            "grid_shape": list(g.shape),
+            "grid_spacing_mm": g.spacing.tolist(),
+            "grid_origin_mm": g.origin.tolist(),
+            "displacement_mm_max": float(u.max()) if u.size else 0.0,
+            "displacement_mm_mean": float(u.mean()) if u.size else 0.0,
+            "jacobian": jacobian_stats(g),
+            "history": self.history,
+            "time_ms": {k: float(v) for k, v in self.time_ms.items()},
+            "settings": dict(self.settings),
+        }
+
+
+def jacobian_stats(grid: DisplacementGrid) -> dict[str, float]:
+    """Folding of the fixed->moving map x -> x + u(x) on the grid nodes.
+
+    Returns the fraction of nodes with det(J) <= 0, min det(J), and the standard deviation of
+    log det(J) over the nodes with det(J) > 0.
+    """
+    det = grid.jacobian_determinant()
+    pos = det[det > 0]
+    return {
+        "fraction_nonpositive": float(np.mean(det <= 0)),
+        "det_min": float(det.min()),
+        "log_det_std": float(np.std(np.log(pos))) if pos.size else float("nan"),
+    }
+
+
+def _fit_tps(points: np.ndarray, values: np.ndarray, smoothing: np.ndarray | float) -> RBFInterpolator:
+    """Thin-plate spline (degree-1 polynomial) from (n, 3) points to (n, 3) values; tiny extra
+    smoothing as a fallback when the exact system is singular (duplicate points)."""
+    try:
+        return RBFInterpolator(points, values, kernel="thin_plate_spline", smoothing=smoothing, degree=1)
+    except np.linalg.LinAlgError:
+        return RBFInterpolator(points, values, kernel="thin_plate_spline",
+                               smoothing=np.asarray(smoothing) + 1e-6, degree=1)
+
+
+def _normals(points: np.ndarray, cloud_tree: cKDTree, cloud: np.ndarray, k: int) -> np.ndarray:
+    """Unit surface normals at ``points`` from the PCA of their k nearest neighbours in ``cloud``."""
+    k = int(min(k, len(cloud)))
+    if k < 3:
+        return np.zeros_like(points)
+    _, idx = cloud_tree.query(points, k=k)
+    nb = cloud[idx]  # (n, k, 3)
+    nb = nb - nb.mean(axis=1, keepdims=True)
+    cov = np.einsum("nki,nkj->nij", nb, nb)
+    _, vecs = np.linalg.eigh(cov)
+    return vecs[:, :, 0]
+
+
+def _allocate(counts: np.ndarray, budget: int, min_each: int) -> np.ndarray:
+    """Split ``budget`` control points across structures in proportion to ``counts``."""
+    total = int(counts.sum())
+    if total <= budget:
+        return counts.copy()
+    alloc = np.minimum(counts, np.maximum(min_each, np.floor(counts * budget / total).astype(np.int64)))
+    return alloc
+
+
+def _grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
+              bbox_mm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Isotropic grid (origin, spacing, shape) of about ``grid_points`` nodes over the points' bounding box."""
+    allp = np.concatenate([p for p in points if len(p)])
+    lo, hi = allp.min(axis=0), allp.max(axis=0)
+    if bbox_mm is not None:
+        b = np.asarray(bbox_mm, dtype=np.float64).reshape(2, 3)
+        lo, hi = np.minimum(lo, b[0]), np.maximum(hi, b[1])
+    lo, hi = lo - margin_mm, hi + margin_mm
+    ext = np.maximum(hi - lo, 1e-3)
+    h = float((np.prod(ext) / max(grid_points, 8)) ** (1.0 / 3.0))
+    shape = np.maximum(np.ceil(ext / h).astype(int) + 1, 3)
+    spacing = ext / (shape - 1)
+    return lo, spacing, (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidResult, *,
+                        smoothing: float = 3.0,
+                        centroid_smoothing: float | None = None,
+                        max_control_points: int = 2000,
+                        min_points_per_structure: int = 4,
+                        iterations: int = 3,
+                        mode: str = "plane",
+                        mutual: bool = True,
+                        normal_neighbours: int = 12,
+                        outlier_factor: float = 3.0,
+                        outlier_floor_mm: float = 5.0,
+                        max_structure_residual_mm: float = 40.0,
+                        use_rigid_outliers: bool = False,
+                        grid_points: int = 24 ** 3,
+                        margin_mm: float = 20.0,
+                        bbox_mm: np.ndarray | None = None,
+                        min_voxels: int = 8,
+                        seed: int = 0) -> DeformableResult:
+    """Fit the deformable tier after ``rigid`` (see the module docstring); returns a DeformableResult.
+
+    ``smoothing``: RBFInterpolator smoothing of the surface control points (0 = interpolate exactly);
+    centroids use ``centroid_smoothing`` (default smoothing / 10). ``mode``: "plane" (point-to-plane
+    targets) or "point" (nearest point). Structures that are rigid outliers (unless
+    ``use_rigid_outliers``) or whose centroid residual after the rigid step exceeds
+    ``max_structure_residual_mm`` are not used. ``bbox_mm``: optional [[xmin,ymin,zmin],[xmax,ymax,zmax]]
+    (fixed world mm) the grid must also cover, e.g. the fixed scan's extent.
+    """
+    if mode not in ("plane", "point"):
+        raise ValueError(f"mode must be 'plane' or 'point', got {mode!r}")
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t0 = t_all
+    fixed_t = structure_table(fixed, min_voxels)
+    moving_t = structure_table(moving, min_voxels)
+    names = matched_names(fixed_t, moving_t)
+    rigid_out = set() if use_rigid_outliers else set(rigid.outliers)
+    used, excluded = [], []
+    F, M = [], []
+    cf, cm = [], []
+    for n in names:
+        c_f = centroid(fixed_t[n])
+        c_m = rigid.apply(centroid(moving_t[n])[None])[0]
+        if n in rigid_out or np.linalg.norm(c_m - c_f) > max_structure_residual_mm:
+            excluded.append(n)
+            continue
+        used.append(n)
+        cf.append(c_f)
+        cm.append(c_m)
+        F.append(boundary_points(fixed_t[n]))
+        M.append(rigid.apply(boundary_points(moving_t[n])) if len(boundary_points(moving_t[n])) else np.zeros((0, 3)))
+    cf_a = np.array(cf).reshape(-1, 3)
+    cm_a = np.array(cm).reshape(-1, 3)
+    c_smooth = smoothing / 10.0 if centroid_smoothing is None else float(centroid_smoothing)
+
+    # --- control points: deterministic subsample of the fixed boundary points -----------------
+    ok = [i for i in range(len(used)) if len(F[i]) >= min_points_per_structure and len(M[i]) >= min_points_per_structure]
+    budget = max(max_control_points - len(cf_a), 0)
+    counts = np.array([len(F[i]) for i in ok], dtype=np.int64)
+    alloc = _allocate(counts, budget, min_points_per_structure) if len(ok) else counts
+    rng = np.random.default_rng(seed)
+    ctrl, owner, normals = [], [], []
+    trees_m: dict[int, cKDTree] = {}
+    for a, i in zip(alloc, ok):
+        sel = np.sort(rng.permutation(len(F[i]))[: int(a)])
+        pts = F[i][sel]
+        ctrl.append(pts)
+        owner.append(np.full(len(pts), i))
+        if mode == "plane":
+            normals.append(_normals(pts, cKDTree(F[i]), F[i], normal_neighbours))
+        trees_m[i] = cKDTree(M[i])
+    ctrl_a = np.concatenate(ctrl) if ctrl else np.zeros((0, 3))
+    owner_a = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+    normals_a = np.concatenate(normals) if normals else np.zeros((0, 3))
+    times["prepare"] = (time.perf_counter() - t0) * 1000.0
+
+    # --- initial field: TPS through the centroid displacements --------------------------------
+    t0 = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    d_c = cm_a - cf_a
+    if len(cf_a) >= 5:
+        tps = _fit_tps(cf_a, d_c, c_smooth)
+        u_ctrl = tps(ctrl_a) if len(ctrl_a) else np.zeros((0, 3))
+    else:  # too few centroids for a spline: constant mean displacement
+        mean_d = d_c.mean(axis=0) if len(d_c) else np.zeros(3)
+        tps = None
+        u_ctrl = np.tile(mean_d, (len(ctrl_a), 1))
+    times["init"] = (time.perf_counter() - t0) * 1000.0
+    history.append({"step": "centroids", "n_points": int(len(cf_a)),
+                    "centroid_disp_mm_mean": float(np.linalg.norm(d_c, axis=1).mean()) if len(d_c) else 0.0})
+
+    # --- ICP rounds with TPS regularisation ----------------------------------------------------
+    t_match = t_fit = 0.0
+    n_ctrl_used = 0
+    for it in range(iterations if len(ctrl_a) else 0):
+        t0 = time.perf_counter()
+        fhat = ctrl_a + u_ctrl
+        target = np.empty_like(fhat)
+        keep = np.zeros(len(fhat), dtype=bool)
+        for i in ok:
+            idx_c = np.nonzero(owner_a == i)[0]
+            if not len(idx_c):
+                continue
+            _, nn = trees_m[i].query(fhat[idx_c])
+            m = M[i][nn]
+            k = np.ones(len(idx_c), dtype=bool)
+            if mutual:
+                _, back = cKDTree(fhat[idx_c]).query(m)
+                k = back == np.arange(len(idx_c))
+            if mode == "plane":
+                nrm = normals_a[idx_c]
+                target[idx_c] = fhat[idx_c] + nrm * np.einsum("ij,ij->i", m - fhat[idx_c], nrm)[:, None]
+            else:
+                target[idx_c] = m
+            keep[idx_c] = k
+        corr = np.linalg.norm(target - fhat, axis=1)
+        if keep.any():
+            thr = max(outlier_floor_mm, outlier_factor * float(np.median(corr[keep])))
+            keep &= corr <= thr
+        t_match += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pts = np.concatenate([ctrl_a[keep], cf_a])
+        vals = np.concatenate([target[keep] - ctrl_a[keep], d_c])
+        smooth = np.concatenate([np.full(int(keep.sum()), float(smoothing)), np.full(len(cf_a), c_smooth)])
+        if len(pts) >= 5:
+            tps = _fit_tps(pts, vals, smooth)
+            u_new = tps(ctrl_a)
+        else:
+            u_new = u_ctrl
+        t_fit += time.perf_counter() - t0
+        history.append({
+            "step": f"icp{it + 1}", "n_matches": int(keep.sum()),
+            "correction_mm_mean": float(corr[keep].mean()) if keep.any() else 0.0,
+            "field_change_mm_max": float(np.abs(u_new - u_ctrl).max()) if len(u_new) else 0.0,
+        })
+        u_ctrl = u_new
+        n_ctrl_used = int(keep.sum())
+    times["match"] = t_match * 1000.0
+    times["fit"] = t_fit * 1000.0
+
+    # --- evaluate on the coarse grid, invert --------------------------------------------------
+    t0 = time.perf_counter()
+    origin, spacing, shape = _grid_for([*F, *M, cf_a, cm_a], margin_mm, grid_points, bbox_mm)
+    grid = DisplacementGrid(origin, spacing, np.zeros(shape + (3,)))
+    if tps is not None:
+        grid.fixed_to_moving = tps(grid.nodes_mm()).reshape(shape + (3,))
+    else:
+        grid.fixed_to_moving[...] = u_ctrl[0] if len(u_ctrl) else 0.0
+    times["grid"] = (time.perf_counter() - t0) * 1000.0
+    t0 = time.perf_counter()
+    grid.moving_to_fixed = invert_displacement(grid)
+    times["inverse"] = (time.perf_counter() - t0) * 1000.0
+    times["total"] = (time.perf_counter() - t_all) * 1000.0
+    return DeformableResult(
+        grid=grid,
+        n_control_points=n_ctrl_used + len(cf_a),
+        n_centroids=len(cf_a),
+        structures_used=used,
+        structures_excluded=excluded,
+        history=history,
+        time_ms=times,
+        settings={
+            "smoothing": smoothing, "centroid_smoothing": c_smooth, "max_control_points": max_control_points,
+            "iterations": iterations, "mode": mode, "mutual": mutual, "normal_neighbours": normal_neighbours,
+            "outlier_factor": outlier_factor, "outlier_floor_mm": outlier_floor_mm,
+            "max_structure_residual_mm": max_structure_residual_mm, "use_rigid_outliers": use_rigid_outliers,
+            "grid_points": grid_points, "margin_mm": margin_mm, "seed": seed,
+        },
+    )
+
+
+def to_transform(rigid: RigidResult, deformable: DeformableResult | None = None,
+                 meta: dict[str, Any] | None = None) -> Transform:
+    """Combine the tiers into a Transform (rigid MOVING->FIXED + fixed-frame displacement grid)."""
+    return Transform(rigid.rotation.copy(), rigid.translation.copy(),
+                     None if deformable is None else deformable.grid, dict(meta or {}))

@@ -1,0 +1,315 @@
+"""Tier 1: rigid registration of two anatomical passports.
+
+The estimate maps MOVING world mm (RAS+) -> FIXED world mm (RAS+):  x_fixed = R @ x_moving + t.
+
+Landmarks are the centroids of the structures present in both passports (matched by name),
+optionally plus two points per well-defined principal axis (centroid +- L * eigenvector, with the
+eigenvector's sign chosen to agree with the centroid-only estimate). Each landmark carries the
+structure's anatomical stability weight (registration/weights.py) times a size-consistency factor.
+
+Robustness: RANSAC-style hypotheses from triples of centroids (MSAC score, residual threshold in
+mm), then iterative re-estimation on the inliers with Cauchy (or Huber) weights; structures whose
+centroid residual exceeds the threshold are reported as outliers and do not influence the result.
+
+The weighted Kabsch/Procrustes solution is written by hand here: SimpleITK's landmark initializer
+ignores landmark weights for rigid transforms, and the closed form is a 3x3 SVD (sub-millisecond numpy).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from registration.structures import PassportLike, centroid, eigen, matched_names, size_mm3, structure_table
+from registration.weights import WEIGHT_TABLE, WeightTable, structure_weight, weight_group
+
+
+def weighted_kabsch(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares rigid transform with ``fixed ~= R @ moving + t``.
+
+    ``moving`` and ``fixed`` are (n, 3) corresponding points (world mm) or batches (h, n, 3);
+    ``weights`` (n,) or (h, n), non-negative. Returns R (3, 3) [or (h, 3, 3)], a proper rotation
+    (det +1), and t (3,) [or (h, 3)] in mm. With fewer than 3 points of positive weight the rotation
+    is the identity and only the weighted mean translation is estimated.
+    """
+    P = np.asarray(moving, dtype=np.float64)
+    Q = np.asarray(fixed, dtype=np.float64)
+    single = P.ndim == 2
+    if single:
+        P, Q = P[None], Q[None]
+    w = np.ones(P.shape[:2]) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), P.shape[:2])
+    wsum = w.sum(axis=1, keepdims=True)
+    wsum = np.where(wsum > 0, wsum, 1.0)
+    wn = w / wsum
+    pc = np.einsum("hn,hnd->hd", wn, P)
+    qc = np.einsum("hn,hnd->hd", wn, Q)
+    H = np.einsum("hn,hni,hnj->hij", wn, P - pc[:, None], Q - qc[:, None])
+    U, _S, Vt = np.linalg.svd(H)
+    d = np.sign(np.linalg.det(np.swapaxes(Vt, 1, 2) @ np.swapaxes(U, 1, 2)))
+    d[d == 0] = 1.0
+    D = np.tile(np.eye(3), (len(H), 1, 1))
+    D[:, 2, 2] = d
+    R = np.swapaxes(Vt, 1, 2) @ D @ np.swapaxes(U, 1, 2)
+    too_few = (w > 0).sum(axis=1) < 3
+    R[too_few] = np.eye(3)
+    t = qc - np.einsum("hij,hj->hi", R, pc)
+    return (R[0], t[0]) if single else (R, t)
+
+
+def rotation_angle_deg(R: np.ndarray) -> float:
+    """Rotation angle of a 3x3 rotation matrix in degrees."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+@dataclass
+class RigidResult:
+    """Rigid transform mapping MOVING world mm (RAS+) -> FIXED world mm: x_f = rotation @ x_m + translation.
+
+    ``residuals_mm``: per matched structure, |R c_moving + t - c_fixed| of the centroids (mm).
+    ``outliers``: structures whose residual exceeded the threshold (ignored by the estimate).
+    ``weights``: the base weight used per structure (stability table x size consistency).
+    ``time_ms``: wall time of the estimate (matching + fitting) in milliseconds.
+    """
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    residuals_mm: dict[str, float]
+    outliers: list[str]
+    weights: dict[str, float]
+    n_axis_points: int = 0
+    iterations: int = 0
+    time_ms: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def matched(self) -> list[str]:
+        """Names of the structures present in both passports (order of the fixed passport)."""
+        return list(self.residuals_mm)
+
+    @property
+    def inliers(self) -> list[str]:
+        out = set(self.outliers)
+        return [n for n in self.residuals_mm if n not in out]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """4x4 homogeneous matrix, moving world mm -> fixed world mm."""
+        m = np.eye(4)
+        m[:3, :3] = self.rotation
+        m[:3, 3] = self.translation
+        return m
+
+    def apply(self, points_moving_mm: np.ndarray) -> np.ndarray:
+        """Map (n, 3) moving world mm points to fixed world mm."""
+        return np.asarray(points_moving_mm, dtype=np.float64) @ self.rotation.T + self.translation
+
+    def apply_inverse(self, points_fixed_mm: np.ndarray) -> np.ndarray:
+        """Map (n, 3) fixed world mm points to moving world mm."""
+        return (np.asarray(points_fixed_mm, dtype=np.float64) - self.translation) @ self.rotation
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (mm, degrees, ms)."""
+        res = np.array(list(self.residuals_mm.values())) if self.residuals_mm else np.zeros(0)
+        inl = np.array([self.residuals_mm[n] for n in self.inliers]) if self.inliers else np.zeros(0)
+        return {
+            "direction": "moving world mm -> fixed world mm (RAS+): x_f = R x_m + t",
+            "rotation": self.rotation.tolist(),
+            "translation_mm": self.translation.tolist(),
+            "rotation_angle_deg": rotation_angle_deg(self.rotation),
+            "n_matched": len(self.residuals_mm),
+            "n_outliers": len(self.outliers),
+            "outliers": list(self.outliers),
+            "n_axis_points": int(self.n_axis_points),
+            "iterations": int(self.iterations),
+            "residual_mm_mean_inliers": float(inl.mean()) if inl.size else None,
+            "residual_mm_max_inliers": float(inl.max()) if inl.size else None,
+            "residual_mm_mean_all": float(res.mean()) if res.size else None,
+            "residuals_mm": {k: float(v) for k, v in self.residuals_mm.items()},
+            "weights": {k: float(v) for k, v in self.weights.items()},
+            "time_ms": float(self.time_ms),
+            "settings": dict(self.settings),
+        }
+
+
+def _robust_weights(r: np.ndarray, scale: float, loss: str) -> np.ndarray:
+    """IRLS weights psi(r)/r for residuals r (mm)."""
+    if loss == "none" or scale <= 0:
+        return np.ones_like(r)
+    if loss == "cauchy":
+        return 1.0 / (1.0 + (r / scale) ** 2)
+    if loss == "huber":
+        return np.where(r <= scale, 1.0, scale / np.maximum(r, 1e-12))
+    raise ValueError(f"unknown robust loss {loss!r} (cauchy, huber, none)")
+
+
+def _residuals(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(P @ R.T + t - Q, axis=-1)
+
+
+def _ransac(P: np.ndarray, Q: np.ndarray, w: np.ndarray, threshold: float, n_hypotheses: int,
+            seed: int) -> np.ndarray:
+    """Inlier mask of the best MSAC hypothesis from triples of correspondences (deterministic)."""
+    n = len(P)
+    n_all = n * (n - 1) * (n - 2) // 6
+    if n_all <= n_hypotheses:
+        triples = np.array(list(combinations(range(n), 3)), dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        triples = np.sort(np.stack([rng.choice(n, 3, replace=False) for _ in range(n_hypotheses)]), axis=1)
+    Rs, ts = weighted_kabsch(P[triples], Q[triples])
+    r = np.linalg.norm(np.einsum("hij,nj->hni", Rs, P) + ts[:, None] - Q[None], axis=-1)
+    cost = (np.minimum(r, threshold) ** 2 * w[None]).sum(axis=1)
+    return r[int(np.argmin(cost))] < threshold
+
+
+def _axis_points(names: list[str], fixed_t: dict, moving_t: dict, R: np.ndarray, min_gap: float,
+                 max_angle_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Extra correspondences along well-defined principal axes of structures ``names``.
+
+    For each axis k with relative eigenvalue gap >= ``min_gap`` to its neighbours in both passports,
+    the moving eigenvector's sign is chosen so that R @ v_moving agrees with v_fixed; the axis is used
+    only if they then agree within ``max_angle_deg``. Points: c +- L v with L = mean sqrt(eigenvalue)
+    of the two passports (the same length on both sides: a rigid map cannot scale).
+    Returns (moving points, fixed points, index of the owning structure in ``names``).
+    """
+    mov, fix, owner = [], [], []
+    cos_max = np.cos(np.radians(max_angle_deg))
+    for i, name in enumerate(names):
+        ef, em = eigen(fixed_t[name]), eigen(moving_t[name])
+        if ef is None or em is None:
+            continue
+        (lf, vf), (lm, vm) = ef, em
+        for k in range(3):
+            ok = True
+            for vals in (lf, lm):
+                if vals[k] <= 0:
+                    ok = False
+                    break
+                others = [vals[j] for j in range(3) if j != k]
+                if min(abs(vals[k] - o) for o in others) / max(vals[k], *others) < min_gap:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            a_f = vf[:, k]
+            a_m = vm[:, k]
+            c = float(np.dot(R @ a_m, a_f))
+            if abs(c) < cos_max:
+                continue
+            s = 1.0 if c > 0 else -1.0
+            L = 0.5 * (np.sqrt(lf[k]) + np.sqrt(lm[k]))
+            cf, cm = centroid(fixed_t[name]), centroid(moving_t[name])
+            for sign in (1.0, -1.0):
+                fix.append(cf + sign * L * a_f)
+                mov.append(cm + sign * s * L * a_m)
+                owner.append(i)
+    if not mov:
+        return np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
+    return np.array(mov), np.array(fix), np.array(owner, dtype=np.int64)
+
+
+def register_rigid(fixed: PassportLike, moving: PassportLike, *,
+                   residual_threshold_mm: float = 15.0,
+                   use_axes: bool = True,
+                   axis_weight: float = 0.5,
+                   axis_min_gap: float = 0.25,
+                   axis_max_angle_deg: float = 30.0,
+                   loss: str = "cauchy",
+                   loss_scale_mm: float | None = None,
+                   size_consistency: bool = True,
+                   min_voxels: int = 8,
+                   n_hypotheses: int = 500,
+                   max_iter: int = 20,
+                   weight_table: WeightTable = WEIGHT_TABLE,
+                   seed: int = 0) -> RigidResult:
+    """Rigid registration from two passports; the result maps MOVING world mm -> FIXED world mm.
+
+    ``fixed``/``moving``: passport dicts (or lists of structure dicts). Structures are matched by
+    name; those with fewer than ``min_voxels`` voxels are ignored. ``residual_threshold_mm``: a
+    structure whose centroid residual exceeds it is an outlier. ``loss``: "cauchy" | "huber" | "none",
+    IRLS weights with scale ``loss_scale_mm`` (default threshold / 2). ``use_axes`` adds principal-axis
+    points (weight ``axis_weight`` x the structure's weight). Raises ValueError when no structure matches.
+    """
+    t0 = time.perf_counter()
+    fixed_t = structure_table(fixed, min_voxels)
+    moving_t = structure_table(moving, min_voxels)
+    names = matched_names(fixed_t, moving_t)
+    if not names:
+        raise ValueError("the two passports share no structure name: nothing to register")
+    P = np.array([centroid(moving_t[n]) for n in names])
+    Q = np.array([centroid(fixed_t[n]) for n in names])
+    w = np.array([structure_weight(n, weight_table) for n in names])
+    if size_consistency:
+        sf = np.array([size_mm3(fixed_t[n]) for n in names])
+        sm = np.array([size_mm3(moving_t[n]) for n in names])
+        c = np.where((sf > 0) & (sm > 0), np.minimum(sf, sm) / np.maximum(np.maximum(sf, sm), 1e-12), 1.0)
+        w = w * np.nan_to_num(c, nan=1.0)
+    w = np.maximum(w, 1e-6)
+    scale = residual_threshold_mm / 2.0 if loss_scale_mm is None else float(loss_scale_mm)
+    n = len(names)
+
+    inl = np.ones(n, dtype=bool) if n < 4 else _ransac(P, Q, w, residual_threshold_mm, n_hypotheses, seed)
+    if inl.sum() < min(3, n):
+        inl = np.ones(n, dtype=bool)
+
+    Pa = np.zeros((0, 3))
+    Qa = np.zeros((0, 3))
+    owner = np.zeros(0, dtype=np.int64)
+    iterations = 0
+
+    def fit(inl: np.ndarray, r_c: np.ndarray | None, r_a: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        wc = w * inl * (1.0 if r_c is None else _robust_weights(r_c, scale, loss))
+        pts_m, pts_f, ww = [P], [Q], [wc]
+        if len(Pa):
+            wa = axis_weight * w[owner] * inl[owner] * (1.0 if r_a is None else _robust_weights(r_a, scale, loss))
+            pts_m.append(Pa)
+            pts_f.append(Qa)
+            ww.append(wa)
+        return weighted_kabsch(np.concatenate(pts_m), np.concatenate(pts_f), np.concatenate(ww))
+
+    R, t = fit(inl, None, None)
+    for stage in ("centroids", "axes"):
+        if stage == "axes":
+            if not use_axes:
+                break
+            Pa, Qa, owner = _axis_points(names, fixed_t, moving_t, R, axis_min_gap, axis_max_angle_deg)
+            if not len(Pa):
+                break
+        for _ in range(max_iter):
+            iterations += 1
+            r_c = _residuals(R, t, P, Q)
+            r_a = _residuals(R, t, Pa, Qa) if len(Pa) else None
+            new_inl = r_c < residual_threshold_mm
+            if new_inl.sum() < min(3, n):  # never drop below a solvable set: keep the best three
+                new_inl = np.zeros(n, dtype=bool)
+                new_inl[np.argsort(r_c)[: min(3, n)]] = True
+            R_new, t_new = fit(new_inl, r_c, r_a)
+            change = np.abs(R_new - R).max() + np.abs(t_new - t).max() / 100.0
+            R, t, inl_changed = R_new, t_new, bool(np.any(new_inl != inl))
+            inl = new_inl
+            if not inl_changed and change < 1e-10:
+                break
+
+    r_c = _residuals(R, t, P, Q)
+    outliers = [names[i] for i in range(n) if r_c[i] >= residual_threshold_mm]
+    elapsed = (time.perf_counter() - t0) * 1000.0
+    return RigidResult(
+        rotation=R, translation=t,
+        residuals_mm={names[i]: float(r_c[i]) for i in range(n)},
+        outliers=outliers,
+        weights={names[i]: float(w[i]) for i in range(n)},
+        n_axis_points=int(len(Pa)),
+        iterations=iterations,
+        time_ms=elapsed,
+        settings={
+            "residual_threshold_mm": residual_threshold_mm, "use_axes": use_axes, "axis_weight": axis_weight,
+            "axis_min_gap": axis_min_gap, "axis_max_angle_deg": axis_max_angle_deg, "loss": loss,
+            "loss_scale_mm": scale, "size_consistency": size_consistency, "min_voxels": min_voxels,
+            "n_hypotheses": n_hypotheses, "seed": seed,
+            "groups": {nm: weight_group(nm, weight_table) for nm in names},
+        },
+    )
