@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 from common import download  # noqa: E402
 from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
+from common.cli import is_label_file  # noqa: E402
 from common.errors import DownloadError, InputError  # noqa: E402
 from common.validation import load_scan  # noqa: E402
 from common.variants import REALISTIC_SPACING_MM, realistic_variant, write_variant  # noqa: E402
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import your own scans instead of downloading: NIfTI files (.nii/.nii.gz) are copied, "
                         "DICOM series folders are converted to NIfTI (orientation preserved); searched recursively")
     p.add_argument("--realistic", action="store_true",
-                   help="write clinical-resolution variants (%.1fx%.1fx%.1f mm, int16) of the scans in OUT "
-                        "into OUT/realistic/" % REALISTIC_SPACING_MM)
+                   help="write clinical-resolution variants ({:g}x{:g}x{:g} mm, int16) of the scans in OUT "
+                        "into OUT/realistic/".format(*REALISTIC_SPACING_MM))
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--url", metavar="URL",
                    help="download the chosen data set's archive from this mirror instead (still verified)")
@@ -95,11 +96,18 @@ def run_download(name: str, out: Path, max_samples: int, force: bool, url: str |
 
 # ---- import -----------------------------------------------------------------------------------
 def _dicom_series_dirs(root: Path) -> list[Path]:
+    """Folders under ``root`` (itself included) that hold a DICOM series, per GDCM (any file names)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     dirs = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
-    return [d for d in dirs if reader.GetGDCMSeriesIDs(str(d))]
+    dirs = [d for d in dirs if any(f.is_file() and not is_nifti_path(f) for f in d.iterdir())]
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" for every other folder
+    try:
+        return [d for d in dirs if reader.GetGDCMSeriesIDs(str(d))]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def find_importable(root: Path) -> tuple[list[Path], list[Path]]:
@@ -124,8 +132,8 @@ def run_import(src: Path, out: Path, force: bool) -> int:
         if target.exists() and not force:
             say(f"  kept existing {target} (use --force to overwrite)")
             continue
-        try:
-            vol, warnings = load_scan(item)
+        try:  # label maps beside the scans (*_seg, *_labels...) are copied too, without the CT check
+            vol, warnings = load_scan(item, modality="ANY" if is_label_file(item) else "CT")
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             failures += 1
@@ -143,7 +151,8 @@ def run_import(src: Path, out: Path, force: bool) -> int:
 
 # ---- realistic variants -----------------------------------------------------------------------
 def run_realistic(out: Path, force: bool) -> int:
-    scans = sorted(p for p in out.glob("*") if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    scans = sorted(p for p in out.glob("*") if p.is_file() and is_nifti_path(p) and not p.name.startswith(".")
+                   and not is_label_file(p))
     if not scans:
         raise InputError(out, "no scans (*.nii.gz) to make realistic variants of; download or import some first")
     failures = 0
@@ -189,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"realistic variants -> {out / REALISTIC_SUBDIR}")
             failures += run_realistic(out, args.force)
     except (DownloadError, InputError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:  # disk full, permissions, ...
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -17,12 +17,13 @@ import tarfile
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from common.atomic import atomic_path
 from common.errors import DownloadError
@@ -141,6 +142,8 @@ def _reason(exc: BaseException, url: str, connect_timeout: float) -> str:
         return f"cannot resolve host {parts.hostname}"
     if "Connection refused" in text:
         return f"connection to {where} refused"
+    if "IncompleteRead" in text or "Connection broken" in text or "Connection reset" in text:
+        return "connection dropped"
     if "Network is unreachable" in text:
         return "network is unreachable"
     if isinstance(exc, requests.exceptions.SSLError):
@@ -180,7 +183,10 @@ def download_file(url: str, dest: str | Path, *, expected_size: int | None = Non
     if expected_size is not None and offset > int(expected_size):
         part.unlink()
         offset = 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # identity encoding: byte offsets (Range, Content-Length) then refer to the file itself
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     http = session or requests
     try:
         resp = http.get(url, stream=True, timeout=timeout, headers=headers, allow_redirects=True)
@@ -189,13 +195,13 @@ def download_file(url: str, dest: str | Path, *, expected_size: int | None = Non
 
     with resp:
         if resp.status_code == 416 and offset:
-            # Range not satisfiable: the .part may already be complete (crash before the rename).
-            total = _content_range_total(resp.headers.get("Content-Range", ""))
-            if total is not None and total == offset:
+            # Range not satisfiable: the .part may already be complete (crash before the rename);
+            # otherwise it is stale (the file changed on the server): start over without Range.
+            if _content_range_total(resp.headers.get("Content-Range", "")) == offset:
                 return _finish(url, part, dest, checks)
+            resp.close()
             part.unlink(missing_ok=True)
-            raise DownloadError(f"download of {url} failed: server rejected resuming the partial file "
-                                "(deleted); re-run to download again")
+            return download_file(url, dest, timeout=timeout, progress=progress, session=session, **checks)
         if resp.status_code >= 400:
             raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {_one_line(resp.reason or '')}. "
                                 "Check the address or import your own scans with: python 01_download_data.py --from DIR")
@@ -237,11 +243,10 @@ def _stream(resp: requests.Response, part: Path, mode: str, offset: int, total: 
     try:
         with open(part, mode) as fh:
             try:
-                for chunk in resp.iter_content(CHUNK):
-                    if chunk:
-                        fh.write(chunk)
-                        bar.update(len(chunk))
-            except (requests.exceptions.RequestException, OSError) as exc:
+                for chunk in _iter_body(resp):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 fh.flush()
                 got = fh.tell()
                 raise DownloadError(f"download of {url} interrupted at {got} bytes "
@@ -250,6 +255,20 @@ def _stream(resp: requests.Response, part: Path, mode: str, offset: int, total: 
             os.fsync(fh.fileno())
     finally:
         bar.close()
+
+
+def _iter_body(resp: requests.Response) -> Iterator[bytes]:
+    """Body chunks as they arrive. urllib3's ``read1`` hands over every byte received before a dropped
+    connection (``iter_content`` would discard the last partial chunk), so a resume loses nothing."""
+    read1 = getattr(resp.raw, "read1", None)
+    if read1 is None:  # urllib3 < 2
+        yield from (c for c in resp.iter_content(CHUNK) if c)
+        return
+    while True:
+        chunk = read1(CHUNK, decode_content=False)
+        if not chunk:
+            return
+        yield chunk
 
 
 def _finish(url: str, part: Path, dest: Path, checks: dict) -> Path:

@@ -34,10 +34,10 @@ STRUCTURE_KEYS = ("label", "name", "voxel_count", "volume_mm3", "centroid_mm", "
                   "eigenvalues_mm2", "eigenvectors", "bbox_voxel", "bbox_mm", "boundary_points_mm",
                   "n_boundary_voxels")
 
-# 6-connectivity: a voxel is on the boundary when one of its 6 face neighbours is outside the mask.
-_FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
 # The 8 corners of a box as 0/1 choices of (min, max) per axis, shape (8, 3).
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+# Voxels per chunk of whole x-slices in _moment_sums: bounds its temporaries to a few tens of MB.
+_CHUNK_VOXELS = 1 << 21
 
 
 def _as_label_array(labels: np.ndarray) -> np.ndarray:
@@ -84,91 +84,7 @@ def subsample_indices(n: int, max_points: int) -> np.ndarray:
     return (np.arange(max_points, dtype=np.int64) * n) // max_points
 
 
-def _crop_geometry(mask: np.ndarray, start: np.ndarray, max_points: int) -> dict[str, Any]:
-    """Voxel-space geometry of one structure's boolean crop (x, y, z) whose corner is voxel ``start``.
-
-    Returns count, mean and covariance of voxel indices (voxel units, in the full grid) and the
-    boundary voxels (full-grid indices, C order, subsampled) with their count before subsampling.
-    """
-    idx = np.nonzero(mask)
-    n = idx[0].size
-    local = np.empty((3, n), dtype=np.float64)
-    for axis in range(3):
-        local[axis] = idx[axis]
-    mean_local = local.mean(axis=1)
-    local -= mean_local[:, None]
-    cov_vox = (local @ local.T) / n
-    # Erosion treats everything outside the crop as background (border_value=0), which is exactly
-    # padding the crop by one background voxel: structures touching the crop edge get boundary.
-    boundary = mask & ~ndimage.binary_erosion(mask, structure=_FACE_NEIGHBOURS, border_value=0)
-    bidx = np.stack(np.nonzero(boundary), axis=1)
-    keep = subsample_indices(len(bidx), max_points)
-    return {
-        "n": n,
-        "mean_vox": mean_local + start,
-        "cov_vox": cov_vox,
-        "boundary_vox": bidx[keep] + start,
-        "n_boundary": len(bidx),
-    }
-
-
-def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapping[int, str],
-                       max_points: int = 500) -> list[dict]:
-    """Geometry of every label > 0 present in an (x, y, z) label map, sorted by label id.
-
-    ``affine`` maps voxel indices to world mm (RAS+). Works on each label's bounding-box crop
-    (scipy.ndimage.find_objects), never on full-volume masks. Units: mm, mm^2, mm^3; eigenvectors
-    are the COLUMNS of a 3x3 matrix (world axes x, y, z by rows), eigenvalues ascending, each
-    column's largest-|component| entry positive. Covariance is the population (1/n) covariance of
-    voxel centres. bbox_voxel is inclusive; bbox_mm is the world axis-aligned box of the 8 corners of
-    the index box, taken at the centres of the extreme voxels (like every other point here). Boundary
-    voxels have a 6-neighbour outside the structure (outside the array counts as outside); they are
-    listed in C order of (x, y, z) indices and subsampled to ``max_points`` at evenly spaced ranks.
-    Labels missing from ``label_names`` are named "label_<id>".
-    """
-    labels = _as_label_array(labels)
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
-    lin = affine[:3, :3]
-    voxel_volume = float(abs(np.linalg.det(lin)))
-
-    geoms: list[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]] = []
-    for index, slices in enumerate(ndimage.find_objects(labels)):
-        if slices is None:
-            continue
-        label = index + 1
-        start = np.array([s.start for s in slices], dtype=np.int64)
-        stop = np.array([s.stop for s in slices], dtype=np.int64) - 1
-        geoms.append((label, start, stop, _crop_geometry(labels[slices] == label, start, max_points)))
-    if not geoms:
-        return []
-
-    # World-space covariance A C A^T for all labels at once, then one batched eigendecomposition.
-    cov_world = lin @ np.stack([g[3]["cov_vox"] for g in geoms]) @ lin.T
-    cov_world = (cov_world + np.swapaxes(cov_world, 1, 2)) / 2
-    eigvals, eigvecs = np.linalg.eigh(cov_world)
-    eigvecs = canonical_eigenvectors(eigvecs)
-    centroids = voxel_to_world(np.stack([g[3]["mean_vox"] for g in geoms]), affine)
-
-    structures = []
-    for i, (label, start, stop, geom) in enumerate(geoms):
-        corners = voxel_to_world(start + _CORNERS * (stop - start), affine)
-        structures.append({
-            "label": int(label),
-            "name": str(label_names.get(label, f"label_{label}")),
-            "voxel_count": int(geom["n"]),
-            "volume_mm3": float(geom["n"] * voxel_volume),
-            "centroid_mm": centroids[i].tolist(),
-            "covariance_mm2": cov_world[i].tolist(),
-            "eigenvalues_mm2": eigvals[i].tolist(),
-            "eigenvectors": eigvecs[i].tolist(),
-            "bbox_voxel": {"min": start.tolist(), "max": stop.tolist()},
-            "bbox_mm": {"min": corners.min(axis=0).tolist(), "max": corners.max(axis=0).tolist()},
-            "boundary_points_mm": voxel_to_world(geom["boundary_vox"], affine).tolist(),
-            "n_boundary_voxels": int(geom["n_boundary"]),
-        })
-    return structures
+@@COMPUTE@@
 
 
 def grid_info(shape: tuple[int, ...], affine: np.ndarray, resolution: str) -> dict[str, Any]:

@@ -16,8 +16,14 @@ import numpy as np
 
 from common.model import ModelSpec
 from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
-from common.preprocess import (crop_to_nonzero, ct_normalize, from_nnunet_axes, resample_to_spacing, to_canonical,
-                               to_nnunet_axes)
+from common.preprocess import (
+    crop_to_nonzero,
+    ct_normalize,
+    from_nnunet_axes,
+    resample_to_spacing,
+    to_canonical,
+    to_nnunet_axes,
+)
 from common.sliding_window import Predict, sliding_window_labels
 
 

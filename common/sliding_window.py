@@ -72,50 +72,67 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
                           normalize: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Gaussian-weighted sliding-window logits for a (C, *spatial) float32 volume; returns (K, *spatial).
 
-    accumulate="float16" reproduces nnU-Net 2.x bit for bit in its arithmetic: tile logits (float32) times
-    the float16 Gaussian are added into float16 sums in the same tile order, then divided by the float16
-    weight sum. accumulate="float32" sums in float32 (faster in numpy, ~1e-3 closer to exact). With
-    ``normalize=False`` the division by the weight sum is skipped: the argmax is unchanged by it (every
-    voxel's weights are positive), so callers that only need labels save a full pass.
+    accumulate="float16" reproduces nnU-Net 2.x: tile logits (float32) times the float16 Gaussian are added
+    into float16 sums in the same tile order, then divided by the float16 weight sum. It uses torch tensors
+    for those sums, as nnU-Net does (numpy's float16 casts are ~20x slower on the subnormal values that the
+    Gaussian's tails produce). accumulate="float32" sums in numpy float32 (faster, closer to exact). With
+    ``normalize=False`` the division by the weight sum is skipped: every voxel's weights are positive, so
+    the argmax is unchanged by it and callers that only need labels save a full pass.
     """
+    if accumulate not in ("float16", "float32"):
+        raise ValueError("accumulate must be 'float16' or 'float32'")
     padded, unpad = pad_to_patch(data, patch_size)
     spatial = padded.shape[1:]
     slices = tile_slices(spatial, patch_size, step)
     gauss16 = gaussian_importance(tuple(patch_size))
-    gauss32 = gauss16.astype(np.float32)
-    dtype = np.float16 if accumulate == "float16" else np.float32
-    logits = np.zeros((num_classes, *spatial), dtype=dtype)
-    weights = np.zeros(spatial, dtype=dtype)
-    done = 0
+    if accumulate == "float16":
+        import torch
+
+        gauss = torch.from_numpy(gauss16.copy())
+        logits = torch.zeros((num_classes, *spatial), dtype=torch.half)
+        weights = torch.zeros(spatial, dtype=torch.half)
+    else:
+        gauss = gauss16.astype(np.float32)
+        logits = np.zeros((num_classes, *spatial), dtype=np.float32)
+        weights = np.zeros(spatial, dtype=np.float32)
     for group in _batches(slices, batch_size):
         batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
         out = predict(batch)
         for k, sl in enumerate(group):
-            tile = out[k]
-            tile *= gauss32
-            region = (slice(None), *sl)
-            if dtype == np.float16:
-                logits[region] = (logits[region].astype(np.float32) + tile).astype(np.float16)
-                weights[sl] = (weights[sl].astype(np.float32) + gauss32).astype(np.float16)
-            else:
-                logits[region] += tile
-                weights[sl] += gauss32
-        done += len(group)
+            tile = torch.from_numpy(out[k]) if accumulate == "float16" else out[k]
+            tile *= gauss          # float32 *= float16 Gaussian -> float32, as nnU-Net
+            logits[(slice(None), *sl)] += tile  # float16 += float32 rounds once, as nnU-Net
+            weights[sl] += gauss
         if progress is not None:
             progress(len(group))
     if normalize:
-        if dtype == np.float16:
-            logits = (logits.astype(np.float32) / weights.astype(np.float32)).astype(np.float16)
+        if accumulate == "float16":
+            torch.div(logits, weights, out=logits)
         else:
             logits /= weights
+    if accumulate == "float16":
+        logits = logits.numpy()
     return logits[(slice(None), *unpad)]
+
+
+def argmax_first(logits: np.ndarray) -> np.ndarray:
+    """argmax over axis 0 (first maximum wins, as numpy/torch); one contiguous pass per class, which is
+    several times faster than np.argmax(axis=0) on (K, Z, Y, X) arrays. Returns uint8 (uint16 if K > 256)."""
+    k_count = logits.shape[0]
+    best = logits[0].astype(np.float32)
+    idx = np.zeros(logits.shape[1:], dtype=np.uint8 if k_count <= 256 else np.uint16)
+    for k in range(1, k_count):
+        lk = logits[k]
+        idx[lk > best] = k
+        np.maximum(best, lk, out=best)
+    return idx
 
 
 def sliding_window_labels(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
                           step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
                           progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Argmax of the sliding-window logits (first maximum wins, as torch/numpy argmax): (spatial) uint8."""
-    normalize = accumulate == "float16"  # float16 rounding after the division can change ties: keep it exact
+    """Labels (spatial) from the sliding-window logits: argmax, first maximum wins."""
+    normalize = accumulate == "float16"  # float16 rounding after the division decides ties: keep it exact
     logits = sliding_window_logits(data, predict, num_classes, patch_size, step, batch_size, accumulate,
                                    normalize=normalize, progress=progress)
-    return np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
+    return argmax_first(logits)

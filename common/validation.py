@@ -39,6 +39,7 @@ CT_P99_MIN_HU = 0.0
 STATS_SAMPLE_VOXELS = 2_000_000
 SPACING_MISMATCH_RTOL = 1e-3
 GIB = 1024**3
+MODALITIES = ("CT", "MR", "ANY")
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
@@ -261,12 +262,13 @@ def validate_image(img: nib.Nifti1Image, path: str | Path | None, *, modality: s
     axis, zero/negative/NaN/inf voxel size (header zooms or affine columns), a singular affine,
     NaN/inf voxels, an all-constant scan. Warnings: a single-volume 4D image (use it squeezed, as
     ``load_scan`` does), header zooms != affine spacing, and for modality "CT" intensities that
-    do not look like CT (e.g. an MR scan). ``data`` is the voxel array if already in memory
-    (otherwise read from ``img`` once); it is never copied whole.
+    do not look like CT (e.g. an MR scan); "MR" and "ANY" (e.g. label maps) skip that check.
+    ``data`` is the voxel array if already in memory (otherwise read from ``img`` once); it is
+    never copied whole.
     """
     modality = modality.upper()
-    if modality not in ("CT", "MR"):
-        raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     warnings: list[str] = []
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3:
@@ -299,8 +301,7 @@ def squeeze_to_3d(img: nib.Nifti1Image, data: np.ndarray | None = None) -> nib.N
         data = np.asanyarray(img.dataobj)
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
         data = data.reshape(data.shape[:3])
-    out = nib.Nifti1Image(data, np.asarray(img.affine), img.header)
-    return out
+    return nib.Nifti1Image(data, np.asarray(img.affine), img.header)
 
 
 def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]]:

@@ -32,6 +32,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
+from common.passport import subsample_indices
 from registration.rigid import RigidResult
 from registration.structures import PassportLike, boundary_points, centroid, matched_names, structure_table
 from registration.transform import DisplacementGrid, Transform, invert_displacement
@@ -112,13 +113,19 @@ def _normals(points: np.ndarray, cloud_tree: cKDTree, cloud: np.ndarray, k: int)
     return vecs[:, :, 0]
 
 
-def _allocate(counts: np.ndarray, budget: int, min_each: int) -> np.ndarray:
-    """Split ``budget`` control points across structures in proportion to ``counts``."""
-    total = int(counts.sum())
-    if total <= budget:
-        return counts.copy()
-    alloc = np.minimum(counts, np.maximum(min_each, np.floor(counts * budget / total).astype(np.int64)))
-    return alloc
+def _cells(points: np.ndarray, owner: np.ndarray, budget: int, cell_mm: float) -> tuple[np.ndarray, float]:
+    """Cell index per point: points of one structure in one cube of side h share a cell. h starts at
+    ``cell_mm`` and grows by 15 % until there are at most ``budget`` cells. Returns (cell ids, h)."""
+    h = float(cell_mm)
+    lo = points.min(axis=0) if len(points) else np.zeros(3)
+    while True:
+        q = np.floor((points - lo) / h).astype(np.int64)
+        key = ((owner.astype(np.int64) * 4096 + q[:, 0]) * 4096 + q[:, 1]) * 4096 + q[:, 2]
+        _, inv = np.unique(key, return_inverse=True)
+        n_cells = int(inv.max()) + 1 if len(inv) else 0
+        if n_cells <= max(budget, 1):
+            return inv.ravel(), h
+        h *= 1.15
 
 
 def _grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
@@ -138,14 +145,18 @@ def _grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
 
 
 def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidResult, *,
-                        smoothing: float = 3.0,
+                        smoothing: float = 1e4,
                         centroid_smoothing: float | None = None,
-                        max_control_points: int = 2000,
+                        max_control_points: int = 1200,
+                        cell_mm: float = 10.0,
+                        max_points_per_structure: int = 500,
                         min_points_per_structure: int = 4,
                         iterations: int = 3,
                         mode: str = "plane",
                         mutual: bool = True,
                         normal_neighbours: int = 12,
+                        surface_neighbours: int = 8,
+                        normal_damping: float = 0.1,
                         outlier_factor: float = 3.0,
                         outlier_floor_mm: float = 5.0,
                         max_structure_residual_mm: float = 40.0,
@@ -153,13 +164,14 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
                         grid_points: int = 24 ** 3,
                         margin_mm: float = 20.0,
                         bbox_mm: np.ndarray | None = None,
-                        min_voxels: int = 8,
-                        seed: int = 0) -> DeformableResult:
+                        min_voxels: int = 8) -> DeformableResult:
     """Fit the deformable tier after ``rigid`` (see the module docstring); returns a DeformableResult.
 
-    ``smoothing``: RBFInterpolator smoothing of the surface control points (0 = interpolate exactly);
-    centroids use ``centroid_smoothing`` (default smoothing / 10). ``mode``: "plane" (point-to-plane
-    targets) or "point" (nearest point). Structures that are rigid outliers (unless
+    ``smoothing``: RBFInterpolator smoothing of a control point backed by one surface match (a cell
+    with n matches gets smoothing / n); centroids use ``centroid_smoothing`` (default: ``smoothing``).
+    ``mode``: "plane" (point-to-plane corrections solved per cell) or "point" (mean nearest-point
+    correction per cell). ``cell_mm``: initial cell size; cells grow until there are at most
+    ``max_control_points`` minus the number of centroids. Structures that are rigid outliers (unless
     ``use_rigid_outliers``) or whose centroid residual after the rigid step exceeds
     ``max_structure_residual_mm`` are not used. ``bbox_mm``: optional [[xmin,ymin,zmin],[xmax,ymax,zmax]]
     (fixed world mm) the grid must also cover, e.g. the fixed scan's extent.
@@ -173,8 +185,10 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     moving_t = structure_table(moving, min_voxels)
     names = matched_names(fixed_t, moving_t)
     rigid_out = set() if use_rigid_outliers else set(rigid.outliers)
-    used, excluded = [], []
-    F, M = [], []
+    used: list[str] = []
+    excluded: list[str] = []
+    F: list[np.ndarray] = []
+    M: list[np.ndarray] = []
     cf, cm = [], []
     for n in names:
         c_f = centroid(fixed_t[n])
@@ -185,94 +199,122 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         used.append(n)
         cf.append(c_f)
         cm.append(c_m)
-        F.append(boundary_points(fixed_t[n]))
-        M.append(rigid.apply(boundary_points(moving_t[n])) if len(boundary_points(moving_t[n])) else np.zeros((0, 3)))
+        pf, pm = boundary_points(fixed_t[n]), boundary_points(moving_t[n])
+        F.append(pf[subsample_indices(len(pf), max_points_per_structure)])
+        M.append(rigid.apply(pm) if len(pm) else np.zeros((0, 3)))
     cf_a = np.array(cf).reshape(-1, 3)
     cm_a = np.array(cm).reshape(-1, 3)
-    c_smooth = smoothing / 10.0 if centroid_smoothing is None else float(centroid_smoothing)
+    d_c = cm_a - cf_a
+    c_smooth = float(smoothing) if centroid_smoothing is None else float(centroid_smoothing)
 
-    # --- control points: deterministic subsample of the fixed boundary points -----------------
+    # --- surface points, normals and cells ------------------------------------------------------
     ok = [i for i in range(len(used)) if len(F[i]) >= min_points_per_structure and len(M[i]) >= min_points_per_structure]
-    budget = max(max_control_points - len(cf_a), 0)
-    counts = np.array([len(F[i]) for i in ok], dtype=np.int64)
-    alloc = _allocate(counts, budget, min_points_per_structure) if len(ok) else counts
-    rng = np.random.default_rng(seed)
-    ctrl, owner, normals = [], [], []
-    trees_m: dict[int, cKDTree] = {}
-    for a, i in zip(alloc, ok):
-        sel = np.sort(rng.permutation(len(F[i]))[: int(a)])
-        pts = F[i][sel]
-        ctrl.append(pts)
-        owner.append(np.full(len(pts), i))
+    pts = np.concatenate([F[i] for i in ok]) if ok else np.zeros((0, 3))
+    owner = np.concatenate([np.full(len(F[i]), i) for i in ok]) if ok else np.zeros(0, dtype=np.int64)
+    normals = np.zeros_like(pts)
+    smooth_pts = pts.copy()
+    trees_m = {i: cKDTree(M[i]) for i in ok}
+    spans = {}
+    start = 0
+    for i in ok:
+        spans[i] = slice(start, start + len(F[i]))
         if mode == "plane":
-            normals.append(_normals(pts, cKDTree(F[i]), F[i], normal_neighbours))
-        trees_m[i] = cKDTree(M[i])
-    ctrl_a = np.concatenate(ctrl) if ctrl else np.zeros((0, 3))
-    owner_a = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
-    normals_a = np.concatenate(normals) if normals else np.zeros((0, 3))
+            tree_f = cKDTree(F[i])
+            normals[spans[i]] = _normals(F[i], tree_f, F[i], normal_neighbours)
+            if surface_neighbours > 1:  # move each fixed point onto the local mean surface (along its normal)
+                k = min(surface_neighbours, len(F[i]))
+                _, idx = tree_f.query(F[i], k=k)
+                off = np.einsum("ij,ij->i", F[i][idx].mean(axis=1) - F[i], normals[spans[i]])
+                smooth_pts[spans[i]] = F[i] + normals[spans[i]] * off[:, None]
+        start += len(F[i])
+    budget = max(max_control_points - len(cf_a), 1)
+    cell, h = _cells(pts, owner, budget, cell_mm) if len(pts) else (np.zeros(0, dtype=np.int64), cell_mm)
+    n_cells = int(cell.max()) + 1 if len(cell) else 0
+    counts = np.bincount(cell, minlength=n_cells).astype(np.float64)
+    centres = np.zeros((n_cells, 3))
+    for d in range(3):
+        centres[:, d] = np.bincount(cell, weights=pts[:, d], minlength=n_cells) / np.maximum(counts, 1)
     times["prepare"] = (time.perf_counter() - t0) * 1000.0
 
     # --- initial field: TPS through the centroid displacements --------------------------------
     t0 = time.perf_counter()
     history: list[dict[str, Any]] = []
-    d_c = cm_a - cf_a
     if len(cf_a) >= 5:
         tps = _fit_tps(cf_a, d_c, c_smooth)
-        u_ctrl = tps(ctrl_a) if len(ctrl_a) else np.zeros((0, 3))
+        u_cell = tps(centres) if n_cells else np.zeros((0, 3))
     else:  # too few centroids for a spline: constant mean displacement
-        mean_d = d_c.mean(axis=0) if len(d_c) else np.zeros(3)
         tps = None
-        u_ctrl = np.tile(mean_d, (len(ctrl_a), 1))
+        u_cell = np.tile(d_c.mean(axis=0) if len(d_c) else np.zeros(3), (n_cells, 1))
     times["init"] = (time.perf_counter() - t0) * 1000.0
     history.append({"step": "centroids", "n_points": int(len(cf_a)),
                     "centroid_disp_mm_mean": float(np.linalg.norm(d_c, axis=1).mean()) if len(d_c) else 0.0})
 
     # --- ICP rounds with TPS regularisation ----------------------------------------------------
     t_match = t_fit = 0.0
-    n_ctrl_used = 0
-    for it in range(iterations if len(ctrl_a) else 0):
+    n_used_cells = 0
+    for it in range(iterations if n_cells else 0):
         t0 = time.perf_counter()
-        fhat = ctrl_a + u_ctrl
-        target = np.empty_like(fhat)
-        keep = np.zeros(len(fhat), dtype=bool)
+        fhat = pts + u_cell[cell]  # piecewise-constant prediction per cell
+        delta = np.zeros_like(pts)
+        keep = np.ones(len(pts), dtype=bool)
         for i in ok:
-            idx_c = np.nonzero(owner_a == i)[0]
-            if not len(idx_c):
-                continue
-            _, nn = trees_m[i].query(fhat[idx_c])
-            m = M[i][nn]
-            k = np.ones(len(idx_c), dtype=bool)
-            if mutual:
-                _, back = cKDTree(fhat[idx_c]).query(m)
-                k = back == np.arange(len(idx_c))
-            if mode == "plane":
-                nrm = normals_a[idx_c]
-                target[idx_c] = fhat[idx_c] + nrm * np.einsum("ij,ij->i", m - fhat[idx_c], nrm)[:, None]
+            sl = spans[i]
+            if mode == "plane" and surface_neighbours > 1:
+                k = min(surface_neighbours, len(M[i]))
+                _, nnk = trees_m[i].query(fhat[sl], k=k)
+                nn = nnk[:, 0]
+                # local mean moving surface vs local mean fixed surface (both along the fixed normal)
+                delta[sl] = M[i][nnk].mean(axis=1) - (smooth_pts[sl] + u_cell[cell[sl]])
             else:
-                target[idx_c] = m
-            keep[idx_c] = k
-        corr = np.linalg.norm(target - fhat, axis=1)
+                _, nn = trees_m[i].query(fhat[sl])
+                delta[sl] = M[i][nn] - fhat[sl]
+            if mutual:
+                _, back = cKDTree(fhat[sl]).query(M[i][nn])
+                keep[sl] = back == np.arange(sl.stop - sl.start)
+        if mode == "plane":
+            r = np.einsum("ij,ij->i", delta, normals)
+            dist = np.abs(r)
+        else:
+            dist = np.linalg.norm(delta, axis=1)
         if keep.any():
-            thr = max(outlier_floor_mm, outlier_factor * float(np.median(corr[keep])))
-            keep &= corr <= thr
+            thr = max(outlier_floor_mm, outlier_factor * float(np.median(dist[keep])))
+            keep &= dist <= thr
+        w = keep.astype(np.float64)
+        n_acc = np.bincount(cell, weights=w, minlength=n_cells)
+        good = n_acc > 0
+        corr = np.zeros((n_cells, 3))
+        if mode == "plane":
+            # per cell: argmin_d sum_i (n_i . d - r_i)^2 + damping * n |d|^2 (no correction along
+            # directions no normal constrains: the current field stays there)
+            A = np.zeros((n_cells, 3, 3))
+            b = np.zeros((n_cells, 3))
+            for p in range(3):
+                b[:, p] = np.bincount(cell, weights=w * r * normals[:, p], minlength=n_cells)
+                for q in range(3):
+                    A[:, p, q] = np.bincount(cell, weights=w * normals[:, p] * normals[:, q], minlength=n_cells)
+            A += normal_damping * np.maximum(n_acc, 1)[:, None, None] * np.eye(3)
+            corr[good] = np.linalg.solve(A[good], b[good][..., None])[..., 0]
+        else:
+            for p in range(3):
+                corr[:, p] = np.bincount(cell, weights=w * delta[:, p], minlength=n_cells) / np.maximum(n_acc, 1)
         t_match += time.perf_counter() - t0
         t0 = time.perf_counter()
-        pts = np.concatenate([ctrl_a[keep], cf_a])
-        vals = np.concatenate([target[keep] - ctrl_a[keep], d_c])
-        smooth = np.concatenate([np.full(int(keep.sum()), float(smoothing)), np.full(len(cf_a), c_smooth)])
-        if len(pts) >= 5:
-            tps = _fit_tps(pts, vals, smooth)
-            u_new = tps(ctrl_a)
+        ctrl = np.concatenate([centres[good], cf_a])
+        vals = np.concatenate([u_cell[good] + corr[good], d_c])
+        smooth = np.concatenate([float(smoothing) / n_acc[good], np.full(len(cf_a), c_smooth)])
+        if len(ctrl) >= 5:
+            tps = _fit_tps(ctrl, vals, smooth)
+            u_new = tps(centres)
         else:
-            u_new = u_ctrl
+            u_new = u_cell
         t_fit += time.perf_counter() - t0
         history.append({
-            "step": f"icp{it + 1}", "n_matches": int(keep.sum()),
-            "correction_mm_mean": float(corr[keep].mean()) if keep.any() else 0.0,
-            "field_change_mm_max": float(np.abs(u_new - u_ctrl).max()) if len(u_new) else 0.0,
+            "step": f"icp{it + 1}", "n_matches": int(keep.sum()), "n_cells": int(good.sum()),
+            "correction_mm_mean": float(np.linalg.norm(corr[good], axis=1).mean()) if good.any() else 0.0,
+            "field_change_mm_max": float(np.abs(u_new - u_cell).max()) if len(u_new) else 0.0,
         })
-        u_ctrl = u_new
-        n_ctrl_used = int(keep.sum())
+        u_cell = u_new
+        n_used_cells = int(good.sum())
     times["match"] = t_match * 1000.0
     times["fit"] = t_fit * 1000.0
 
@@ -282,8 +324,8 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     grid = DisplacementGrid(origin, spacing, np.zeros(shape + (3,)))
     if tps is not None:
         grid.fixed_to_moving = tps(grid.nodes_mm()).reshape(shape + (3,))
-    else:
-        grid.fixed_to_moving[...] = u_ctrl[0] if len(u_ctrl) else 0.0
+    elif len(d_c):
+        grid.fixed_to_moving[...] = d_c.mean(axis=0)
     times["grid"] = (time.perf_counter() - t0) * 1000.0
     t0 = time.perf_counter()
     grid.moving_to_fixed = invert_displacement(grid)
@@ -291,7 +333,7 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     times["total"] = (time.perf_counter() - t_all) * 1000.0
     return DeformableResult(
         grid=grid,
-        n_control_points=n_ctrl_used + len(cf_a),
+        n_control_points=n_used_cells + len(cf_a),
         n_centroids=len(cf_a),
         structures_used=used,
         structures_excluded=excluded,
@@ -299,10 +341,11 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         time_ms=times,
         settings={
             "smoothing": smoothing, "centroid_smoothing": c_smooth, "max_control_points": max_control_points,
+            "cell_mm": cell_mm, "cell_mm_used": h, "max_points_per_structure": max_points_per_structure,
             "iterations": iterations, "mode": mode, "mutual": mutual, "normal_neighbours": normal_neighbours,
-            "outlier_factor": outlier_factor, "outlier_floor_mm": outlier_floor_mm,
-            "max_structure_residual_mm": max_structure_residual_mm, "use_rigid_outliers": use_rigid_outliers,
-            "grid_points": grid_points, "margin_mm": margin_mm, "seed": seed,
+            "surface_neighbours": surface_neighbours, "normal_damping": normal_damping, "outlier_factor": outlier_factor,
+            "outlier_floor_mm": outlier_floor_mm, "max_structure_residual_mm": max_structure_residual_mm,
+            "use_rigid_outliers": use_rigid_outliers, "grid_points": grid_points, "margin_mm": margin_mm,
         },
     )
 

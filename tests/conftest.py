@@ -46,3 +46,48 @@ def example_seg_fast() -> Path:
 @pytest.fixture(scope="session")
 def example_mr_sm() -> Path:
     return shared_ct("example_mr_sm.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def standin_home(tmp_path_factory) -> Path:
+    """A TOTALSEG_HOME_DIR holding the stand-in Task 297 weights, used by the whole test session.
+
+    Hermetic: the user's ~/.totalsegmentator is never touched by tests.
+    """
+    home = Path(os.environ.get("TS_BENCH_TEST_HOME", tmp_path_factory.mktemp("totalseg_home")))
+    os.environ["TOTALSEG_HOME_DIR"] = str(home)
+    os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
+    from common.weights import build_standin, configure_offline_totalseg
+
+    configure_offline_totalseg()
+    build_standin()
+    return home
+
+
+@pytest.fixture(scope="session")
+def model_spec(standin_home):
+    from common.model import load_model_spec
+    from common.weights import task297_folder
+
+    return load_model_spec(task297_folder())
+
+
+@pytest.fixture(scope="session")
+def onnx_model(model_spec, tmp_path_factory) -> Path:
+    from common.onnx_export import export_onnx
+
+    return export_onnx(model_spec, tmp_path_factory.mktemp("models") / "task297.onnx")
+
+
+@pytest.fixture(scope="session")
+def ort_predictor(onnx_model):
+    from common.session import OnnxPredictor
+
+    return OnnxPredictor(onnx_model)
+
+
+@pytest.fixture(scope="session")
+def torch_predictor(model_spec):
+    from common.session import TorchPredictor
+
+    return TorchPredictor(model_spec.build_network())

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Stage 02: get the Task 297 weights (official or seeded stand-in) and export the network to ONNX.
+
+Works on any nnU-Net v2 results folder (--model-dir): the official Task 297, the stand-in, or your own
+retrained model. Writes models/<name>.onnx (dynamic batch and spatial axes) and models/<name>.json with
+the onnx.checker result and the PyTorch vs ONNX Runtime comparison on one full random patch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common.cli import DEFAULT_ONNX, add_weights_argument, fail, prepare_model  # noqa: E402
+from common.errors import InputError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="nnU-Net v2 results folder (trainer__plans__config, holding plans.json, dataset.json, "
+                        "fold_N/). Default: the Task 297 folder where TotalSegmentator keeps its weights")
+    add_weights_argument(p)
+    p.add_argument("--fold", default="0", help="fold to export (default 0)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"ONNX file to write (default {DEFAULT_ONNX.relative_to(DEFAULT_ONNX.parents[1])} for "
+                        "Task 297, models/<dataset>.onnx otherwise)")
+    p.add_argument("--standin-only", action="store_true",
+                   help="only write the stand-in Task 297 weights folder (never replaces official weights)")
+    p.add_argument("--force", action="store_true", help="re-export even if the ONNX file is up to date")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.standin_only:
+            from common.weights import build_standin, configure_offline_totalseg
+
+            configure_offline_totalseg()
+            print(f"stand-in weights: {build_standin()}")
+            return 0
+        if args.model_dir is None:
+            spec = prepare_model(args.weights)
+            out = args.out or DEFAULT_ONNX
+        else:
+            from common.model import load_model_spec
+
+            fold = int(args.fold) if args.fold.isdigit() else args.fold
+            spec = load_model_spec(args.model_dir, fold=fold)
+            out = args.out or DEFAULT_ONNX.parent / f"{spec.folder.parent.name}.onnx"
+        from common.cli import ensure_onnx
+        from common.onnx_export import export_and_check
+
+        if args.force or args.model_dir is not None:
+            print(f"exporting {spec.folder} -> {out}")
+            report = export_and_check(spec, out)
+        else:
+            ensure_onnx(spec, out)
+            import json
+
+            report = json.loads(out.with_suffix(".json").read_text())
+    except (InputError, FileExistsError, RuntimeError) as exc:
+        return fail(exc)
+    par = report["parity"]
+    print(f"ONNX model: {out} ({report['onnx_bytes'] / 1e6:.1f} MB, opset {report['opset']}, checker passed)")
+    print(f"weights: {report['model']['weights']} sha256 {report['model']['sha256'][:16]}…")
+    print(f"PyTorch vs ONNX Runtime on one {tuple(par['patch_shape'])} patch: max |logit diff| "
+          f"{par['max_abs_logit_diff']:.2e}, argmax agreement {par['argmax_agreement']:.6f}")
+    print(f"report: {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

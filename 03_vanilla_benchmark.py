@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Stage 03: the official TotalSegmentator (python API, task 'total', fast, CPU) as the reference.
+
+Runs offline on the Task 297 weights where TotalSegmentator keeps them (official, or the seeded stand-in
+written by 02). Per scan: one warm-up run (not counted), then --repeats timed runs of the whole official
+call (its load, resampling, nnU-Net prediction, resampling back and saving happen inside one call, so
+only the total is timed). The reference masks go to benchmarks/03_vanilla/<scan>_seg.nii.gz (written by
+the official tool into a temporary name, then renamed), the result to benchmarks/03_vanilla.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common.cli import BENCHMARKS, add_weights_argument, fail, prepare_model, resolve_inputs  # noqa: E402
+from common.errors import InputError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="a scan or a folder of scans (default: ct_data/, else the embedded phantom)")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "03_vanilla", help="reference mask folder")
+    p.add_argument("--result", type=Path, default=BENCHMARKS / "03_vanilla.json", help="result JSON")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per scan (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
+    p.add_argument("--device", default="cpu", help="device for the official tool: cpu, gpu, cuda, mps (default cpu)")
+    p.add_argument("--max-samples", type=int, default=None, help="at most N scans")
+    add_weights_argument(p)
+    return p.parse_args(argv)
+
+
+def official_runner(device: str):
+    import time
+
+    import numpy as np
+
+    from common.atomic import atomic_path
+    from common.official import run_official
+
+    def run(scan: Path, mask_path: Path | None):
+        if mask_path is None:
+            t0 = time.perf_counter()
+            img, _ = run_official(scan, None, device=device)
+            return time.perf_counter() - t0, {}, np.asanyarray(img.dataobj)
+        with atomic_path(mask_path, suffix=".nii.gz") as tmp:
+            t0 = time.perf_counter()
+            img, _ = run_official(scan, tmp, device=device)
+            total = time.perf_counter() - t0
+        return total, {}, np.asanyarray(img.dataobj)
+
+    return run
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from common.bench import benchmark_scans
+    from common.results import new_result, summarize, write_result
+
+    try:
+        scans, source = resolve_inputs(args.input, args.max_samples)
+        spec = prepare_model(args.weights)
+    except (InputError, FileExistsError, RuntimeError) as exc:
+        return fail(exc)
+    print(f"data: {source}")
+    settings = {"task": "total", "fast": True, "device": args.device, "repeats": args.repeats,
+                "warmup": args.warmup, "input": source, "torch_threads": os.cpu_count(),
+                "stages": "not separable: the official tool is timed as one call (load..save)"}
+    result = new_result("03_vanilla_benchmark.py", method="official_pytorch", settings=settings,
+                        model={**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}})
+    result["scans"] = benchmark_scans(scans, official_runner(args.device), args.out, args.repeats, args.warmup,
+                                      desc="03 official")
+    summarize(result)
+    write_result(result, args.result)
+    print(f"result: {args.result} (weights: {spec.provenance()['weights']})")
+    return 1 if result["summary"]["n_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

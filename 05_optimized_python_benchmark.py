@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Stage 05: find the fastest faithful configuration on this machine, then benchmark it.
+
+Sweep (one factor at a time from the baseline, then the best factors combined): backend and threads
+(ONNX Runtime intra-op threads 1..cores, PyTorch threads), ONNX Runtime graph optimisation level and
+execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8, 1.0), float16 vs float32
+logit sums, tiles per predictor call, threads for resampling. Each configuration runs the sweep scans
+(after one untimed warm-up) and is compared voxel by voxel with the reference masks of 03 (or, without a
+03 result, with the faithful PyTorch pipeline, which reproduces the official output). The fastest
+configuration with >= 99.9 % agreement on every sweep scan is written to benchmarks/optimized_config.json
+(06 uses it) and benchmarked on all scans (warm-up + --repeats). The whole sweep is kept in the result.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common.cli import (  # noqa: E402
+    BENCHMARKS,
+    DEFAULT_ONNX,
+    OPTIMIZED_CONFIG,
+    add_weights_argument,
+    ensure_onnx,
+    fail,
+    prepare_model,
+    resolve_inputs,
+)
+from common.errors import InputError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="a scan or a folder of scans (default: ct_data/, else the embedded phantom)")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "05_optimized", help="mask folder")
+    p.add_argument("--result", type=Path, default=BENCHMARKS / "05_optimized.json", help="result JSON")
+    p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
+                   help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
+    p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
+    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
+    p.add_argument("--sweep-scans", type=int, default=3, help="scans used for the sweep (default: first 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per scan for the chosen config (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
+    p.add_argument("--max-samples", type=int, default=None, help="at most N scans")
+    p.add_argument("--threshold", type=float, default=0.999, help="minimum voxel agreement (default 0.999)")
+    p.add_argument("--no-sweep", action="store_true", help="benchmark the configuration in --config-out as is")
+    add_weights_argument(p)
+    return p.parse_args(argv)
+
+
+def reference_masks(ref_json: Path, scans: list[Path], spec, log=print) -> tuple[dict, str]:
+    """Scan path -> reference label array: 03's masks when its result lists them, else the faithful
+    PyTorch pipeline's output (identical to the official tool's: see tests/test_parity.py)."""
+    import nibabel as nib
+    import numpy as np
+
+    from common.pipeline import SegmentOptions
+    from common.results import read_result
+    from common.runner import run_scan
+    from common.session import TorchPredictor
+
+    refs: dict[str, np.ndarray] = {}
+    source = "faithful PyTorch pipeline"
+    if ref_json.exists():
+        res = read_result(ref_json)
+        by_file = {str(Path(s["file"]).resolve()): s for s in res["scans"] if s["status"] == "ok" and s["mask"]}
+        for scan in scans:
+            rec = by_file.get(str(scan.resolve()))
+            if rec and Path(rec["mask"]).exists():
+                refs[str(scan)] = np.asanyarray(nib.load(rec["mask"]).dataobj)
+        source = f"official masks from {ref_json}"
+    missing = [s for s in scans if str(s) not in refs]
+    if missing:
+        log(f"reference: {len(missing)} scan(s) without 03 masks; using the faithful PyTorch pipeline for them")
+        pred = TorchPredictor(spec.build_network())
+        for scan in missing:
+            refs[str(scan)] = np.asanyarray(run_scan(scan, spec, pred, SegmentOptions()).result.labels.dataobj)
+        source += " + faithful PyTorch pipeline" if refs else ""
+    return refs, source
+
+
+def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict) -> dict:
+    """Time one configuration on the sweep scans (1 warm-up, 1 timed run each) and measure agreement."""
+    import numpy as np
+
+    from common.metrics import voxel_agreement
+    from common.runner import build_predictor, run_scan
+
+    row = {"name": cfg.name, "config": cfg.to_dict(), "scans": [str(s) for s in scans], "seconds": [],
+           "stages": [], "agreement": [], "error": None}
+    try:
+        pred = build_predictor(cfg, spec, onnx)
+        run_scan(scans[0], spec, pred, cfg.segment)  # warm-up: session init, caches
+        for scan in scans:
+            r = run_scan(scan, spec, pred, cfg.segment)
+            row["seconds"].append(r.total_s)
+            row["stages"].append(r.stages)
+            row["agreement"].append(voxel_agreement(np.asanyarray(r.result.labels.dataobj), refs[str(scan)]))
+    except Exception as exc:  # a configuration that cannot run is recorded, not fatal
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from common.bench import benchmark_scans, segment_runner
+    from common.results import new_result, summarize, write_result
+    from common.runner import build_predictor, load_config, save_config
+    from common.sweep import combine, factor_of, one_factor_configs, select_fastest
+
+    try:
+        scans, source = resolve_inputs(args.input, args.max_samples)
+        spec = prepare_model(args.weights)
+        onnx = ensure_onnx(spec, args.onnx)
+    except (InputError, FileExistsError, RuntimeError) as exc:
+        return fail(exc)
+    print(f"data: {source}")
+    from common.validation import load_scan
+
+    sweep_scans = []
+    for s in scans:  # bad scans are reported by the final benchmark, not swept
+        try:
+            load_scan(s)
+            sweep_scans.append(s)
+        except InputError:
+            continue
+        if len(sweep_scans) == args.sweep_scans:
+            break
+    rows: list[dict] = []
+    chosen_row = None
+    if args.no_sweep:
+        cfg = load_config(args.config_out)
+        ref_source = None
+    else:
+        if not sweep_scans:
+            return fail("no valid scan to sweep on")
+        refs, ref_source = reference_masks(args.reference, sweep_scans, spec)
+        print(f"sweep on {len(sweep_scans)} scan(s); reference: {ref_source}")
+        t0 = time.perf_counter()
+        candidates = one_factor_configs()
+        for cfg in tqdm(candidates, desc="05 sweep", unit="config"):
+            row = evaluate(cfg, spec, onnx, sweep_scans, refs)
+            row["factor"] = factor_of(cfg)
+            rows.append(row)
+            agree = min(row["agreement"]) if row["agreement"] else float("nan")
+            tqdm.write(f"{cfg.name:34s} {sum(row['seconds']):7.2f} s  min agreement {agree:.5f}"
+                       + (f"  ERROR {row['error']}" if row["error"] else ""))
+        best_per_factor = {}
+        for factor in {r["factor"] for r in rows}:
+            pick = select_fastest([r for r in rows if r["factor"] in (factor, "baseline")], args.threshold)
+            if pick is not None and pick["factor"] == factor:
+                from common.runner import RunConfig
+
+                best_per_factor[factor] = RunConfig.from_dict(pick["config"])
+        combo = combine(best_per_factor)
+        row = evaluate(combo, spec, onnx, sweep_scans, refs)
+        row["factor"] = "combined"
+        rows.append(row)
+        tqdm.write(f"{combo.name:34s} {sum(row['seconds']):7.2f} s  min agreement "
+                   f"{min(row['agreement']) if row['agreement'] else float('nan'):.5f}")
+        chosen_row = select_fastest(rows, args.threshold)
+        if chosen_row is None:
+            return fail(f"no configuration reached {args.threshold:.1%} agreement; nothing written", 1)
+        from common.runner import RunConfig
+
+        cfg = RunConfig.from_dict(chosen_row["config"])
+        cfg.name = f"optimized ({chosen_row['name']})"
+        save_config(cfg, args.config_out, extra={"chosen_by": "05_optimized_python_benchmark.py",
+                                                 "threshold": args.threshold, "reference": ref_source,
+                                                 "sweep_seconds": sum(chosen_row["seconds"]),
+                                                 "sweep_agreement": chosen_row["agreement"]})
+        print(f"chosen: {chosen_row['name']} -> {args.config_out} (sweep took {time.perf_counter() - t0:.0f} s)")
+    predictor = build_predictor(cfg, spec, onnx if cfg.backend == "onnxruntime" else None)
+    settings = {"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup, "input": source,
+                "threshold": args.threshold, "reference": ref_source, "session": predictor.describe()}
+    result = new_result("05_optimized_python_benchmark.py", method="optimized", settings=settings,
+                        model={**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}})
+    result["sweep"] = rows
+    result["chosen"] = chosen_row["name"] if chosen_row else cfg.name
+    result["scans"] = benchmark_scans(scans, segment_runner(spec, predictor, cfg.segment), args.out,
+                                      args.repeats, args.warmup, desc="05 optimized")
+    summarize(result)
+    write_result(result, args.result)
+    print(f"result: {args.result} (weights: {spec.provenance()['weights']})")
+    return 1 if result["summary"]["n_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Stage 06: segment every scan with the optimized configuration and write one anatomical passport each.
+
+Input: ct_data/ (or --input DIR|FILE); with an empty ct_data/ the embedded synthetic CT phantom is used.
+Per scan, written atomically into --out: <scan>_seg.nii.gz (labels in the scan's own grid) and
+<scan>_passport.json (per-structure centroid, covariance, principal axes, boundary points in world mm).
+The run configuration comes from 05's benchmarks/optimized_config.json when present (else the faithful
+defaults). One predictor (ONNX Runtime session or PyTorch network) is created once and reused for all
+scans. Scans whose outputs are complete are skipped (resume) unless --force. A scan that fails is recorded
+with its error and the batch goes on; the exit code is 1 if any scan failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common.cli import (  # noqa: E402
+    BENCHMARKS,
+    DEFAULT_ONNX,
+    OPTIMIZED_CONFIG,
+    add_weights_argument,
+    ensure_onnx,
+    fail,
+    prepare_model,
+    resolve_inputs,
+)
+from common.errors import InputError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="a scan (NIfTI file or DICOM folder) or a folder of scans (default: ct_data/)")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "06_inference",
+                   help="folder for masks and passports (default: benchmarks/06_inference)")
+    p.add_argument("--result", type=Path, default=BENCHMARKS / "06_inference.json",
+                   help="result JSON in the shared schema (default: benchmarks/06_inference.json)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="run configuration JSON (default: benchmarks/optimized_config.json written by 05, "
+                        "else the faithful defaults)")
+    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
+    add_weights_argument(p)
+    p.add_argument("--max-samples", type=int, default=None, help="process at most N scans")
+    p.add_argument("--passport-resolution", choices=["model", "original"], default="model",
+                   help="compute passports on the model-resolution (3 mm) label map (fast, default) or on "
+                        "the label map in the scan's own grid")
+    p.add_argument("--max-points", type=int, default=500, help="boundary points per structure (default 500)")
+    p.add_argument("--no-passport", action="store_true", help="segment only")
+    p.add_argument("--force", action="store_true", help="recompute scans whose outputs already exist")
+    return p.parse_args(argv)
+
+
+def _outputs(out_dir: Path, scan: Path) -> tuple[Path, Path]:
+    from common.runner import mask_path_for
+    from common.volume import scan_id
+
+    return mask_path_for(out_dir, scan), out_dir / f"{scan_id(scan)}_passport.json"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from common.passport import build_passport, save_passport, scan_metadata
+    from common.results import (
+        add_repeat,
+        finalize_scan,
+        mark_failed,
+        new_result,
+        new_scan_record,
+        summarize,
+        write_result,
+    )
+    from common.runner import RunConfig, build_predictor, labels_present, load_config, run_scan
+
+    try:
+        scans, source = resolve_inputs(args.input, args.max_samples)
+        spec = prepare_model(args.weights)
+        cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
+        cfg = load_config(cfg_path) if cfg_path else RunConfig(name="faithful defaults")
+        onnx = ensure_onnx(spec, args.onnx) if cfg.backend == "onnxruntime" else None
+        predictor = build_predictor(cfg, spec, onnx)
+    except (InputError, FileExistsError, RuntimeError) as exc:
+        return fail(exc)
+    print(f"data: {source}; configuration: {cfg.name} ({cfg_path or 'built-in defaults'}), backend {cfg.backend}")
+
+    names = spec.labels
+    model = {**spec.provenance(), "labels": {str(k): v for k, v in names.items()}}
+    settings = {"config": cfg.to_dict(), "config_file": str(cfg_path) if cfg_path else None,
+                "passport_resolution": args.passport_resolution, "max_points": args.max_points,
+                "input": source, "out": str(args.out)}
+    result = new_result("06_inferenceAndPassport.py", method="inference_passport", settings=settings, model=model)
+    result["skipped"] = []
+    n_failed = 0
+    bar = tqdm(scans, desc="06 segment+passport", unit="scan")
+    for scan in bar:
+        bar.set_postfix_str(scan.name)
+        mask_path, passport_path = _outputs(args.out, scan)
+        if not args.force and mask_path.exists() and (args.no_passport or passport_path.exists()):
+            result["skipped"].append({"file": str(scan), "reason": "outputs exist (use --force to recompute)"})
+            continue
+        record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?")
+        try:
+            run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
+            vol = run.volume
+            record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
+            stages = dict(run.stages)
+            t0 = time.perf_counter()
+            passport = None
+            if not args.no_passport:
+                lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
+                passport = build_passport(lab_img.get_fdata(dtype="float32").astype("uint8")
+                                          if lab_img.get_data_dtype().kind == "f" else lab_img.dataobj[...],
+                                          lab_img.affine, names, scan=scan_metadata(scan, vol.image),
+                                          model=spec.provenance(), resolution=args.passport_resolution,
+                                          max_points=args.max_points)
+            stages["passport"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            from common.volume import save_labels
+
+            labels = run.result.labels.dataobj[...]
+            save_labels(labels, vol.affine, mask_path)
+            if passport is not None:
+                save_passport(passport, passport_path)
+            stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
+            add_repeat(record, sum(stages.values()), stages)
+            record["labels_present"] = labels_present(labels)
+            record["mask"] = str(mask_path)
+            record["passport"] = str(passport_path) if passport is not None else None
+            record["warnings"] = run.warnings
+            for w in run.warnings:
+                tqdm.write(f"warning: {w}")
+        except InputError as exc:
+            mark_failed(record, exc)
+        except Exception as exc:  # record and go on: one bad scan must not stop the batch
+            mark_failed(record, f"{scan}: {type(exc).__name__}: {exc}")
+        if record["status"] == "failed":
+            n_failed += 1
+            tqdm.write(f"FAILED {record['error']}")
+        result["scans"].append(finalize_scan(record))
+    summarize(result)
+    ok = [s for s in result["scans"] if s["status"] == "ok"]
+    if ok:
+        tot = sum(s["median"]["total_s"] for s in ok)
+        pp = sum(s["median"]["stages"].get("passport", 0.0) for s in ok)
+        result["summary"]["passport_share_of_total"] = pp / tot if tot else None
+    write_result(result, args.result)
+    for s in ok:
+        st = s["median"]["stages"]
+        print(f"{Path(s['file']).name}: {s['median']['total_s']:.2f} s total — " +
+              ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures")
+    print(f"{len(ok)} done, {len(result['skipped'])} skipped (outputs exist), {n_failed} failed; "
+          f"weights: {spec.provenance()['weights']}; result: {args.result}")
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

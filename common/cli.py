@@ -1,0 +1,129 @@
+"""What the numbered scripts share: project paths, scan discovery, the embedded default, weights set-up.
+
+Scripts stay thin: argparse, progress, and calls into here and the rest of common/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.errors import InputError
+from common.volume import is_nifti_path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CT_DATA = PROJECT_ROOT / "ct_data"
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+MODELS = PROJECT_ROOT / "models"
+DEFAULT_ONNX = MODELS / "task297.onnx"
+OPTIMIZED_CONFIG = BENCHMARKS / "optimized_config.json"
+EMBEDDED_DIR = BENCHMARKS / "embedded"
+LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_mask", "_gt")
+
+
+def is_label_file(path: Path) -> bool:
+    """Label maps that sit beside scans (``*_seg.nii.gz``, ``*_labels.nii.gz``...) are not scans."""
+    name = path.name.lower()
+    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
+    return stem.endswith(LABEL_SUFFIXES)
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
+
+
+def find_scans(input_path: Path, recursive: bool = False) -> list[Path]:
+    """Scans under ``input_path``: a file itself, or the NIfTI files (and DICOM series folders) of a folder,
+    sorted by name; label maps (``*_seg``/``*_labels``...) and hidden files are skipped. Files that are
+    neither NIfTI nor DICOM are still returned so that the batch reports them as bad input."""
+    if not input_path.exists():
+        raise InputError(input_path, "input not found")
+    if input_path.is_file() or _is_dicom_dir(input_path):
+        return [input_path]
+    found: list[Path] = []
+    for p in sorted(input_path.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in ("readme.md", "license", "license.txt"):
+            continue
+        if p.is_file() and not is_label_file(p):
+            found.append(p)
+        elif p.is_dir():
+            if _is_dicom_dir(p):
+                found.append(p)
+            elif recursive:
+                found += find_scans(p, recursive=True)
+    return found
+
+
+def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=print) -> tuple[list[Path], str]:
+    """Scans to process and a one-line description of where they came from.
+
+    --input wins; else ct_data/ (its top level: downloaded and imported scans); else the embedded
+    synthetic phantom (written once under benchmarks/embedded/).
+    """
+    if input_arg:
+        scans = find_scans(Path(input_arg))
+        source = f"--input {input_arg}"
+    else:
+        scans = [p for p in find_scans(CT_DATA) if is_nifti_path(p) or p.is_dir()] if CT_DATA.exists() else []
+        source = f"ct_data/ ({len(scans)} scans)"
+        if not scans:
+            scans = [embedded_phantom(log)]
+            source = "embedded synthetic CT phantom (ct_data/ is empty)"
+    if max_samples is not None:
+        scans = scans[:max_samples]
+    return scans, source
+
+
+def embedded_phantom(log=print) -> Path:
+    """The synthetic CT phantom (0.8 x 0.8 x 1.5 mm, clinical size) with ground truth; generated once."""
+    from common.phantom import write_phantom
+
+    ct = EMBEDDED_DIR / "phantom_ct.nii.gz"
+    if not ct.exists() or not (EMBEDDED_DIR / "phantom_ct_labels.nii.gz").exists():
+        log(f"ct_data/ is empty: writing the embedded synthetic CT phantom to {ct.relative_to(PROJECT_ROOT)}")
+        write_phantom(EMBEDDED_DIR, name="phantom_ct")
+    return ct
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", choices=["auto", "official", "standin"], default="auto",
+                        help="Task 297 weights: 'auto' uses what is installed where TotalSegmentator looks "
+                             "($TOTALSEG_HOME_DIR or ~/.totalsegmentator), else tries the official download, "
+                             "else builds the seeded stand-in (default: auto)")
+
+
+def prepare_model(weights_mode: str = "auto", log=print):
+    """Ensure Task 297 weights exist (official or stand-in) and return their ModelSpec."""
+    from common.model import load_model_spec
+    from common.weights import configure_offline_totalseg, ensure_task297
+
+    configure_offline_totalseg()
+    folder = ensure_task297(weights_mode, log=log)
+    spec = load_model_spec(folder)
+    kind = "STAND-IN (seeded random; timings real, anatomy not)" if spec.is_standin else "official"
+    log(f"weights: {kind} — {folder}")
+    return spec
+
+
+def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print) -> Path:
+    """Export the model to ONNX if the file is missing or was exported from other weights."""
+    import json
+
+    from common.onnx_export import export_and_check
+
+    meta = onnx_path.with_suffix(".json")
+    if onnx_path.exists() and meta.exists():
+        try:
+            if json.loads(meta.read_text()).get("model", {}).get("sha256") == spec.checkpoint_sha256:
+                return onnx_path
+        except json.JSONDecodeError:
+            pass
+    log(f"exporting the network to {onnx_path} (once per set of weights)")
+    export_and_check(spec, onnx_path)
+    return onnx_path
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Print one line to stderr and return the exit code."""
+    print(" ".join(str(message).split()), file=sys.stderr)
+    return code

@@ -1,0 +1,101 @@
+"""Run configuration (backend + session + pipeline options) and one timed scan, shared by 04, 05 and 06."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import atomic_write_json
+from common.pipeline import SegmentOptions, SegmentResult, segment
+from common.session import OnnxPredictor, OrtSettings, TorchPredictor
+from common.validation import load_scan
+from common.volume import Volume, save_labels, scan_id
+
+CONFIG_SCHEMA = "ts-bench-run-config"
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides how a scan is segmented: backend, its settings, pipeline options."""
+
+    backend: str = "onnxruntime"              # or "pytorch"
+    ort: OrtSettings = field(default_factory=OrtSettings)
+    torch_threads: int = 0                    # 0 = torch's default
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": CONFIG_SCHEMA, "schema_version": 1, "name": self.name, "backend": self.backend,
+                "ort": self.ort.to_dict(), "torch_threads": self.torch_threads, "segment": self.segment.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(backend=d.get("backend", "onnxruntime"), ort=OrtSettings(**d.get("ort", {})),
+                   torch_threads=int(d.get("torch_threads", 0)), segment=SegmentOptions(**d.get("segment", {})),
+                   name=d.get("name", "loaded"))
+
+
+def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> Path:
+    return atomic_write_json(path, {**cfg.to_dict(), **(extra or {})})
+
+
+def load_config(path: Path) -> RunConfig:
+    from common.errors import InputError
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"unreadable run configuration ({exc})") from exc
+    if d.get("schema") != CONFIG_SCHEMA or d.get("schema_version") != 1:
+        raise InputError(path, f"not a {CONFIG_SCHEMA} version 1 file")
+    return RunConfig.from_dict(d)
+
+
+def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
+    """The predictor for ``cfg``: one ONNX Runtime session or the PyTorch network, created once."""
+    if cfg.backend == "onnxruntime":
+        if onnx_path is None:
+            raise ValueError("the onnxruntime backend needs an ONNX file")
+        return OnnxPredictor(onnx_path, cfg.ort)
+    if cfg.backend == "pytorch":
+        return TorchPredictor(spec.build_network(), threads=cfg.torch_threads)
+    raise ValueError(f"unknown backend {cfg.backend!r}")
+
+
+@dataclass
+class ScanRun:
+    """One timed run of one scan: stage seconds, the segmentation and the loaded volume."""
+
+    stages: dict[str, float]
+    total_s: float
+    result: SegmentResult
+    volume: Volume
+    warnings: list[str]
+
+
+def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Path | None = None,
+             progress=None) -> ScanRun:
+    """Load + validate, segment, save the mask (atomically) — each stage timed in seconds."""
+    t0 = time.perf_counter()
+    vol, warnings = load_scan(path)
+    t1 = time.perf_counter()
+    res = segment(vol.image, spec, predictor, options, progress=progress)
+    t2 = time.perf_counter()
+    if mask_path is not None:
+        save_labels(np.asanyarray(res.labels.dataobj), vol.affine, mask_path)
+    t3 = time.perf_counter()
+    stages = {"load": t1 - t0, **res.timings, "save": t3 - t2}
+    return ScanRun(stages=stages, total_s=t3 - t0, result=res, volume=vol, warnings=warnings)
+
+
+def labels_present(labels: np.ndarray) -> list[int]:
+    """Non-zero label ids present in a label map (names are in the result's model["labels"])."""
+    return [int(i) for i in np.flatnonzero(np.bincount(labels.ravel().astype(np.int64))) if i != 0]
+
+
+def mask_path_for(out_dir: Path, scan: Path) -> Path:
+    return out_dir / f"{scan_id(scan)}_seg.nii.gz"
