@@ -156,8 +156,9 @@ def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = F
     return folder
 
 
-def network_reachable(host: tuple[str, int] = DOWNLOAD_HOST, timeout: float = 3.0) -> bool:
-    """True if a TCP connection to ``host`` opens within ``timeout`` seconds (DNS included)."""
+def network_reachable(host: tuple[str, int] | None = None, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to ``host`` (default: the weights' host) opens within ``timeout`` s."""
+    host = host or DOWNLOAD_HOST
     try:
         with socket.create_connection(host, timeout=timeout):
             return True
@@ -172,7 +173,7 @@ def try_download_official(log=print) -> bool:
     official downloader uses requests without a timeout, so reachability is checked first.
     """
     if not network_reachable():
-        log(f"official Task {TASK_ID} weights: cannot reach {DOWNLOAD_HOST[0]} (offline); "
+        log(f"official Task {TASK_ID} weights: cannot reach {DOWNLOAD_HOST[0]}:{DOWNLOAD_HOST[1]} (offline?); "
             "using the seeded stand-in weights instead")
         return False
     from totalsegmentator.config import setup_nnunet

@@ -9,18 +9,30 @@ i.e. the FIXED -> MOVING direction needed to pull moving images onto the fixed g
 (MOVING -> FIXED) is computed numerically on the same grid (transform.invert_displacement).
 
 Correspondences (per structure, matched by name, never across structures):
-1. control points: a deterministic subsample of the fixed boundary points (<= ``max_control_points``
-   in total, shared across structures in proportion to their point counts) plus all centroids;
-2. initial field: a TPS through the centroid displacements (robust, averaged over each structure);
-3. ``iterations`` rounds of ICP with TPS regularisation: predict each control point's moving position
-   with the current field, find its nearest rigidly mapped moving boundary point of the same
-   structure (optionally only MUTUAL nearest neighbours), reject matches whose correction exceeds
-   max(``outlier_floor_mm``, ``outlier_factor`` x median correction), and, in "plane" mode, keep only
-   the correction along the fixed surface normal (point-to-plane: stops sliding along surfaces and
-   the noise of sparse surface samples); refit the TPS (scipy RBFInterpolator, thin_plate_spline,
-   ``smoothing``) on all surviving targets plus the centroids.
+1. surface points: the fixed boundary points (<= ``max_points_per_structure`` each and about
+   ``max_surface_points`` in all, evenly subsampled), each with a surface normal (PCA of its
+   neighbours) and moved along that normal onto the local mean surface of its
+   ``surface_neighbours`` neighbours (averages out the 3 mm voxel staircase);
+2. cells: the points of a structure are grouped into cubes (``cell_mm``, enlarged until there are at
+   most ``max_control_points`` cells + centroids); each cell is one TPS control point at its mean;
+3. initial field: a TPS through the centroid displacements (averaged over each structure);
+4. ``iterations`` rounds of ICP with TPS regularisation: predict every surface point's moving
+   position with the current field (value at its cell), find its nearest rigidly mapped moving
+   boundary points of the same structure (only MUTUAL nearest neighbours by default), compare the
+   local mean moving surface with the local mean fixed surface ALONG THE FIXED NORMAL
+   (point-to-plane: no sliding along surfaces), reject corrections above
+   max(``outlier_floor_mm``, ``outlier_factor`` x median), and solve per cell the least-squares
+   correction vector from its points' normal constraints (damped: no correction along directions
+   no normal constrains). The TPS (scipy RBFInterpolator, thin_plate_spline) is refitted on the cells
+   (smoothing ``smoothing`` / matches in the cell) plus the centroids.
+
+Measured on the real CT with known transforms (registration/evaluate.py): raw nearest-neighbour
+point matches with little smoothing made the dense error WORSE than rigid alone; point-to-plane,
+local surface means, cells and strong smoothing are what make the spline help (see the report in
+benchmarks/registration_eval.json).
+
 The final spline is evaluated on a coarse regular grid (about ``grid_points`` nodes over the union of
-the two point clouds plus ``margin_mm``) and interpolated trilinearly for dense use.
+the two point clouds, the optional ``bbox_mm`` and ``margin_mm``) and interpolated trilinearly.
 """
 from __future__ import annotations
 
@@ -32,9 +44,15 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
-from common.passport import subsample_indices
 from registration.rigid import RigidResult
-from registration.structures import PassportLike, boundary_points, centroid, matched_names, structure_table
+from registration.structures import (
+    PassportLike,
+    boundary_points,
+    centroid,
+    even_indices,
+    matched_names,
+    structure_table,
+)
 from registration.transform import DisplacementGrid, Transform, invert_displacement
 
 
@@ -100,17 +118,42 @@ def _fit_tps(points: np.ndarray, values: np.ndarray, smoothing: np.ndarray | flo
                                smoothing=np.asarray(smoothing) + 1e-6, degree=1)
 
 
-def _normals(points: np.ndarray, cloud_tree: cKDTree, cloud: np.ndarray, k: int) -> np.ndarray:
-    """Unit surface normals at ``points`` from the PCA of their k nearest neighbours in ``cloud``."""
-    k = int(min(k, len(cloud)))
-    if k < 3:
-        return np.zeros_like(points)
-    _, idx = cloud_tree.query(points, k=k)
-    nb = cloud[idx]  # (n, k, 3)
-    nb = nb - nb.mean(axis=1, keepdims=True)
-    cov = np.einsum("nki,nkj->nij", nb, nb)
+_SEPARATION_MM = 1.0e7  # distance between structures in the 4-D search space (far beyond any anatomy)
+
+
+def _with_owner(points: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """(n, 4) search coordinates: the point (mm) plus its structure index x _SEPARATION_MM."""
+    return np.concatenate([points, owner[:, None].astype(np.float64) * _SEPARATION_MM], axis=1)
+
+
+def _knn_same_owner(tree: cKDTree, points: np.ndarray, owner: np.ndarray, k: int) -> np.ndarray:
+    """Indices (n, k) of the k nearest tree points of the SAME structure; -1 where it has fewer."""
+    k = int(min(k, tree.n))
+    _, idx = tree.query(_with_owner(points, owner), k=k, distance_upper_bound=_SEPARATION_MM / 2)
+    idx = np.asarray(idx).reshape(len(points), k)
+    return np.where(idx >= tree.n, -1, idx)
+
+
+def _masked_mean(cloud: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean of cloud[idx] over the valid (>= 0) neighbour indices of each row."""
+    valid = idx >= 0
+    pts = cloud[np.maximum(idx, 0)] * valid[..., None]
+    return pts.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)[:, None]
+
+
+def _pca_normals(points: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """Unit surface normals: smallest principal axis of each point's first k valid neighbours."""
+    idx = idx[:, :k]
+    valid = (idx >= 0)[..., None]
+    nb = points[np.maximum(idx, 0)]
+    n_valid = np.maximum(valid.sum(axis=1), 1)
+    mean = (nb * valid).sum(axis=1) / n_valid
+    diff = (nb - mean[:, None]) * valid
+    cov = np.einsum("nki,nkj->nij", diff, diff)
     _, vecs = np.linalg.eigh(cov)
-    return vecs[:, :, 0]
+    normals = vecs[:, :, 0]
+    normals[valid.sum(axis=1)[:, 0] < 3] = 0.0  # too few neighbours: no normal, no constraint
+    return normals
 
 
 def _cells(points: np.ndarray, owner: np.ndarray, budget: int, cell_mm: float) -> tuple[np.ndarray, float]:
@@ -139,19 +182,20 @@ def _grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
     lo, hi = lo - margin_mm, hi + margin_mm
     ext = np.maximum(hi - lo, 1e-3)
     h = float((np.prod(ext) / max(grid_points, 8)) ** (1.0 / 3.0))
-    shape = np.maximum(np.ceil(ext / h).astype(int) + 1, 3)
+    shape = np.maximum(np.round(ext / h).astype(int) + 1, 3)
     spacing = ext / (shape - 1)
     return lo, spacing, (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
 def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidResult, *,
-                        smoothing: float = 1e4,
+                        smoothing: float = 3e4,
                         centroid_smoothing: float | None = None,
-                        max_control_points: int = 1200,
+                        max_control_points: int = 1000,
                         cell_mm: float = 10.0,
                         max_points_per_structure: int = 500,
+                        max_surface_points: int = 20000,
                         min_points_per_structure: int = 4,
-                        iterations: int = 3,
+                        iterations: int = 4,
                         mode: str = "plane",
                         mutual: bool = True,
                         normal_neighbours: int = 12,
@@ -190,6 +234,9 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     F: list[np.ndarray] = []
     M: list[np.ndarray] = []
     cf, cm = [], []
+    per_structure = max_points_per_structure
+    if names and max_surface_points:
+        per_structure = max(min(max_points_per_structure, max_surface_points // len(names)), min_points_per_structure)
     for n in names:
         c_f = centroid(fixed_t[n])
         c_m = rigid.apply(centroid(moving_t[n])[None])[0]
@@ -200,7 +247,7 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         cf.append(c_f)
         cm.append(c_m)
         pf, pm = boundary_points(fixed_t[n]), boundary_points(moving_t[n])
-        F.append(pf[subsample_indices(len(pf), max_points_per_structure)])
+        F.append(pf[even_indices(len(pf), per_structure)])
         M.append(rigid.apply(pm) if len(pm) else np.zeros((0, 3)))
     cf_a = np.array(cf).reshape(-1, 3)
     cm_a = np.array(cm).reshape(-1, 3)
@@ -208,25 +255,24 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     c_smooth = float(smoothing) if centroid_smoothing is None else float(centroid_smoothing)
 
     # --- surface points, normals and cells ------------------------------------------------------
+    # All structures are searched at once: a 4th coordinate (structure index x _SEPARATION_MM) keeps
+    # every nearest-neighbour query inside its own structure.
     ok = [i for i in range(len(used)) if len(F[i]) >= min_points_per_structure and len(M[i]) >= min_points_per_structure]
     pts = np.concatenate([F[i] for i in ok]) if ok else np.zeros((0, 3))
     owner = np.concatenate([np.full(len(F[i]), i) for i in ok]) if ok else np.zeros(0, dtype=np.int64)
+    mpts = np.concatenate([M[i] for i in ok]) if ok else np.zeros((0, 3))
+    m_owner = np.concatenate([np.full(len(M[i]), i) for i in ok]) if ok else np.zeros(0, dtype=np.int64)
+    tree_m = cKDTree(_with_owner(mpts, m_owner)) if len(mpts) else None
     normals = np.zeros_like(pts)
     smooth_pts = pts.copy()
-    trees_m = {i: cKDTree(M[i]) for i in ok}
-    spans = {}
-    start = 0
-    for i in ok:
-        spans[i] = slice(start, start + len(F[i]))
-        if mode == "plane":
-            tree_f = cKDTree(F[i])
-            normals[spans[i]] = _normals(F[i], tree_f, F[i], normal_neighbours)
-            if surface_neighbours > 1:  # move each fixed point onto the local mean surface (along its normal)
-                k = min(surface_neighbours, len(F[i]))
-                _, idx = tree_f.query(F[i], k=k)
-                off = np.einsum("ij,ij->i", F[i][idx].mean(axis=1) - F[i], normals[spans[i]])
-                smooth_pts[spans[i]] = F[i] + normals[spans[i]] * off[:, None]
-        start += len(F[i])
+    if mode == "plane" and len(pts):
+        k = max(normal_neighbours, surface_neighbours, 3)
+        nb = _knn_same_owner(cKDTree(_with_owner(pts, owner)), pts, owner, k)
+        normals = _pca_normals(pts, nb, normal_neighbours)
+        if surface_neighbours > 1:  # move each fixed point onto the local mean surface (along its normal)
+            mean_nb = _masked_mean(pts, nb[:, :surface_neighbours])
+            off = np.einsum("ij,ij->i", mean_nb - pts, normals)
+            smooth_pts = pts + normals * off[:, None]
     budget = max(max_control_points - len(cf_a), 1)
     cell, h = _cells(pts, owner, budget, cell_mm) if len(pts) else (np.zeros(0, dtype=np.int64), cell_mm)
     n_cells = int(cell.max()) + 1 if len(cell) else 0
@@ -255,22 +301,18 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     for it in range(iterations if n_cells else 0):
         t0 = time.perf_counter()
         fhat = pts + u_cell[cell]  # piecewise-constant prediction per cell
-        delta = np.zeros_like(pts)
-        keep = np.ones(len(pts), dtype=bool)
-        for i in ok:
-            sl = spans[i]
-            if mode == "plane" and surface_neighbours > 1:
-                k = min(surface_neighbours, len(M[i]))
-                _, nnk = trees_m[i].query(fhat[sl], k=k)
-                nn = nnk[:, 0]
-                # local mean moving surface vs local mean fixed surface (both along the fixed normal)
-                delta[sl] = M[i][nnk].mean(axis=1) - (smooth_pts[sl] + u_cell[cell[sl]])
-            else:
-                _, nn = trees_m[i].query(fhat[sl])
-                delta[sl] = M[i][nn] - fhat[sl]
-            if mutual:
-                _, back = cKDTree(fhat[sl]).query(M[i][nn])
-                keep[sl] = back == np.arange(sl.stop - sl.start)
+        if mode == "plane" and surface_neighbours > 1:
+            nbk = _knn_same_owner(tree_m, fhat, owner, surface_neighbours)
+            nn = nbk[:, 0]
+            # local mean moving surface vs local mean fixed surface (compared along the fixed normal)
+            delta = _masked_mean(mpts, nbk) - (smooth_pts + u_cell[cell])
+        else:
+            nn = _knn_same_owner(tree_m, fhat, owner, 1)[:, 0]
+            delta = mpts[np.maximum(nn, 0)] - fhat
+        keep = nn >= 0
+        if mutual:
+            back = _knn_same_owner(cKDTree(_with_owner(fhat, owner)), mpts[np.maximum(nn, 0)], owner, 1)[:, 0]
+            keep &= back == np.arange(len(fhat))
         if mode == "plane":
             r = np.einsum("ij,ij->i", delta, normals)
             dist = np.abs(r)
@@ -342,6 +384,7 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         settings={
             "smoothing": smoothing, "centroid_smoothing": c_smooth, "max_control_points": max_control_points,
             "cell_mm": cell_mm, "cell_mm_used": h, "max_points_per_structure": max_points_per_structure,
+            "max_surface_points": max_surface_points,
             "iterations": iterations, "mode": mode, "mutual": mutual, "normal_neighbours": normal_neighbours,
             "surface_neighbours": surface_neighbours, "normal_damping": normal_damping, "outlier_factor": outlier_factor,
             "outlier_floor_mm": outlier_floor_mm, "max_structure_residual_mm": max_structure_residual_mm,

@@ -26,6 +26,7 @@ Run:  python registration/evaluate.py [--out benchmarks/registration_eval.json] 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -188,8 +189,8 @@ def _label_field_pull(labels: np.ndarray, vox: np.ndarray, sigma_vox: float) -> 
         if not inside.any():
             continue
         crop = np.zeros(tuple(hi - lo), dtype=np.float32)
-        src = tuple(slice(max(a, 0), min(b, dim)) for a, b, dim in zip(lo, hi, labels.shape))
-        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
+        src = tuple(slice(max(a, 0), min(b, dim)) for a, b, dim in zip(lo, hi, labels.shape, strict=True))
+        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo, strict=True))
         crop[dst] = labels[src] == label
         occ = ndimage.gaussian_filter(crop, sigma_vox, mode="constant")
         vals = ndimage.map_coordinates(occ, vox[:, inside] - lo[:, None], order=3, mode="constant", cval=0)
@@ -657,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out["wall_s"] = time.perf_counter() - t0
+    out["machine"] = {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+                      "note": "timings are wall clock on this machine; other jobs running at the same time inflate them"}
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

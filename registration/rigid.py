@@ -135,6 +135,19 @@ class RigidResult:
         }
 
 
+def _stack_eigen(structures: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(eigenvalues (n, 3), eigenvectors (n, 3, 3), valid (n,)) of a list of structures."""
+    vals = np.ones((len(structures), 3))
+    vecs = np.tile(np.eye(3), (len(structures), 1, 1))
+    valid = np.zeros(len(structures), dtype=bool)
+    for i, st in enumerate(structures):
+        e = eigen(st)
+        if e is not None:
+            vals[i], vecs[i] = e
+            valid[i] = True
+    return vals, vecs, valid
+
+
 def _robust_weights(r: np.ndarray, scale: float, loss: str) -> np.ndarray:
     """IRLS weights psi(r)/r for residuals r (mm)."""
     if loss == "none" or scale <= 0:
@@ -159,57 +172,50 @@ def _ransac(P: np.ndarray, Q: np.ndarray, w: np.ndarray, threshold: float, n_hyp
         triples = np.array(list(combinations(range(n), 3)), dtype=np.int64)
     else:
         rng = np.random.default_rng(seed)
-        triples = np.sort(np.stack([rng.choice(n, 3, replace=False) for _ in range(n_hypotheses)]), axis=1)
+        triples = np.argsort(rng.random((n_hypotheses, n)), axis=1)[:, :3]
     Rs, ts = weighted_kabsch(P[triples], Q[triples])
-    r = np.linalg.norm(np.einsum("hij,nj->hni", Rs, P) + ts[:, None] - Q[None], axis=-1)
+    r = np.linalg.norm(np.matmul(P[None], np.swapaxes(Rs, 1, 2)) + ts[:, None] - Q[None], axis=-1)
     cost = (np.minimum(r, threshold) ** 2 * w[None]).sum(axis=1)
     return r[int(np.argmin(cost))] < threshold
 
 
-def _axis_points(names: list[str], fixed_t: dict, moving_t: dict, R: np.ndarray, min_gap: float,
+def _axis_points(cf: np.ndarray, cm: np.ndarray, eig_f: tuple[np.ndarray, np.ndarray],
+                 eig_m: tuple[np.ndarray, np.ndarray], has_eig: np.ndarray, R: np.ndarray, min_gap: float,
                  max_angle_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Extra correspondences along well-defined principal axes of structures ``names``.
+    """Extra correspondences along well-defined principal axes (vectorised over structures).
 
-    For each axis k with relative eigenvalue gap >= ``min_gap`` to its neighbours in both passports,
-    the moving eigenvector's sign is chosen so that R @ v_moving agrees with v_fixed; the axis is used
-    only if they then agree within ``max_angle_deg``. Points: c +- L v with L = mean sqrt(eigenvalue)
-    of the two passports (the same length on both sides: a rigid map cannot scale).
-    Returns (moving points, fixed points, index of the owning structure in ``names``).
+    ``cf``/``cm`` (n, 3) centroids, ``eig_*`` = (eigenvalues (n, 3), eigenvectors (n, 3, 3) as columns),
+    ``has_eig`` (n,) which structures have valid eigen data in both passports. Axis k of a structure is
+    used when its eigenvalue's relative gap to the other two is >= ``min_gap`` in both passports and,
+    after choosing the moving eigenvector's sign so that R @ v_moving agrees with v_fixed, the two
+    agree within ``max_angle_deg``. Points: c +- L v, L = mean sqrt(eigenvalue) of the two passports
+    (the same length on both sides: a rigid map cannot scale).
+    Returns (moving points, fixed points, index of the owning structure).
     """
-    mov, fix, owner = [], [], []
-    cos_max = np.cos(np.radians(max_angle_deg))
-    for i, name in enumerate(names):
-        ef, em = eigen(fixed_t[name]), eigen(moving_t[name])
-        if ef is None or em is None:
-            continue
-        (lf, vf), (lm, vm) = ef, em
+    lf, vf = eig_f
+    lm, vm = eig_m
+
+    def gap_ok(vals: np.ndarray) -> np.ndarray:
+        out = np.zeros(vals.shape, dtype=bool)
         for k in range(3):
-            ok = True
-            for vals in (lf, lm):
-                if vals[k] <= 0:
-                    ok = False
-                    break
-                others = [vals[j] for j in range(3) if j != k]
-                if min(abs(vals[k] - o) for o in others) / max(vals[k], *others) < min_gap:
-                    ok = False
-                    break
-            if not ok:
-                continue
-            a_f = vf[:, k]
-            a_m = vm[:, k]
-            c = float(np.dot(R @ a_m, a_f))
-            if abs(c) < cos_max:
-                continue
-            s = 1.0 if c > 0 else -1.0
-            L = 0.5 * (np.sqrt(lf[k]) + np.sqrt(lm[k]))
-            cf, cm = centroid(fixed_t[name]), centroid(moving_t[name])
-            for sign in (1.0, -1.0):
-                fix.append(cf + sign * L * a_f)
-                mov.append(cm + sign * s * L * a_m)
-                owner.append(i)
-    if not mov:
+            others = vals[:, [j for j in range(3) if j != k]]
+            gap = np.abs(vals[:, k:k + 1] - others).min(axis=1)
+            out[:, k] = (vals[:, k] > 0) & (gap >= min_gap * vals.max(axis=1))
+        return out
+
+    ok = gap_ok(lf) & gap_ok(lm) & has_eig[:, None]
+    cos = np.einsum("ij,njk,nik->nk", R, vm, vf)  # (R v_m_k) . v_f_k for each structure n, axis k
+    ok &= np.abs(cos) >= np.cos(np.radians(max_angle_deg))
+    sgn = np.where(cos >= 0, 1.0, -1.0)
+    L = 0.5 * (np.sqrt(np.maximum(lf, 0)) + np.sqrt(np.maximum(lm, 0)))
+    idx_n, idx_k = np.nonzero(ok)
+    if not len(idx_n):
         return np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
-    return np.array(mov), np.array(fix), np.array(owner, dtype=np.int64)
+    a_f = vf[idx_n, :, idx_k] * L[idx_n, idx_k][:, None]
+    a_m = vm[idx_n, :, idx_k] * (L[idx_n, idx_k] * sgn[idx_n, idx_k])[:, None]
+    fix = np.concatenate([cf[idx_n] + a_f, cf[idx_n] - a_f])
+    mov = np.concatenate([cm[idx_n] + a_m, cm[idx_n] - a_m])
+    return mov, fix, np.concatenate([idx_n, idx_n])
 
 
 def register_rigid(fixed: PassportLike, moving: PassportLike, *,
@@ -242,6 +248,7 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
         raise ValueError("the two passports share no structure name: nothing to register")
     P = np.array([centroid(moving_t[n]) for n in names])
     Q = np.array([centroid(fixed_t[n]) for n in names])
+    groups = [weight_group(n, weight_table) for n in names]
     w = np.array([structure_weight(n, weight_table) for n in names])
     if size_consistency:
         sf = np.array([size_mm3(fixed_t[n]) for n in names])
@@ -272,11 +279,15 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
         return weighted_kabsch(np.concatenate(pts_m), np.concatenate(pts_f), np.concatenate(ww))
 
     R, t = fit(inl, None, None)
+    if use_axes:
+        lf, vf, ok_f = _stack_eigen([fixed_t[nm] for nm in names])
+        lm, vm, ok_m = _stack_eigen([moving_t[nm] for nm in names])
+        eig_f, eig_m, has_eig = (lf, vf), (lm, vm), ok_f & ok_m
     for stage in ("centroids", "axes"):
         if stage == "axes":
             if not use_axes:
                 break
-            Pa, Qa, owner = _axis_points(names, fixed_t, moving_t, R, axis_min_gap, axis_max_angle_deg)
+            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, has_eig, R, axis_min_gap, axis_max_angle_deg)
             if not len(Pa):
                 break
         for _ in range(max_iter):
@@ -310,6 +321,6 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
             "axis_min_gap": axis_min_gap, "axis_max_angle_deg": axis_max_angle_deg, "loss": loss,
             "loss_scale_mm": scale, "size_consistency": size_consistency, "min_voxels": min_voxels,
             "n_hypotheses": n_hypotheses, "seed": seed,
-            "groups": {nm: weight_group(nm, weight_table) for nm in names},
+            "groups": dict(zip(names, groups, strict=True)),
         },
     )

@@ -68,3 +68,10 @@ def size_mm3(s: Mapping[str, Any]) -> float:
         return float(s["volume_mm3"])
     e = eigen(s)
     return float(np.sum(np.maximum(e[0], 0.0)) ** 1.5) if e is not None else float("nan")
+
+
+def even_indices(n: int, k: int) -> np.ndarray:
+    """At most ``k`` evenly spaced, increasing indices into range(n) (deterministic)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return (np.arange(max(k, 0), dtype=np.int64) * n) // max(k, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 WeightTable = Sequence[tuple[str, float, tuple[str, ...]]]
 
@@ -36,17 +37,23 @@ WEIGHT_TABLE: WeightTable = (
 )
 
 
+@lru_cache(maxsize=4096)
+def _lookup(name: str, table: WeightTable, default: float) -> tuple[str, float]:
+    for group, weight, patterns in table:
+        if any(fnmatchcase(name, p) for p in patterns):
+            return group, float(weight)
+    return DEFAULT_GROUP, float(default)
+
+
+def _hashable(table: WeightTable) -> tuple:
+    return table if isinstance(table, tuple) else tuple((g, float(w), tuple(p)) for g, w, p in table)
+
+
 def weight_group(name: str, table: WeightTable = WEIGHT_TABLE) -> str:
     """Group of a structure name in ``table`` ("other" when no pattern matches)."""
-    for group, _weight, patterns in table:
-        if any(fnmatchcase(name, p) for p in patterns):
-            return group
-    return DEFAULT_GROUP
+    return _lookup(name, _hashable(table), DEFAULT_WEIGHT)[0]
 
 
 def structure_weight(name: str, table: WeightTable = WEIGHT_TABLE, default: float = DEFAULT_WEIGHT) -> float:
     """Stability weight (dimensionless, 0..1) of a structure name; ``default`` when no pattern matches."""
-    for _group, weight, patterns in table:
-        if any(fnmatchcase(name, p) for p in patterns):
-            return float(weight)
-    return float(default)
+    return _lookup(name, _hashable(table), float(default))[1]

@@ -74,9 +74,12 @@ def model_spec(standin_home):
 
 @pytest.fixture(scope="session")
 def onnx_model(model_spec, tmp_path_factory) -> Path:
-    from common.onnx_export import export_onnx
+    """Exported once per session with its check report (task297.json) beside it."""
+    from common.onnx_export import export_and_check
 
-    return export_onnx(model_spec, tmp_path_factory.mktemp("models") / "task297.onnx")
+    path = tmp_path_factory.mktemp("models") / "task297.onnx"
+    export_and_check(model_spec, path)
+    return path
 
 
 @pytest.fixture(scope="session")

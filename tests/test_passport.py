@@ -176,6 +176,63 @@ def test_determinism_and_max_points():
     assert none["boundary_points_mm"] == [] and none["n_boundary_voxels"] == s["n_boundary_voxels"]
 
 
+def reference_structures(labels: np.ndarray, affine: np.ndarray, max_points: int) -> list[dict]:
+    """The obvious slow way: a full-volume mask per label, binary_erosion for the boundary, np.argwhere."""
+    lin, shift = affine[:3, :3], affine[:3, 3]
+    face = ndimage.generate_binary_structure(3, 1)
+    out = []
+    for label in np.unique(labels[labels > 0]).tolist():
+        mask = labels == label
+        idx = np.argwhere(mask)  # C order of (x, y, z)
+        boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, face, border_value=0))
+        n = len(boundary)
+        keep = np.arange(n) if n <= max_points else (np.arange(max_points) * n) // max_points
+        world = idx @ lin.T + shift
+        out.append({"label": label, "voxel_count": len(idx), "centroid_mm": world.mean(axis=0),
+                    "covariance_mm2": np.cov(world.T, bias=True), "bbox_min": idx.min(axis=0),
+                    "bbox_max": idx.max(axis=0), "boundary_vox": boundary[keep], "n_boundary": n})
+    return out
+
+
+def fragmented_labels(seed: int, shape=(15, 12, 10), n_labels: int = 8) -> np.ndarray:
+    """Argmax of smoothed noise: every label scattered in many pieces over the whole volume."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(n_labels + 1, *shape)), sigma=(0, 0.8, 0.8, 0.8))
+    return np.argmax(field, axis=0)
+
+
+@pytest.mark.parametrize("dtype, max_points, pad", [(np.uint8, 10**6, 0), (np.int16, 7, 3), (np.int64, 0, 1)])
+def test_matches_per_label_reference_on_fragmented_map(dtype, max_points, pad):
+    labels = fragmented_labels(seed=max_points)
+    labels[labels == 3] = 250  # sparse label values
+    labels = np.pad(labels, pad)  # background margin (crop path) when pad > 0
+    if np.issubdtype(dtype, np.signedinteger):
+        labels[labels == 5] = -4  # negative values are no structure, like background
+    labels = labels.astype(dtype)
+    _, affine = ellipsoid_volume("oblique")
+    got = compute_structures(labels, affine, {250: "sparse"}, max_points=max_points)
+    want = reference_structures(labels, affine, max_points)
+    assert [s["label"] for s in got] == [r["label"] for r in want]
+    assert any(len(r["boundary_vox"]) < r["n_boundary"] for r in want) == (max_points < 10**6)
+    inv = np.linalg.inv(affine[:3, :3])
+    for s, r in zip(got, want, strict=True):
+        assert s["name"] == ("sparse" if r["label"] == 250 else f"label_{r['label']}")
+        assert s["voxel_count"] == r["voxel_count"] and s["n_boundary_voxels"] == r["n_boundary"]
+        assert s["bbox_voxel"] == {"min": r["bbox_min"].tolist(), "max": r["bbox_max"].tolist()}
+        # boundary points: the same voxels in the same order, at their centres in mm
+        points = np.array(s["boundary_points_mm"]).reshape(-1, 3)
+        vox = (points - affine[:3, 3]) @ inv.T
+        np.testing.assert_allclose(vox, np.rint(vox), atol=1e-9)
+        np.testing.assert_array_equal(np.rint(vox).astype(int), r["boundary_vox"])
+        np.testing.assert_allclose(points, r["boundary_vox"] @ affine[:3, :3].T + affine[:3, 3], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(s["centroid_mm"], r["centroid_mm"], rtol=0, atol=1e-9)
+        cov = np.array(s["covariance_mm2"])
+        np.testing.assert_allclose(cov, r["covariance_mm2"], rtol=0, atol=1e-9 * np.abs(cov).max())
+        vals, vecs = np.array(s["eigenvalues_mm2"]), np.array(s["eigenvectors"])
+        np.testing.assert_allclose(vals, np.linalg.eigvalsh(r["covariance_mm2"]), rtol=0, atol=1e-9 * vals.max())
+        np.testing.assert_allclose(cov @ vecs, vecs * vals, atol=1e-9 * vals.max())
+
+
 def test_empty_and_bad_label_maps():
     assert compute_structures(np.zeros((3, 3, 3), dtype=np.uint8), np.eye(4), {}) == []
     with pytest.raises(ValueError):

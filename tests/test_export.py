@@ -1,0 +1,85 @@
+"""02: ONNX export of the Task 297 network (stand-in weights) and its check against PyTorch."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import onnx
+import pytest
+
+from common.model import load_model_spec
+
+
+def test_onnx_matches_pytorch_on_a_full_patch(onnx_model, model_spec):
+    report = json.loads(onnx_model.with_suffix(".json").read_text())
+    par = report["parity"]
+    assert par["patch_shape"] == [1, 1, *model_spec.patch_size] == [1, 1, 112, 112, 128]
+    assert par["max_abs_logit_diff"] <= 1e-3
+    assert par["argmax_agreement"] >= 0.999
+    assert report["model"]["weights"] == "standin"
+    assert report["model"]["sha256"] == model_spec.checkpoint_sha256
+
+
+def test_onnx_has_dynamic_spatial_axes(onnx_model):
+    m = onnx.load(str(onnx_model), load_external_data=False)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "d0", "d1", "d2"]
+    onnx.checker.check_model(str(onnx_model))
+
+
+def test_model_spec_numbers_come_from_the_plans(model_spec):
+    assert model_spec.spacing_xyz == (3.0, 3.0, 3.0)
+    assert model_spec.patch_size == (112, 112, 128)
+    n = model_spec.normalization
+    assert (n.scheme, n.lower, n.upper, n.mean, n.std) == ("CTNormalization", -1004.0, 1588.0, -50.3869, 503.3923)
+    assert model_spec.num_classes == 118
+    assert model_spec.labels[1] == "spleen" and model_spec.labels[0] == "background"
+    net = model_spec.build_network()
+    assert abs(sum(p.numel() for p in net.parameters()) - 16.5e6) < 0.2e6
+
+
+def test_standin_is_written_where_totalsegmentator_looks(standin_home, model_spec):
+    from totalsegmentator.config import get_weights_dir
+
+    expected = (get_weights_dir() / "Dataset297_TotalSegmentator_total_3mm_1559subj"
+                / "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres")
+    assert model_spec.folder == expected
+    assert str(expected).startswith(str(standin_home))
+    assert model_spec.provenance()["weights"] == "standin"
+
+
+def test_standin_never_overwrites_official_weights(tmp_path):
+    from common.model import STANDIN_MARKER
+    from common.weights import build_standin
+
+    folder = tmp_path / "official"
+    (folder / "fold_0").mkdir(parents=True)
+    ckpt = folder / "fold_0" / "checkpoint_final.pth"
+    ckpt.write_bytes(b"pretend official weights")
+    with pytest.raises(FileExistsError):
+        build_standin(folder)
+    assert ckpt.read_bytes() == b"pretend official weights"
+    assert not (folder / STANDIN_MARKER).exists()
+
+
+def test_offline_official_download_fails_fast_with_one_line(monkeypatch):
+    import time
+
+    from common import weights
+
+    monkeypatch.setattr(weights, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # closed port: like being offline
+    lines = []
+    t0 = time.perf_counter()
+    assert weights.try_download_official(log=lines.append) is False
+    assert time.perf_counter() - t0 < 5
+    assert len(lines) == 1 and "stand-in" in lines[0]
+
+
+def test_export_script_on_any_results_folder(model_spec, tmp_path, capsys):
+    """02 exports any nnU-Net v2 results folder given with --model-dir (here: the stand-in folder)."""
+    mod = importlib.import_module("02_export_model")
+    out = tmp_path / "mine.onnx"
+    assert mod.main(["--model-dir", str(model_spec.folder), "--out", str(out)]) == 0
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["onnx_checker"] == "passed"
+    assert load_model_spec(model_spec.folder).checkpoint_sha256 == model_spec.checkpoint_sha256
+    assert "max |logit diff|" in capsys.readouterr().out

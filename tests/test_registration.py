@@ -1,0 +1,357 @@
+"""Registration on small synthetic passports with exactly known answers (no CT data needed).
+
+World coordinates are mm, RAS+; the rigid result maps MOVING world mm -> FIXED world mm.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from registration.deformable import jacobian_stats, register_deformable, to_transform
+from registration.rigid import register_rigid, rotation_angle_deg, weighted_kabsch
+from registration.transform import (
+    DisplacementGrid,
+    Transform,
+    decode_array,
+    encode_array,
+    invert_displacement,
+    load_transform,
+    warp_image,
+    warp_labels,
+)
+from registration.weights import WEIGHT_TABLE, structure_weight, weight_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NAMES = ["vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_T12", "sacrum", "hip_left", "hip_right",
+         "rib_left_10", "rib_right_10", "liver", "spleen", "kidney_left", "kidney_right", "pancreas",
+         "lung_lower_lobe_left", "lung_lower_lobe_right", "aorta", "stomach", "colon", "gallbladder"]
+
+
+def rotation(axis, angle_deg: float) -> np.ndarray:
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    th = np.radians(angle_deg)
+    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * K @ K
+
+
+def make_passport(seed: int = 0, n_points: int = 300, names: list[str] = NAMES) -> dict:
+    """A passport-shaped dict of ellipsoids: centroids, covariance eigen-decomposition (eigenvectors as
+    columns, eigenvalues ascending), voxel counts and surface points, all in world mm."""
+    rng = np.random.default_rng(seed)
+    structures = []
+    for i, name in enumerate(names):
+        c = rng.uniform([-120, -100, -150], [120, 100, 150])
+        radii = np.sort(rng.uniform(10, 50, size=3))
+        Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        d = rng.normal(size=(n_points, 3))
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        surf = c + (d * radii) @ Q.T
+        cov = Q @ np.diag(radii ** 2 / 5.0) @ Q.T
+        vals, vecs = np.linalg.eigh(cov)
+        structures.append({"label": i + 1, "name": name, "voxel_count": int(4 / 3 * np.pi * np.prod(radii) / 27),
+                           "volume_mm3": float(4 / 3 * np.pi * np.prod(radii)), "centroid_mm": c.tolist(),
+                           "eigenvalues_mm2": vals.tolist(), "eigenvectors": vecs.tolist(),
+                           "boundary_points_mm": surf.tolist()})
+    return {"schema": "anatomical-passport", "schema_version": 1, "structures": structures}
+
+
+def moved_passport(passport: dict, R: np.ndarray, t: np.ndarray, flip_signs: bool = True) -> dict:
+    """The passport of the same anatomy in a MOVING frame where x_fixed = R x_moving + t.
+
+    Eigenvector signs are flipped at random (a passport's signs carry no meaning)."""
+    rng = np.random.default_rng(123)
+    out = {"structures": []}
+    for s in passport["structures"]:
+        m = dict(s)
+        to_m = lambda p: (np.asarray(p) - t) @ R  # noqa: E731 - fixed -> moving
+        m["centroid_mm"] = to_m(s["centroid_mm"]).tolist()
+        vecs = R.T @ np.asarray(s["eigenvectors"])
+        if flip_signs:
+            vecs = vecs * rng.choice([-1.0, 1.0], size=3)
+        m["eigenvectors"] = vecs.tolist()
+        m["boundary_points_mm"] = to_m(s["boundary_points_mm"]).tolist()
+        out["structures"].append(m)
+    return out
+
+
+def angle_between(Ra: np.ndarray, Rb: np.ndarray) -> float:
+    return rotation_angle_deg(Ra.T @ Rb)
+
+
+# ---- weights ----------------------------------------------------------------------------------
+
+def test_weight_table_groups():
+    assert structure_weight("vertebrae_L3") == 1.0
+    assert structure_weight("sacrum") == 1.0 and structure_weight("hip_left") == 1.0
+    assert structure_weight("rib_left_4") == 0.9
+    assert structure_weight("liver") == 0.6 and structure_weight("kidney_right") == 0.6
+    assert structure_weight("lung_upper_lobe_left") == 0.4
+    assert structure_weight("something_unknown") == 0.5
+    assert weight_group("spleen") == "solid_organ"
+    custom = (("bones", 2.0, ("vertebrae_*",)),) + tuple(WEIGHT_TABLE)
+    assert structure_weight("vertebrae_L3", custom) == 2.0
+
+
+# ---- rigid ------------------------------------------------------------------------------------
+
+def test_weighted_kabsch_exact_and_weights():
+    rng = np.random.default_rng(1)
+    P = rng.normal(size=(10, 3)) * 50
+    R = rotation([1, 2, 3], 25.0)
+    t = np.array([5.0, -3.0, 12.0])
+    Q = P @ R.T + t
+    R_est, t_est = weighted_kabsch(P, Q, rng.uniform(0.1, 1.0, size=10))
+    assert np.allclose(R_est, R, atol=1e-10) and np.allclose(t_est, t, atol=1e-8)
+    assert np.isclose(np.linalg.det(R_est), 1.0)
+    # a zero-weight point is ignored completely
+    Q2 = Q.copy()
+    Q2[0] += 100.0
+    w = np.ones(10)
+    w[0] = 0.0
+    R2, t2 = weighted_kabsch(P, Q2, w)
+    assert np.allclose(R2, R, atol=1e-10) and np.allclose(t2, t, atol=1e-8)
+
+
+@pytest.mark.parametrize("angle,axis,shift", [(15.0, [0, 0, 1], [30.0, 0, 0]), (10.0, [1, 1, 0], [-12.0, 25.0, 8.0]),
+                                              (3.0, [0.2, -1, 0.5], [0.0, 0.0, -30.0])])
+def test_rigid_recovers_known_transform(angle, axis, shift):
+    fixed = make_passport(0)
+    R = rotation(axis, angle)
+    t = np.asarray(shift, dtype=np.float64)
+    res = register_rigid(fixed, moved_passport(fixed, R, t))
+    assert angle_between(res.rotation, R) < 0.5
+    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    moving_pts = (pts - t) @ R
+    assert np.abs(res.apply(moving_pts) - pts).max() < 0.5
+    assert res.outliers == []
+    assert res.n_axis_points > 0
+    assert res.time_ms > 0
+
+
+def test_rigid_self_registration_is_exact():
+    fixed = make_passport(2)
+    res = register_rigid(fixed, fixed)
+    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"]])
+    assert np.linalg.norm(res.apply(pts) - pts, axis=1).max() < 0.01
+    assert max(res.residuals_mm.values()) < 1e-6
+
+
+def test_rigid_robust_to_mislabelled_structure():
+    fixed = make_passport(3)
+    R = rotation([0.3, 1, 0.2], 12.0)
+    t = np.array([10.0, -20.0, 15.0])
+    moving = moved_passport(fixed, R, t)
+    bad = next(s for s in moving["structures"] if s["name"] == "kidney_left")
+    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + np.array([0.0, 50.0, 0.0])).tolist()  # mislabelled
+    res = register_rigid(fixed, moving)
+    assert "kidney_left" in res.outliers
+    assert res.outliers == ["kidney_left"]
+    assert res.residuals_mm["kidney_left"] > 40.0
+    assert angle_between(res.rotation, R) < 0.5
+    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    assert np.abs(res.apply((pts - t) @ R) - pts).max() < 0.5
+
+
+def test_rigid_robust_to_missing_structures():
+    fixed = make_passport(4)
+    R = rotation([1, 0, 0], 8.0)
+    t = np.array([0.0, 5.0, -5.0])
+    moving = moved_passport(fixed, R, t)
+    moving["structures"] = [s for s in moving["structures"] if s["name"] not in ("liver", "vertebrae_L1")]
+    fixed["structures"].append({**fixed["structures"][0], "name": "only_in_fixed"})
+    res = register_rigid(fixed, moving)
+    assert "liver" not in res.residuals_mm and "only_in_fixed" not in res.residuals_mm
+    assert angle_between(res.rotation, R) < 0.5
+
+
+def test_rigid_two_structures_use_axes():
+    """With two structures the centroids alone cannot fix the rotation; principal axes do."""
+    fixed = make_passport(5, names=["liver", "spleen"])
+    R = rotation([0, 1, 1], 10.0)
+    t = np.array([3.0, 4.0, 5.0])
+    res = register_rigid(fixed, moved_passport(fixed, R, t))
+    assert angle_between(res.rotation, R) < 0.5
+
+
+def test_rigid_no_common_structure():
+    with pytest.raises(ValueError, match="share no structure"):
+        register_rigid(make_passport(0, names=["liver"]), make_passport(0, names=["spleen"]))
+
+
+# ---- deformable + transform -------------------------------------------------------------------
+
+def test_deformable_self_registration_is_zero():
+    fixed = make_passport(6)
+    rigid = register_rigid(fixed, fixed)
+    defo = register_deformable(fixed, fixed, rigid)
+    assert np.abs(defo.grid.fixed_to_moving).max() < 0.01
+    T = to_transform(rigid, defo)
+    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"]])
+    assert np.linalg.norm(T.fixed_to_moving(pts) - pts, axis=1).max() < 0.01
+    assert np.linalg.norm(T.moving_to_fixed(pts) - pts, axis=1).max() < 0.01
+    assert jacobian_stats(defo.grid)["fraction_nonpositive"] == 0.0
+
+
+def test_deformable_rigid_truth_stays_rigid():
+    """Noise-free rigid truth: the spline must not invent a deformation."""
+    fixed = make_passport(7)
+    R = rotation([1, 2, 0], 7.0)
+    t = np.array([4.0, -6.0, 9.0])
+    moving = moved_passport(fixed, R, t)
+    rigid = register_rigid(fixed, moving)
+    T = to_transform(rigid, register_deformable(fixed, moving, rigid))
+    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    assert np.linalg.norm(T.fixed_to_moving(pts) - (pts - t) @ R, axis=1).max() < 0.5
+
+
+def test_deformable_reduces_error_of_smooth_deformation():
+    """Synthetic ellipsoids displaced by a smooth Gaussian field: rigid + TPS beats rigid alone."""
+    fixed = make_passport(8, n_points=400)
+    R = rotation([0, 0, 1], 5.0)
+    t = np.array([5.0, 0.0, 0.0])
+    c0, amp, sig = np.array([0.0, 0.0, 0.0]), np.array([0.0, 8.0, 4.0]), 80.0
+
+    def fixed_to_moving(x):  # truth: x -> moving, a smooth bump then the rigid change of frame
+        x = np.atleast_2d(x)
+        z = x + np.exp(-np.sum((x - c0) ** 2, axis=1) / (2 * sig ** 2))[:, None] * amp
+        return (z - t) @ R
+
+    moving = {"structures": []}
+    for s in fixed["structures"]:
+        m = dict(s)
+        m["centroid_mm"] = fixed_to_moving(np.asarray(s["centroid_mm"]))[0].tolist()
+        m["eigenvectors"] = (R.T @ np.asarray(s["eigenvectors"])).tolist()
+        m["boundary_points_mm"] = fixed_to_moving(np.asarray(s["boundary_points_mm"])).tolist()
+        moving["structures"].append(m)
+    rigid = register_rigid(fixed, moving, residual_threshold_mm=30.0)
+    T = to_transform(rigid, register_deformable(fixed, moving, rigid))
+    pts = np.concatenate([np.asarray(s["boundary_points_mm"])[::10] for s in fixed["structures"]])
+    truth = fixed_to_moving(pts)
+    err_rigid = np.linalg.norm(T.rigid_only().fixed_to_moving(pts) - truth, axis=1).mean()
+    err_tps = np.linalg.norm(T.fixed_to_moving(pts) - truth, axis=1).mean()
+    assert err_tps < 0.5 * err_rigid
+
+
+def test_invert_displacement_is_inverse():
+    shape = (12, 10, 8)
+    origin = np.array([-50.0, -40.0, -30.0])
+    spacing = np.array([10.0, 10.0, 10.0])
+    grid = DisplacementGrid(origin, spacing, np.zeros(shape + (3,)))
+    nodes = grid.nodes_mm()
+    u = 4.0 * np.exp(-np.sum((nodes - [5, 0, 5]) ** 2, axis=1) / (2 * 30.0 ** 2))[:, None] * np.array([1.0, 0.5, 0])
+    grid.fixed_to_moving = u.reshape(shape + (3,))
+    grid.moving_to_fixed = invert_displacement(grid)
+    x = np.random.default_rng(0).uniform(origin + 10, origin + spacing * (np.array(shape) - 2), size=(200, 3))
+    p = x + grid.sample_u(x)
+    assert np.abs(p + grid.sample_v(p) - x).max() < 0.15  # interpolation error of u and v (inside the grid)
+    T = Transform(np.eye(3), np.zeros(3), grid)
+    assert np.abs(T.moving_to_fixed(T.fixed_to_moving(x)) - x).max() < 1e-3  # refined inverse
+    assert jacobian_stats(grid)["fraction_nonpositive"] == 0.0
+
+
+def make_transform_with_grid() -> Transform:
+    shape = (6, 5, 4)
+    grid = DisplacementGrid(np.array([-60.0, -50.0, -40.0]), np.array([25.0, 25.0, 25.0]), np.zeros(shape + (3,)))
+    nodes = grid.nodes_mm()
+    grid.fixed_to_moving = (3.0 * np.sin(nodes / 40.0)).reshape(shape + (3,))
+    grid.moving_to_fixed = invert_displacement(grid)
+    return Transform(rotation([1, 1, 1], 9.0), np.array([1.0, 2.0, 3.0]), grid, {"note": "test"})
+
+
+def test_transform_json_round_trip(tmp_path):
+    T = make_transform_with_grid()
+    path = T.save(tmp_path / "transform.json")
+    T2 = load_transform(path)
+    pts = np.random.default_rng(0).uniform(-60, 60, size=(50, 3))
+    assert np.abs(T2.fixed_to_moving(pts) - T.fixed_to_moving(pts)).max() < 1e-4
+    assert np.abs(T2.moving_to_fixed(pts) - T.moving_to_fixed(pts)).max() < 1e-4
+    assert T2.meta == {"note": "test"}
+    d = json.loads(path.read_text())
+    assert d["schema"] == "registration-transform" and "base64" in d["deformable"]["fixed_to_moving"]["displacement_mm"]
+    assert list(tmp_path.glob(".tmp-*")) == []
+    # rigid-only transforms round-trip too
+    R = Transform(rotation([0, 0, 1], 30.0), np.array([5.0, 0, 0]))
+    R2 = load_transform(R.save(tmp_path / "rigid.json"))
+    assert R2.grid is None and np.allclose(R2.rotation, R.rotation) and np.allclose(R2.translation, R.translation)
+
+
+def test_encode_decode_array():
+    a = np.arange(24, dtype=np.float64).reshape(2, 3, 4) / 7
+    assert np.allclose(decode_array(encode_array(a)), a, atol=1e-6)
+
+
+def test_load_transform_bad_file(tmp_path):
+    from common.errors import InputError
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="bad.json"):
+        load_transform(bad)
+    with pytest.raises(InputError, match="not found"):
+        load_transform(tmp_path / "missing.json")
+
+
+def test_fixed_to_moving_and_back_are_inverse():
+    T = make_transform_with_grid()
+    x = np.random.default_rng(1).uniform(-40, 40, size=(100, 3))
+    assert np.abs(T.moving_to_fixed(T.fixed_to_moving(x)) - x).max() < 1e-3
+
+
+def test_identity_label_warp_is_exact():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 30, size=(17, 13, 11)).astype(np.uint8)
+    affine = np.array([[1.5, 0, 0, -10.0], [0, 2.0, 0, 5.0], [0, 0, 3.0, 7.0], [0, 0, 0, 1]])
+    out = warp_labels(labels, affine, labels.shape, affine, Transform.identity())
+    assert out.dtype == labels.dtype and np.array_equal(out, labels)
+    img = rng.normal(size=labels.shape).astype(np.float32)
+    assert np.allclose(warp_image(img, affine, img.shape, affine, Transform.identity()), img, atol=1e-5)
+
+
+def test_label_warp_known_shift():
+    """A moving scan whose grid is shifted by whole voxels: the warp pulls labels back onto the fixed grid."""
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[3:6, 4:7, 2:5] = 7
+    fixed_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    moving_aff = fixed_aff.copy()
+    moving_aff[:3, 3] = [-4.0, 0.0, 0.0]  # moving voxel i sits at x = 2 i - 4
+    moving_labels = np.zeros_like(labels)
+    moving_labels[5:8, 4:7, 2:5] = 7  # the same object, i + 2 in the moving grid
+    # same world position of the object -> identity transform in world terms
+    out = warp_labels(moving_labels, moving_aff, labels.shape, fixed_aff, Transform.identity())
+    assert np.array_equal(out, labels)
+    # a known rigid shift: the object moved +6 mm in x in the moving scan; T maps moving -> fixed
+    moved = np.zeros_like(labels)
+    moved[6:9, 4:7, 2:5] = 7
+    T = Transform(np.eye(3), np.array([-6.0, 0.0, 0.0]))
+    assert np.array_equal(warp_labels(moved, fixed_aff, labels.shape, fixed_aff, T), labels)
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "registration/register.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_register_cli_help():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--fixed-passport" in r.stdout and "--no-deformable" in r.stdout
+
+
+def test_register_cli_bad_input(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    r = run_cli("--fixed-passport", str(bad), "--moving-passport", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "bad.json" in lines[0]
+    r = run_cli("--fixed-passport", str(tmp_path / "nope.json"), "--moving-passport", str(bad),
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "nope.json" in r.stderr and "Traceback" not in r.stderr
