@@ -57,6 +57,9 @@ def official_runner(device: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from common.cli import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
     from common.bench import benchmark_scans
     from common.results import new_result, summarize, write_result
 

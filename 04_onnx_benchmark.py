@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from common.cli import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
     from common.bench import benchmark_scans, segment_runner
     from common.results import new_result, summarize, write_result
     from common.runner import RunConfig, build_predictor

@@ -106,6 +106,9 @@ def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from common.cli import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
     from tqdm import tqdm
 
     from common.bench import benchmark_scans, segment_runner

@@ -62,6 +62,9 @@ def _outputs(out_dir: Path, scan: Path) -> tuple[Path, Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from common.cli import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
     from tqdm import tqdm
 
     from common.passport import build_passport, save_passport, scan_metadata

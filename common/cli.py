@@ -5,6 +5,7 @@ Scripts stay thin: argparse, progress, and calls into here and the rest of commo
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -18,14 +19,14 @@ MODELS = PROJECT_ROOT / "models"
 DEFAULT_ONNX = MODELS / "task297.onnx"
 OPTIMIZED_CONFIG = BENCHMARKS / "optimized_config.json"
 EMBEDDED_DIR = BENCHMARKS / "embedded"
-LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_mask", "_gt")
+LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")
 
 
 def is_label_file(path: Path) -> bool:
-    """Label maps that sit beside scans (``*_seg.nii.gz``, ``*_labels.nii.gz``...) are not scans."""
+    """Label maps beside scans (``x_seg``, ``x_labels``, ``x_seg_fast``, ``x_mask``, ``x_gt`` + .nii[.gz])."""
     name = path.name.lower()
     stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
-    return stem.endswith(LABEL_SUFFIXES)
+    return bool(LABEL_FILE.search(stem))
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -121,6 +122,17 @@ def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print) -> Path:
     log(f"exporting the network to {onnx_path} (once per set of weights)")
     export_and_check(spec, onnx_path)
     return onnx_path
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that atomic writes in progress remove their temporary files
+    (a SIGKILL cannot be caught: then only a hidden .tmp-* file may remain, never a partial output)."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def fail(message: str, code: int = 2) -> int:

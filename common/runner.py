@@ -82,6 +82,7 @@ def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Pa
     """Load + validate, segment, save the mask (atomically) — each stage timed in seconds."""
     t0 = time.perf_counter()
     vol, warnings = load_scan(path)
+    check_memory_for(vol, spec)
     t1 = time.perf_counter()
     res = segment(vol.image, spec, predictor, options, progress=progress)
     t2 = time.perf_counter()
@@ -90,6 +91,16 @@ def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Pa
     t3 = time.perf_counter()
     stages = {"load": t1 - t0, **res.timings, "save": t3 - t2}
     return ScanRun(stages=stages, total_s=t3 - t0, result=res, volume=vol, warnings=warnings)
+
+
+def check_memory_for(vol: Volume, spec) -> None:
+    """Refuse (InputError, one line) a scan whose estimated peak memory exceeds the free RAM, before the
+    pipeline allocates it, instead of being killed by the kernel half-way."""
+    from common.validation import check_memory, estimate_memory_bytes
+
+    patch_xyz = tuple(reversed([spec.patch_size[i] for i in spec.transpose_backward]))
+    est = estimate_memory_bytes(vol.shape[:3], vol.spacing[:3], spec.spacing_xyz, spec.num_classes, patch_xyz)
+    check_memory(vol.path, est)
 
 
 def labels_present(labels: np.ndarray) -> list[int]:

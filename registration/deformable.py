@@ -126,19 +126,31 @@ def _with_owner(points: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return np.concatenate([points, owner[:, None].astype(np.float64) * _SEPARATION_MM], axis=1)
 
 
-def _knn_same_owner(tree: cKDTree, points: np.ndarray, owner: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, k) of the k nearest tree points of the SAME structure; -1 where it has fewer."""
+def _knn_same_owner(tree: cKDTree, points: np.ndarray, owner: np.ndarray, k: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (n, k), of the k nearest tree points of the SAME structure;
+    index -1 and distance inf where the structure has fewer points."""
     k = int(min(k, tree.n))
-    _, idx = tree.query(_with_owner(points, owner), k=k, distance_upper_bound=_SEPARATION_MM / 2)
+    dist, idx = tree.query(_with_owner(points, owner), k=k, distance_upper_bound=_SEPARATION_MM / 2)
     idx = np.asarray(idx).reshape(len(points), k)
-    return np.where(idx >= tree.n, -1, idx)
+    dist = np.asarray(dist, dtype=np.float64).reshape(len(points), k)
+    return dist, np.where(idx >= tree.n, -1, idx)
 
 
-def _masked_mean(cloud: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Mean of cloud[idx] over the valid (>= 0) neighbour indices of each row."""
+def _local_mean(cloud: np.ndarray, idx: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Weighted mean of each row's neighbours cloud[idx], weights (1 - (d / d_last)^2)^2.
+
+    The weight falls to zero at the farthest neighbour, so which of several equidistant points
+    (common on voxel grids) the k-nearest search returned last does not matter: the mean is a
+    continuous function of the points and identical point sets give identical means."""
     valid = idx >= 0
-    pts = cloud[np.maximum(idx, 0)] * valid[..., None]
-    return pts.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)[:, None]
+    d = np.where(valid, dist, 0.0)
+    d_last = d.max(axis=1, keepdims=True)
+    w = np.where(valid, (1.0 - (d / np.maximum(d_last, 1e-12)) ** 2) ** 2, 0.0)
+    flat = w.sum(axis=1) <= 1e-12  # all neighbours equidistant: plain mean
+    w[flat] = valid[flat]
+    pts = cloud[np.maximum(idx, 0)]
+    return (pts * w[..., None]).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-12)[:, None]
 
 
 def _pca_normals(points: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
@@ -154,6 +166,33 @@ def _pca_normals(points: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     normals = vecs[:, :, 0]
     normals[valid.sum(axis=1)[:, 0] < 3] = 0.0  # too few neighbours: no normal, no constraint
     return normals
+
+
+def _inconsistent_centroids(cf: np.ndarray, cm: np.ndarray, smoothing: float, threshold_mm: float,
+                            folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Flag centroids whose displacement (cm - cf, mm) the others do not predict within ``threshold_mm``.
+
+    Pass 1: ``folds``-fold cross-validated centroid TPS (deterministic folds i % folds). Pass 2: the
+    flagged ones are predicted again from the unflagged ones only (so one gross outlier does not
+    condemn its neighbours). Returns (flags, prediction errors in mm). Needs >= 8 centroids.
+    """
+    n = len(cf)
+    flags = np.zeros(n, dtype=bool)
+    err = np.zeros(n)
+    if n < 8 or threshold_mm <= 0:
+        return flags, err
+    d = cm - cf
+    fold = np.arange(n) % folds
+    for f in range(folds):
+        test = fold == f
+        tps = _fit_tps(cf[~test], d[~test], smoothing)
+        err[test] = np.linalg.norm(tps(cf[test]) - d[test], axis=1)
+    flags = err > threshold_mm
+    if flags.any() and (~flags).sum() >= 5:
+        tps = _fit_tps(cf[~flags], d[~flags], smoothing)
+        err[flags] = np.linalg.norm(tps(cf[flags]) - d[flags], axis=1)
+        flags = err > threshold_mm
+    return flags, err
 
 
 def _cells(points: np.ndarray, owner: np.ndarray, budget: int, cell_mm: float) -> tuple[np.ndarray, float]:
@@ -203,8 +242,9 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
                         normal_damping: float = 0.1,
                         outlier_factor: float = 3.0,
                         outlier_floor_mm: float = 5.0,
-                        max_structure_residual_mm: float = 40.0,
-                        use_rigid_outliers: bool = False,
+                        max_structure_residual_mm: float = 60.0,
+                        consistency_mm: float = 20.0,
+                        exclude_rigid_outliers: bool = False,
                         grid_points: int = 24 ** 3,
                         margin_mm: float = 20.0,
                         bbox_mm: np.ndarray | None = None,
@@ -215,10 +255,13 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     with n matches gets smoothing / n); centroids use ``centroid_smoothing`` (default: ``smoothing``).
     ``mode``: "plane" (point-to-plane corrections solved per cell) or "point" (mean nearest-point
     correction per cell). ``cell_mm``: initial cell size; cells grow until there are at most
-    ``max_control_points`` minus the number of centroids. Structures that are rigid outliers (unless
-    ``use_rigid_outliers``) or whose centroid residual after the rigid step exceeds
-    ``max_structure_residual_mm`` are not used. ``bbox_mm``: optional [[xmin,ymin,zmin],[xmax,ymax,zmax]]
-    (fixed world mm) the grid must also cover, e.g. the fixed scan's extent.
+    ``max_control_points`` minus the number of centroids. Structures that are rigid outliers (with
+    ``exclude_rigid_outliers``; by default they are kept, a large local deformation is not an error),
+    whose centroid residual after the rigid step exceeds ``max_structure_residual_mm``, or whose
+    centroid displacement differs by more than ``consistency_mm`` from the one predicted by the other
+    structures (5-fold cross-validated centroid TPS: a mislabelled structure) are not used.
+    ``bbox_mm``: optional [[xmin, ymin, zmin], [xmax, ymax, zmax]] (fixed world mm) the grid must also
+    cover, e.g. the fixed scan's extent.
     """
     if mode not in ("plane", "point"):
         raise ValueError(f"mode must be 'plane' or 'point', got {mode!r}")
@@ -228,19 +271,29 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     fixed_t = structure_table(fixed, min_voxels)
     moving_t = structure_table(moving, min_voxels)
     names = matched_names(fixed_t, moving_t)
-    rigid_out = set() if use_rigid_outliers else set(rigid.outliers)
+    rigid_out = set(rigid.outliers) if exclude_rigid_outliers else set()
+    c_smooth = float(smoothing) if centroid_smoothing is None else float(centroid_smoothing)
+    candidates = []
+    for n in names:
+        c_f = centroid(fixed_t[n])
+        c_m = rigid.apply(centroid(moving_t[n])[None])[0]
+        if n not in rigid_out and np.linalg.norm(c_m - c_f) <= max_structure_residual_mm:
+            candidates.append((n, c_f, c_m))
+    # a structure whose centroid displacement disagrees with what its neighbours predict is
+    # mislabelled (or badly segmented) in one scan, not deformed: leave it out of the spline
+    inconsistent, consistency_err = _inconsistent_centroids(
+        np.array([c[1] for c in candidates]).reshape(-1, 3), np.array([c[2] for c in candidates]).reshape(-1, 3),
+        c_smooth, consistency_mm)
     used: list[str] = []
-    excluded: list[str] = []
+    excluded = [n for n in names if n not in {c[0] for c in candidates}]
     F: list[np.ndarray] = []
     M: list[np.ndarray] = []
     cf, cm = [], []
     per_structure = max_points_per_structure
     if names and max_surface_points:
         per_structure = max(min(max_points_per_structure, max_surface_points // len(names)), min_points_per_structure)
-    for n in names:
-        c_f = centroid(fixed_t[n])
-        c_m = rigid.apply(centroid(moving_t[n])[None])[0]
-        if n in rigid_out or np.linalg.norm(c_m - c_f) > max_structure_residual_mm:
+    for (n, c_f, c_m), bad in zip(candidates, inconsistent, strict=True):
+        if bad:
             excluded.append(n)
             continue
         used.append(n)
@@ -248,11 +301,10 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         cm.append(c_m)
         pf, pm = boundary_points(fixed_t[n]), boundary_points(moving_t[n])
         F.append(pf[even_indices(len(pf), per_structure)])
-        M.append(rigid.apply(pm) if len(pm) else np.zeros((0, 3)))
+        M.append(rigid.apply(pm[even_indices(len(pm), per_structure)]) if len(pm) else np.zeros((0, 3)))
     cf_a = np.array(cf).reshape(-1, 3)
     cm_a = np.array(cm).reshape(-1, 3)
     d_c = cm_a - cf_a
-    c_smooth = float(smoothing) if centroid_smoothing is None else float(centroid_smoothing)
 
     # --- surface points, normals and cells ------------------------------------------------------
     # All structures are searched at once: a 4th coordinate (structure index x _SEPARATION_MM) keeps
@@ -265,12 +317,14 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     tree_m = cKDTree(_with_owner(mpts, m_owner)) if len(mpts) else None
     normals = np.zeros_like(pts)
     smooth_pts = pts.copy()
+    # one neighbour count for the fixed and the moving queries: identical point sets then give
+    # identical neighbourhoods even where distances tie (voxel grids), so self-registration is exact
+    k_query = max(normal_neighbours, surface_neighbours, 3)
     if mode == "plane" and len(pts):
-        k = max(normal_neighbours, surface_neighbours, 3)
-        nb = _knn_same_owner(cKDTree(_with_owner(pts, owner)), pts, owner, k)
+        nb_d, nb = _knn_same_owner(cKDTree(_with_owner(pts, owner)), pts, owner, k_query)
         normals = _pca_normals(pts, nb, normal_neighbours)
         if surface_neighbours > 1:  # move each fixed point onto the local mean surface (along its normal)
-            mean_nb = _masked_mean(pts, nb[:, :surface_neighbours])
+            mean_nb = _local_mean(pts, nb[:, :surface_neighbours], nb_d[:, :surface_neighbours])
             off = np.einsum("ij,ij->i", mean_nb - pts, normals)
             smooth_pts = pts + normals * off[:, None]
     budget = max(max_control_points - len(cf_a), 1)
@@ -293,7 +347,11 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         u_cell = np.tile(d_c.mean(axis=0) if len(d_c) else np.zeros(3), (n_cells, 1))
     times["init"] = (time.perf_counter() - t0) * 1000.0
     history.append({"step": "centroids", "n_points": int(len(cf_a)),
-                    "centroid_disp_mm_mean": float(np.linalg.norm(d_c, axis=1).mean()) if len(d_c) else 0.0})
+                    "centroid_disp_mm_mean": float(np.linalg.norm(d_c, axis=1).mean()) if len(d_c) else 0.0,
+                    "consistency_err_mm_max_used": float(consistency_err[~inconsistent].max())
+                    if (~inconsistent).any() else 0.0,
+                    "inconsistent": {c[0]: float(e) for c, e, b in zip(candidates, consistency_err, inconsistent,
+                                                                        strict=True) if b}})
 
     # --- ICP rounds with TPS regularisation ----------------------------------------------------
     t_match = t_fit = 0.0
@@ -302,16 +360,17 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         t0 = time.perf_counter()
         fhat = pts + u_cell[cell]  # piecewise-constant prediction per cell
         if mode == "plane" and surface_neighbours > 1:
-            nbk = _knn_same_owner(tree_m, fhat, owner, surface_neighbours)
+            dk, nbk = _knn_same_owner(tree_m, fhat, owner, k_query)
             nn = nbk[:, 0]
             # local mean moving surface vs local mean fixed surface (compared along the fixed normal)
-            delta = _masked_mean(mpts, nbk) - (smooth_pts + u_cell[cell])
+            delta = _local_mean(mpts, nbk[:, :surface_neighbours], dk[:, :surface_neighbours]) - (
+                smooth_pts + u_cell[cell])
         else:
-            nn = _knn_same_owner(tree_m, fhat, owner, 1)[:, 0]
+            nn = _knn_same_owner(tree_m, fhat, owner, 1)[1][:, 0]
             delta = mpts[np.maximum(nn, 0)] - fhat
         keep = nn >= 0
         if mutual:
-            back = _knn_same_owner(cKDTree(_with_owner(fhat, owner)), mpts[np.maximum(nn, 0)], owner, 1)[:, 0]
+            back = _knn_same_owner(cKDTree(_with_owner(fhat, owner)), mpts[np.maximum(nn, 0)], owner, 1)[1][:, 0]
             keep &= back == np.arange(len(fhat))
         if mode == "plane":
             r = np.einsum("ij,ij->i", delta, normals)
@@ -388,7 +447,7 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
             "iterations": iterations, "mode": mode, "mutual": mutual, "normal_neighbours": normal_neighbours,
             "surface_neighbours": surface_neighbours, "normal_damping": normal_damping, "outlier_factor": outlier_factor,
             "outlier_floor_mm": outlier_floor_mm, "max_structure_residual_mm": max_structure_residual_mm,
-            "use_rigid_outliers": use_rigid_outliers, "grid_points": grid_points, "margin_mm": margin_mm,
+            "consistency_mm": consistency_mm, "exclude_rigid_outliers": exclude_rigid_outliers, "grid_points": grid_points, "margin_mm": margin_mm,
         },
     )
 

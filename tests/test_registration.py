@@ -239,6 +239,33 @@ def test_deformable_reduces_error_of_smooth_deformation():
     assert err_tps < 0.5 * err_rigid
 
 
+def test_deformable_ignores_rigid_outlier():
+    """A mislabelled structure (50 mm off) is flagged by the rigid tier and kept out of the spline."""
+    fixed = make_passport(9)
+    R = rotation([0, 1, 0], 6.0)
+    t = np.array([2.0, 3.0, -4.0])
+    moving = moved_passport(fixed, R, t)
+    bad = next(s for s in moving["structures"] if s["name"] == "spleen")
+    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    bad["boundary_points_mm"] = (np.asarray(bad["boundary_points_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    rigid = register_rigid(fixed, moving)
+    assert rigid.outliers == ["spleen"]
+    defo = register_deformable(fixed, moving, rigid)
+    assert "spleen" in defo.structures_excluded and "spleen" not in defo.structures_used
+    T = to_transform(rigid, defo)
+    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"] if s["name"] != "spleen"])
+    assert np.linalg.norm(T.fixed_to_moving(pts) - (pts - t) @ R, axis=1).max() < 0.5
+
+
+def test_rigid_result_dict_is_json_ready():
+    fixed = make_passport(10)
+    res = register_rigid(fixed, moved_passport(fixed, rotation([1, 0, 0], 4.0), np.array([1.0, 2.0, 3.0])))
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["n_matched"] == len(NAMES) and d["settings"]["groups"]["liver"] == "solid_organ"
+    assert d["weights"]["vertebrae_L1"] > d["weights"]["lung_lower_lobe_left"]
+    assert abs(d["rotation_angle_deg"] - 4.0) < 0.01
+
+
 def test_invert_displacement_is_inverse():
     shape = (12, 10, 8)
     origin = np.array([-50.0, -40.0, -30.0])
