@@ -157,7 +157,8 @@ def run_realistic(out: Path, force: bool) -> int:
         raise InputError(out, "no scans (*.nii.gz) to make realistic variants of; download or import some first")
     failures = 0
     for scan in scans:
-        target = out / REALISTIC_SUBDIR / (scan_id(scan) + ".nii.gz")
+        # a distinct scan id, so that masks and passports of a scan and its variant never collide
+        target = out / REALISTIC_SUBDIR / (scan_id(scan) + "_realistic.nii.gz")
         if target.exists() and not force:
             say(f"  kept existing {target} (use --force to overwrite)")
             continue

@@ -58,14 +58,17 @@ def find_scans(input_path: Path, recursive: bool = False) -> list[Path]:
 def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=print) -> tuple[list[Path], str]:
     """Scans to process and a one-line description of where they came from.
 
-    --input wins; else ct_data/ (its top level: downloaded and imported scans); else the embedded
-    synthetic phantom (written once under benchmarks/embedded/).
+    --input wins; else ct_data/ (its top level: downloaded and imported scans, plus the realistic-size
+    variants in ct_data/realistic/ made by 01 --realistic); else the embedded synthetic phantom (written
+    once under benchmarks/embedded/).
     """
     if input_arg:
         scans = find_scans(Path(input_arg))
         source = f"--input {input_arg}"
     else:
-        scans = [p for p in find_scans(CT_DATA) if is_nifti_path(p) or p.is_dir()] if CT_DATA.exists() else []
+        folders = [CT_DATA, CT_DATA / "realistic"]
+        scans = [p for f in folders if f.exists() for p in find_scans(f)
+                 if (is_nifti_path(p) or p.is_dir()) and p.name != "realistic"]
         source = f"ct_data/ ({len(scans)} scans)"
         if not scans:
             scans = [embedded_phantom(log)]

@@ -403,8 +403,8 @@ def test_realistic_variants(tmp_path, crops, capsys):
     nib.save(nib.Nifti1Image(np.eye(30, dtype=np.uint8)[:, :, None].repeat(15, 2), crops["spleen_2"].affine),
              str(out / "spleen_2_seg.nii.gz"))
     assert cli.main(["--out", str(out), "--realistic"]) == 0
-    assert sorted(p.name for p in (out / "realistic").iterdir()) == ["spleen_2.nii.gz"]  # label maps skipped
-    target = out / "realistic" / "spleen_2.nii.gz"
+    assert sorted(p.name for p in (out / "realistic").iterdir()) == ["spleen_2_realistic.nii.gz"]  # label maps skipped
+    target = out / "realistic" / "spleen_2_realistic.nii.gz"
     img = nib.load(str(target))
     assert img.get_data_dtype() == np.int16
     assert np.allclose(img.header.get_zooms(), (0.8, 0.8, 1.5), atol=1e-5)

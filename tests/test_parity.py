@@ -66,7 +66,8 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
 def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.ndarray:
     """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
     reference network is within what the two backends' logit differences plus float16 rounding can flip:
-    gap <= 2 * max_k |logit_torch - logit_ort| + 8 float16 units at the winning logit."""
+    gap <= 2 * max_k |logit_torch - logit_ort| + 8 float16 units, where a float16 unit is the coarser of
+    the spacing at the winning logit and at the Gaussian-weighted sum (subnormal near tile edges)."""
     from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
     from common.preprocess import (
         crop_to_nonzero,
@@ -88,7 +89,12 @@ def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.nd
     top2 = np.sort(lt, axis=0)[-2:]
     gap = top2[1] - top2[0]
     diff = np.abs(lt - lo).max(axis=0)
-    fp16_unit = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
+    ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
+    wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
+                                 accumulate="float32", normalize=False)[0]
+    unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
+    unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
+    fp16_unit = np.maximum(unit_final, unit_sum)
     near = (gap <= 2 * diff + 8 * fp16_unit).astype(np.uint8)
     near = from_nnunet_axes(uncrop(near, crop), model_spec.transpose_backward)
     full = resample_labels_to_shape(near, can.shape[:3])
