@@ -4,8 +4,12 @@ Synthetic mode (default): the real CT and its label map are the FIXED scan. A kn
 (rigid: rotation about the scan centre up to ``max_angle_deg``, shift up to ``max_shift_mm``;
 deformation: a few seeded Gaussian bumps scaled to a peak displacement) defines the truth mapping
 psi: MOVING world mm -> FIXED world mm. The moving scan and label map are made by pulling the fixed
-ones through psi (map_coordinates, order 1 for the image, 0 for labels) onto a moving grid that
-covers the transformed field of view (same voxel size and axes as the fixed scan). Passports are
+ones through psi with map_coordinates onto a moving grid that covers the transformed field of view
+(same voxel size and axes as the fixed scan): the image trilinearly; the labels from a smooth anatomy
+model (each label's indicator blurred by 1 voxel, sampled with cubic splines, argmax with background;
+the fixed labels are the same model on the fixed grid). A plain nearest-neighbour warp of a 3 mm label
+map rounds nearly translational shifts to whole voxels and biased centroids by up to 1.5 mm per axis
+(measured: rigid TRE 1.66 mm instead of 0.31 mm for a 0.25 deg case). Passports are
 built from the label maps ONLY (common.passport.compute_structures); the registration never sees
 the truth. Target registration error (TRE, mm) is measured in the MOVING scan, Learn2Reg style:
 for fixed points x, |T_est(x) - psi^-1(x)| with T_est the estimated FIXED -> MOVING mapping, at
@@ -379,9 +383,12 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
                              "max": float(np.max([v["max"] for v in vals]))}
     res: dict[str, Any] = {"n_cases": len(cases), "tre_mm": out}
     body = out["body"]
-    res["tps_over_rigid_mean_tre_body"] = body["rigid_tps"]["mean"] / max(body["rigid"]["mean"], 1e-12)
+    def ratio(tps: float, rigid: float) -> float | None:
+        return tps / rigid if rigid > 1e-6 else None  # undefined for self-registration (0 / 0)
+
+    res["tps_over_rigid_mean_tre_body"] = ratio(body["rigid_tps"]["mean"], body["rigid"]["mean"])
     res["tps_over_rigid_mean_tre_body_per_case"] = [
-        c["tre_mm"]["body"]["rigid_tps"]["mean"] / max(c["tre_mm"]["body"]["rigid"]["mean"], 1e-12) for c in cases]
+        ratio(c["tre_mm"]["body"]["rigid_tps"]["mean"], c["tre_mm"]["body"]["rigid"]["mean"]) for c in cases]
     res["time_ms"] = {"rigid_mean": float(np.mean([c["time_ms"]["rigid"] for c in cases])),
                       "tps_mean": float(np.mean([c["time_ms"]["tps"] for c in cases])),
                       "tps_max": float(np.max([c["time_ms"]["tps"] for c in cases]))}
@@ -581,9 +588,10 @@ def _fmt_line(key: str, s: dict[str, Any]) -> str:
     b = s["tre_mm"]["body"]
     line = (f"{key:>12}: body TRE mm mean/p95/max  none {b['none']['mean']:.2f}/{b['none']['p95']:.2f}/"
             f"{b['none']['max']:.2f}  rigid {b['rigid']['mean']:.2f}/{b['rigid']['p95']:.2f}/{b['rigid']['max']:.2f}"
-            f"  rigid+TPS {b['rigid_tps']['mean']:.2f}/{b['rigid_tps']['p95']:.2f}/{b['rigid_tps']['max']:.2f}"
-            f"  ratio {s['tps_over_rigid_mean_tre_body']:.2f} (worst case "
-            f"{max(s['tps_over_rigid_mean_tre_body_per_case']):.2f})")
+            f"  rigid+TPS {b['rigid_tps']['mean']:.2f}/{b['rigid_tps']['p95']:.2f}/{b['rigid_tps']['max']:.2f}")
+    if s["tps_over_rigid_mean_tre_body"] is not None:
+        line += (f"  ratio {s['tps_over_rigid_mean_tre_body']:.2f} (worst case "
+                 f"{max(s['tps_over_rigid_mean_tre_body_per_case']):.2f})")
     if "jacobian" in s:
         line += (f"  fold {100 * s['jacobian']['fraction_nonpositive_grid_max']:.3f}%"
                  f"  logJ-std {s['jacobian']['log_det_std_mean']:.3f}")

@@ -172,7 +172,7 @@ def _ransac(P: np.ndarray, Q: np.ndarray, w: np.ndarray, threshold: float, n_hyp
         triples = np.array(list(combinations(range(n), 3)), dtype=np.int64)
     else:
         rng = np.random.default_rng(seed)
-        triples = np.argsort(rng.random((n_hypotheses, n)), axis=1)[:, :3]
+        triples = np.argpartition(rng.random((n_hypotheses, n)), 3, axis=1)[:, :3]
     Rs, ts = weighted_kabsch(P[triples], Q[triples])
     r = np.linalg.norm(np.matmul(P[None], np.swapaxes(Rs, 1, 2)) + ts[:, None] - Q[None], axis=-1)
     cost = (np.minimum(r, threshold) ** 2 * w[None]).sum(axis=1)
@@ -228,7 +228,7 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
                    loss_scale_mm: float | None = None,
                    size_consistency: bool = True,
                    min_voxels: int = 8,
-                   n_hypotheses: int = 500,
+                   n_hypotheses: int = 200,
                    max_iter: int = 20,
                    weight_table: WeightTable = WEIGHT_TABLE,
                    seed: int = 0) -> RigidResult:
