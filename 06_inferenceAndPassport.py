@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from common.cli import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()
+    import numpy as np
     from tqdm import tqdm
 
     from common.passport import build_passport, save_passport, scan_metadata
@@ -115,16 +116,15 @@ def main(argv=None) -> int:
             passport = None
             if not args.no_passport:
                 lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
-                passport = build_passport(lab_img.get_fdata(dtype="float32").astype("uint8")
-                                          if lab_img.get_data_dtype().kind == "f" else lab_img.dataobj[...],
-                                          lab_img.affine, names, scan=scan_metadata(scan, vol.image),
+                passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, names,
+                                          scan=scan_metadata(scan, vol.image),
                                           model=spec.provenance(), resolution=args.passport_resolution,
                                           max_points=args.max_points)
             stages["passport"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             from common.volume import save_labels
 
-            labels = run.result.labels.dataobj[...]
+            labels = np.asanyarray(run.result.labels.dataobj)
             save_labels(labels, vol.affine, mask_path)
             if passport is not None:
                 save_passport(passport, passport_path)
