@@ -5,7 +5,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tqdm as _tqdm
 from tqdm import tqdm
+
+_tqdm.tqdm.monitor_interval = 0  # no monitor thread: the official tool forks (see common/official.py)
 
 from common.errors import InputError
 from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record

@@ -32,6 +32,19 @@ def _register_trainer_class() -> None:
     ts_nnunet.custom_trainers.setdefault(TRAINER, getattr(m, TRAINER))
 
 
+def _no_background_threads() -> None:
+    """Stop tqdm's monitor thread. nnU-Net starts a multiprocessing Manager by fork; a fork taken while
+    another Python thread holds a lock leaves the child waiting on it forever (seen here: a 03 run hung
+    in its second scan with the Manager child blocked on a futex). Progress bars still work without it."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+    monitor = getattr(tqdm.tqdm, "monitor", None)
+    if monitor is not None:
+        monitor.exit()
+        tqdm.tqdm.monitor = None
+
+
 def run_official(input_path: str | Path, output_path: str | Path | None, *, device: str = "cpu",
                  quiet: bool = True, nr_threads_resampling: int = 1, nr_threads_saving: int = 6,
                  ) -> tuple[nib.Nifti1Image, dict[str, Any]]:
@@ -42,6 +55,7 @@ def run_official(input_path: str | Path, output_path: str | Path | None, *, devi
     """
     configure_offline_totalseg()
     _register_trainer_class()
+    _no_background_threads()
     from totalsegmentator.python_api import totalsegmentator
 
     sink = io.StringIO()

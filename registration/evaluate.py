@@ -405,17 +405,15 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image float32 (x,y,z), labels int (x,y,z), affine) after checking that the grids agree."""
-    for p in (ct_path, seg_path):
-        if not Path(p).is_file():
-            raise InputError(p, "file not found")
-    try:
-        ct = nib.load(str(ct_path))
-        seg = nib.load(str(seg_path))
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(ct_path, f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
-    if ct.shape[:3] != seg.shape[:3] or not np.allclose(ct.affine, seg.affine, atol=1e-3):
-        raise InputError(seg_path, f"label map grid {seg.shape} does not match the scan grid {ct.shape}")
+    """(image float32 (x,y,z), labels int (x,y,z), affine) after checking that the grids agree.
+
+    Bad files and a label map whose shape or affine differs from the scan's raise InputError (one line).
+    """
+    from common.validation import check_label_map_matches, load_scan
+
+    ct = load_scan(ct_path)[0].image
+    seg = load_scan(seg_path, modality="ANY")[0].image
+    check_label_map_matches(ct, seg, ct_path, seg_path)
     img = np.asarray(ct.dataobj, dtype=np.float32)
     lab = np.asarray(seg.dataobj)
     if not np.issubdtype(lab.dtype, np.integer):

@@ -113,12 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     moving_p = _load_passport(args.moving_passport)
     fixed_vol = moving_vol = None
     if args.fixed_scan is not None:
-        from common.volume import load_volume
-        fixed_vol = load_volume(args.fixed_scan)
-        moving_vol = load_volume(args.moving_scan)
-        for vol in (fixed_vol, moving_vol):
-            if len(vol.shape) != 3:
-                raise InputError(vol.path, f"expected a 3-D scan, got shape {list(vol.shape)}")
+        from common.validation import load_scan  # the suite's checks: 2D/4D, spacing, NaN, truncated...
+
+        fixed_vol = load_scan(args.fixed_scan)[0]
+        moving_vol = load_scan(args.moving_scan)[0]
 
     bbox = None
     if fixed_vol is not None:
