@@ -8,11 +8,11 @@ from typing import Any
 import tqdm as _tqdm
 from tqdm import tqdm
 
-_tqdm.tqdm.monitor_interval = 0  # no monitor thread: the official tool forks (see common/official.py)
-
 from common.errors import InputError
 from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record
 from common.validation import load_scan
+
+_tqdm.tqdm.monitor_interval = 0  # no monitor thread: the official tool forks (see common/official.py)
 
 # run(scan path, mask path or None) -> (total seconds, stage seconds, labels array or None)
 RunFn = Callable[[Path, Path | None], tuple[float, dict[str, float], Any]]
