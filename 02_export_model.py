@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--standin-only", action="store_true",
                    help="only write the stand-in Task 297 weights folder (never replaces official weights)")
     p.add_argument("--force", action="store_true", help="re-export even if the ONNX file is up to date")
+    p.add_argument("--native-norm", action="store_true",
+                   help="export InstanceNorm as ONNX's fused InstanceNormalization (faster in ONNX Runtime but "
+                        "less exact on large patches) instead of the default precise form; written to "
+                        "<name>_nativenorm.onnx")
     return p.parse_args(argv)
 
 
@@ -54,18 +58,23 @@ def main(argv=None) -> int:
         from common.cli import ensure_onnx
         from common.onnx_export import export_and_check
 
+        precise = not args.native_norm
         if args.force or args.model_dir is not None:
+            from common.cli import onnx_variant_path
+
+            out = onnx_variant_path(out, precise)
             print(f"exporting {spec.folder} -> {out}")
-            report = export_and_check(spec, out)
+            report = export_and_check(spec, out, precise_norm=precise)
         else:
-            ensure_onnx(spec, out)
+            out = ensure_onnx(spec, out, precise_norm=precise)
             import json
 
             report = json.loads(out.with_suffix(".json").read_text())
     except (InputError, FileExistsError, RuntimeError) as exc:
         return fail(exc)
     par = report["parity"]
-    print(f"ONNX model: {out} ({report['onnx_bytes'] / 1e6:.1f} MB, opset {report['opset']}, checker passed)")
+    print(f"ONNX model: {out} ({report['onnx_bytes'] / 1e6:.1f} MB, opset {report['opset']}, checker passed, "
+          f"InstanceNorm: {report.get('instance_norm', 'native')})")
     print(f"weights: {report['model']['weights']} sha256 {report['model']['sha256'][:16]}…")
     print(f"PyTorch vs ONNX Runtime on one {tuple(par['patch_shape'])} patch: max |logit diff| "
           f"{par['max_abs_logit_diff']:.2e}, argmax agreement {par['argmax_agreement']:.6f}")

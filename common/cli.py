@@ -109,21 +109,30 @@ def prepare_model(weights_mode: str = "auto", log=print):
     return spec
 
 
-def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print) -> Path:
-    """Export the model to ONNX if the file is missing or was exported from other weights."""
+def onnx_variant_path(onnx_path: Path, precise_norm: bool) -> Path:
+    """The file of an export variant: <name>.onnx (precise InstanceNorm) or <name>_nativenorm.onnx."""
+    return onnx_path if precise_norm else onnx_path.with_name(onnx_path.stem + "_nativenorm.onnx")
+
+
+def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print, precise_norm: bool = True) -> Path:
+    """Export the model to ONNX if the file is missing, stale (other weights) or another variant."""
     import json
 
     from common.onnx_export import export_and_check
 
+    onnx_path = onnx_variant_path(onnx_path, precise_norm)
     meta = onnx_path.with_suffix(".json")
+    want_norm = "precise" if precise_norm else "native"
     if onnx_path.exists() and meta.exists():
         try:
-            if json.loads(meta.read_text()).get("model", {}).get("sha256") == spec.checkpoint_sha256:
+            info = json.loads(meta.read_text())
+            if (info.get("model", {}).get("sha256") == spec.checkpoint_sha256
+                    and info.get("instance_norm", "native").startswith(want_norm)):
                 return onnx_path
         except json.JSONDecodeError:
             pass
     log(f"exporting the network to {onnx_path} (once per set of weights)")
-    export_and_check(spec, onnx_path)
+    export_and_check(spec, onnx_path, precise_norm=precise_norm)
     return onnx_path
 
 

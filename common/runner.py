@@ -24,17 +24,19 @@ class RunConfig:
 
     backend: str = "onnxruntime"              # or "pytorch"
     ort: OrtSettings = field(default_factory=OrtSettings)
+    onnx_norm: str = "precise"                # ONNX export variant: "precise" or "native" InstanceNorm
     torch_threads: int = 0                    # 0 = torch's default
     segment: SegmentOptions = field(default_factory=SegmentOptions)
     name: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": CONFIG_SCHEMA, "schema_version": 1, "name": self.name, "backend": self.backend,
-                "ort": self.ort.to_dict(), "torch_threads": self.torch_threads, "segment": self.segment.to_dict()}
+                "ort": self.ort.to_dict(), "onnx_norm": self.onnx_norm, "torch_threads": self.torch_threads, "segment": self.segment.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return cls(backend=d.get("backend", "onnxruntime"), ort=OrtSettings(**d.get("ort", {})),
+                   onnx_norm=d.get("onnx_norm", "precise"),
                    torch_threads=int(d.get("torch_threads", 0)), segment=SegmentOptions(**d.get("segment", {})),
                    name=d.get("name", "loaded"))
 
@@ -56,11 +58,17 @@ def load_config(path: Path) -> RunConfig:
 
 
 def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
-    """The predictor for ``cfg``: one ONNX Runtime session or the PyTorch network, created once."""
+    """The predictor for ``cfg``: one ONNX Runtime session or the PyTorch network, created once.
+
+    ``onnx_path`` is the base ONNX file (precise InstanceNorm); the variant ``cfg.onnx_norm`` asks for is
+    exported beside it on first use.
+    """
     if cfg.backend == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an ONNX file")
-        return OnnxPredictor(onnx_path, cfg.ort)
+        from common.cli import ensure_onnx
+
+        return OnnxPredictor(ensure_onnx(spec, onnx_path, precise_norm=cfg.onnx_norm == "precise"), cfg.ort)
     if cfg.backend == "pytorch":
         return TorchPredictor(spec.build_network(), threads=cfg.torch_threads)
     raise ValueError(f"unknown backend {cfg.backend!r}")

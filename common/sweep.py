@@ -26,7 +26,7 @@ def one_factor_configs(cores: int | None = None) -> list[RunConfig]:
         for key, value in changes.items():
             if key.startswith("ort_"):
                 setattr(cfg.ort, key[4:], value)
-            elif key in ("backend", "torch_threads"):
+            elif key in ("backend", "torch_threads", "onnx_norm"):
                 setattr(cfg, key, value)
             else:
                 cfg.segment = replace(cfg.segment, **{key: value})
@@ -39,6 +39,7 @@ def one_factor_configs(cores: int | None = None) -> list[RunConfig]:
     for level in ("disable", "basic", "extended"):
         vary(f"ort graph_optimization={level}", ort_graph_optimization=level)
     vary("ort execution_mode=parallel", ort_execution_mode="parallel")
+    vary("onnx_norm=native (fused ORT InstanceNorm)", onnx_norm="native")
     vary("resample_order=3", resample_order=3)
     for step in (0.5, 1.0):
         vary(f"tile_step={step}", tile_step=step)
@@ -57,6 +58,8 @@ def combine(best: dict[str, RunConfig]) -> RunConfig:
         if factor in best:
             setattr(cfg.segment, factor, getattr(best[factor].segment, factor))
     if cfg.backend == "onnxruntime":
+        if "onnx_norm" in best:
+            cfg.onnx_norm = best["onnx_norm"].onnx_norm
         for factor in ("graph_optimization", "execution_mode"):
             if factor in best:
                 setattr(cfg.ort, factor, getattr(best[factor].ort, factor))
@@ -69,7 +72,7 @@ def factor_of(cfg: RunConfig) -> str:
     name = cfg.name
     if name.startswith(("ort intra_op_threads", "pytorch threads")):
         return "backend"
-    for key in ("graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
+    for key in ("onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
                 "batch_size", "resample_threads"):
         if key in name:
             return key
