@@ -42,10 +42,8 @@ def official_runner(device: str):
     from common.official import run_official
 
     def run(scan: Path, mask_path: Path | None):
-        if mask_path is None:
-            t0 = time.perf_counter()
-            img, _ = run_official(scan, None, device=device)
-            return time.perf_counter() - t0, {}, np.asanyarray(img.dataobj)
+        # the official tool writes the mask itself (inside the timed call), to a temporary name that is
+        # renamed once complete
         with atomic_path(mask_path, suffix=".nii.gz") as tmp:
             t0 = time.perf_counter()
             img, _ = run_official(scan, tmp, device=device)

@@ -19,7 +19,7 @@ RunFn = Callable[[Path, Path | None], tuple[float, dict[str, float], Any]]
 
 
 def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup: int = 1) -> dict:
-    """Validate ``scan``, run it ``warmup`` times untimed, then ``repeats`` timed runs; the last writes the mask.
+    """Validate ``scan``, run it ``warmup`` times untimed, then ``repeats`` timed runs, each writing the mask.
 
     Returns a scan record of the shared result schema (status 'failed' with a one-line error on failure).
     """
@@ -32,10 +32,10 @@ def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup
                       warnings=warnings)
         del vol
         for _ in range(warmup):
-            run(scan, None)
+            run(scan, mask_path)
         labels = None
-        for i in range(repeats):
-            total, stages, labels = run(scan, mask_path if i == repeats - 1 else None)
+        for _ in range(repeats):  # every timed run writes its mask: saving is part of the job
+            total, stages, labels = run(scan, mask_path)
             add_repeat(record, total, stages)
         record["mask"] = str(mask_path)
         if labels is not None:

@@ -67,6 +67,19 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
+def _overlap(tile: tuple[slice, ...], keep: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Where a tile (padded coordinates) meets the kept region: (slices into the tile, slices into the
+    kept region), or None if they do not meet."""
+    in_tile, in_keep = [], []
+    for t, k in zip(tile, keep, strict=True):
+        lo, hi = max(t.start, k.start), min(t.stop, k.stop)
+        if lo >= hi:
+            return None
+        in_tile.append(slice(lo - t.start, hi - t.start))
+        in_keep.append(slice(lo - k.start, hi - k.start))
+    return tuple(in_tile), tuple(in_keep)
+
+
 def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
                           step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
                           normalize: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -75,15 +88,19 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
     accumulate="float16" reproduces nnU-Net 2.x: tile logits (float32) times the float16 Gaussian are added
     into float16 sums in the same tile order, then divided by the float16 weight sum. It uses torch tensors
     for those sums, as nnU-Net does (numpy's float16 casts are ~20x slower on the subnormal values that the
-    Gaussian's tails produce). accumulate="float32" sums in numpy float32 (faster, closer to exact). With
-    ``normalize=False`` the division by the weight sum is skipped: every voxel's weights are positive, so
-    the argmax is unchanged by it and callers that only need labels save a full pass.
+    Gaussian's tails produce). accumulate="float32" sums in numpy float32 (closer to exact arithmetic).
+    With ``normalize=False`` the division by the weight sum is skipped: every voxel's weights are positive,
+    so the argmax is unchanged by it and callers that only need labels save a full pass.
+
+    Sums are kept only for the unpadded volume: nnU-Net accumulates over the padded one and then cuts the
+    padding away; each voxel sees the same additions in the same order either way, so the result is
+    identical while a scan much thinner than a patch (30 of 112 slices) costs a fraction of the work.
     """
     if accumulate not in ("float16", "float32"):
         raise ValueError("accumulate must be 'float16' or 'float32'")
-    padded, unpad = pad_to_patch(data, patch_size)
-    spatial = padded.shape[1:]
-    slices = tile_slices(spatial, patch_size, step)
+    padded, keep = pad_to_patch(data, patch_size)
+    slices = tile_slices(padded.shape[1:], patch_size, step)
+    spatial = data.shape[1:]
     gauss16 = gaussian_importance(tuple(patch_size))
     if accumulate == "float16":
         import torch
@@ -99,10 +116,17 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
         batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
         out = predict(batch)
         for k, sl in enumerate(group):
-            tile = torch.from_numpy(out[k]) if accumulate == "float16" else out[k]
-            tile *= gauss          # float32 *= float16 Gaussian -> float32, as nnU-Net
-            logits[(slice(None), *sl)] += tile  # float16 += float32 rounds once, as nnU-Net
-            weights[sl] += gauss
+            ov = _overlap(sl, keep)
+            if ov is None:
+                continue
+            in_tile, in_keep = ov
+            tile = out[(k, slice(None), *in_tile)]
+            g = gauss[in_tile]
+            if accumulate == "float16":
+                tile = torch.from_numpy(np.ascontiguousarray(tile))
+            tile = tile * g          # float32 * float16 Gaussian -> float32, as nnU-Net
+            logits[(slice(None), *in_keep)] += tile  # float16 += float32 rounds once, as nnU-Net
+            weights[in_keep] += g
         if progress is not None:
             progress(len(group))
     if normalize:
@@ -110,9 +134,7 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
             torch.div(logits, weights, out=logits)
         else:
             logits /= weights
-    if accumulate == "float16":
-        logits = logits.numpy()
-    return logits[(slice(None), *unpad)]
+    return logits.numpy() if accumulate == "float16" else logits
 
 
 def argmax_first(logits: np.ndarray) -> np.ndarray:
