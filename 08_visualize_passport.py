@@ -28,6 +28,7 @@ from common.plots_passport import (
     save_png,
     scan_path_for,
     view_figure,
+    weights_caption,
 )
 from common.plots_passport import default_out as _default_out
 
@@ -79,7 +80,7 @@ def draw_passport(passport: dict, scan: DisplayScan, title: str):
         labels.append(f"{n_other} smaller structures")
     fig.legend(list(handles.values()), labels, loc="outside right center", fontsize=8, frameon=False,
                title=f"largest {min(N_LEGEND, len(structures))} by volume", title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + weights_caption(passport), fontsize=10)
     return fig
 
 

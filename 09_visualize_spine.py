@@ -27,6 +27,7 @@ from common.plots_passport import (
     save_png,
     scan_path_for,
     view_figure,
+    weights_caption,
 )
 from common.plots_passport import default_out as _default_out
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         scan = load_display_scan(scan_path)
         out = Path(args.out) if args.out else default_out(args.passport)
         names = ", ".join(short_name(s["name"]) for s in chain)
-        fig = draw_spine(chain, scan, f"{Path(args.passport).name}: spine ({names}) on {scan_path.name}")
+        fig = draw_spine(chain, scan, f"{Path(args.passport).name}: spine ({names}) on {scan_path.name}"
+                         + weights_caption(passport))
         save_png(fig, out)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -167,3 +167,11 @@ def cli_parser(description: str, out_suffix: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="PNG", default=None,
                         help=f"output PNG; default: next to the passport, <stem>{out_suffix}.png")
     return parser
+
+
+def weights_caption(passport: dict) -> str:
+    """Second title line saying which weights made the labels (stand-in labels are not anatomy)."""
+    weights = passport.get("model", {}).get("weights")
+    if weights == "standin":
+        return "\nSTAND-IN weights (seeded random): structure positions are NOT anatomical"
+    return f"\nweights: {weights}" if weights else ""
