@@ -112,6 +112,7 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
         gauss = gauss16.astype(np.float32)
         logits = np.zeros((num_classes, *spatial), dtype=np.float32)
         weights = np.zeros(spatial, dtype=np.float32)
+    first = True
     for group in _batches(slices, batch_size):
         batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
         out = predict(batch)
@@ -120,13 +121,19 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
             if ov is None:
                 continue
             in_tile, in_keep = ov
-            tile = out[(k, slice(None), *in_tile)]
+            tile = np.ascontiguousarray(out[(k, slice(None), *in_tile)])
             g = gauss[in_tile]
             if accumulate == "float16":
-                tile = torch.from_numpy(np.ascontiguousarray(tile))
-            tile = tile * g          # float32 * float16 Gaussian -> float32, as nnU-Net
-            logits[(slice(None), *in_keep)] += tile  # float16 += float32 rounds once, as nnU-Net
-            weights[in_keep] += g
+                tile = torch.from_numpy(tile)
+            tile *= g                # float32 *= float16 Gaussian -> float32, as nnU-Net
+            region = (slice(None), *in_keep)
+            if first:  # nothing summed yet: 0 + x rounds exactly like x, so a (faster) converting copy
+                logits[region] = tile
+                weights[in_keep] = g
+                first = False
+            else:
+                logits[region] += tile  # float16 += float32 rounds once, as nnU-Net
+                weights[in_keep] += g
         if progress is not None:
             progress(len(group))
     if normalize:
@@ -134,7 +141,10 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
             torch.div(logits, weights, out=logits)
         else:
             logits /= weights
-    return logits.numpy() if accumulate == "float16" else logits
+    if accumulate == "float16":
+        # float16 -> float32 is exact; comparisons (argmax) are several times faster on float32 in numpy
+        return logits.float().numpy()
+    return logits
 
 
 def argmax_first(logits: np.ndarray) -> np.ndarray:
