@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             out = ensure_onnx(spec, out, precise_norm=precise)
             import json
 
-            report = json.loads(out.with_suffix(".json").read_text())
+            report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     except (InputError, FileExistsError, RuntimeError) as exc:
         return fail(exc)
     par = report["parity"]

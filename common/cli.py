@@ -12,6 +12,11 @@ from pathlib import Path
 from common.errors import InputError
 from common.volume import is_nifti_path
 
+# A terminal or CI log that is not UTF-8 must not crash a script over a dash or an ellipsis in a message.
+for _stream in (sys.stdout, sys.stderr):
+    if hasattr(_stream, "reconfigure") and (_stream.encoding or "").lower().replace("-", "") != "utf8":
+        _stream.reconfigure(errors="backslashreplace")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CT_DATA = PROJECT_ROOT / "ct_data"
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
@@ -125,7 +130,7 @@ def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print, precise_norm: b
     want_norm = "precise" if precise_norm else "native"
     if onnx_path.exists() and meta.exists():
         try:
-            info = json.loads(meta.read_text())
+            info = json.loads(meta.read_text(encoding="utf-8"))
             if (info.get("model", {}).get("sha256") == spec.checkpoint_sha256
                     and info.get("instance_norm", "native").startswith(want_norm)):
                 return onnx_path

@@ -39,7 +39,7 @@ def _cpu_model() -> str:
 def _ram_gib() -> float | None:
     """Total RAM in GiB from /proc/meminfo; None where unavailable."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal:"):
                 return round(int(line.split()[1]) * 1024 / 2**30, 2)  # value in kB
     except (OSError, ValueError, IndexError):

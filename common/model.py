@@ -134,7 +134,7 @@ class ModelSpec:
             "folder": str(self.folder),
         }
         if self.is_standin:
-            info["standin"] = json.loads((self.folder / STANDIN_MARKER).read_text())
+            info["standin"] = json.loads((self.folder / STANDIN_MARKER).read_text(encoding="utf-8"))
         return info
 
     def build_network(self):
@@ -166,8 +166,8 @@ def load_model_spec(folder: str | Path, fold: int | str = 0, configuration: str 
         if not (folder / name).exists():
             raise InputError(folder, f"not an nnU-Net v2 results folder ({name} missing)")
     try:
-        plans = json.loads((folder / "plans.json").read_text())
-        dataset = json.loads((folder / "dataset.json").read_text())
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(folder, f"unreadable plans/dataset JSON ({exc})") from exc
     if configuration is None:

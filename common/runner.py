@@ -49,7 +49,7 @@ def load_config(path: Path) -> RunConfig:
     from common.errors import InputError
 
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, f"unreadable run configuration ({exc})") from exc
     if d.get("schema") != CONFIG_SCHEMA or d.get("schema_version") != 1:

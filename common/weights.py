@@ -88,7 +88,7 @@ def configure_offline_totalseg() -> Path:
     cfg: dict[str, Any] = {}
     if cfg_file.exists():
         try:
-            cfg = json.loads(cfg_file.read_text())
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             cfg = {}
     cfg.setdefault("totalseg_id", "totalseg_benchmark")

@@ -31,7 +31,7 @@ def batch(tmp_path_factory, example_ct, example_mr_sm):
     data = np.asanyarray(good.dataobj).astype(np.float32)
     nib.save(good, d / "a_good.nii.gz")
     (d / "garbage.nii.gz").write_bytes(b"not a nifti")
-    (d / "notes.txt").write_text("not an image")
+    (d / "notes.txt").write_text("not an image", encoding="utf-8")
     full = gzip.compress(good.to_bytes())
     (d / "truncated.nii.gz").write_bytes(full[: len(full) // 2])
     nib.save(nib.Nifti1Image(data[:, :, 0], good.affine), d / "flat_2d.nii.gz")

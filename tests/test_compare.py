@@ -71,7 +71,7 @@ def test_compare_two_results(two_results, capsys):
     save_labels(a, AFFINE, gt_dir / "scan_a_seg.nii.gz")
     rc = load_script().main(["--results", str(ref), str(opt), "--out-dir", str(out), "--ground-truth", str(gt_dir)])
     assert rc == 0, capsys.readouterr().err
-    md = (out / "comparison.md").read_text()
+    md = (out / "comparison.md").read_text(encoding="utf-8")
     lines = md.splitlines()
     assert lines[0].startswith("> **Stand-in weights") and "NOT" in lines[0]
     row = next(line for line in lines if line.startswith("| scan_a | optimized |"))
@@ -86,7 +86,7 @@ def test_compare_two_results(two_results, capsys):
     assert "10.00 [9.00–12.00]" in ref_row and "1.00×" in ref_row
     assert "different model weights" not in md
 
-    doc = json.loads((out / "comparison.json").read_text())
+    doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert doc["schema"] == "ts-bench-comparison" and doc["schema_version"] == 1
     assert doc["models"]["standin"] is True and doc["models"]["same_weights"] is True
     assert doc["reference"]["method"] == "official_pytorch"
@@ -121,10 +121,10 @@ def test_different_weights_and_mask_mismatch(two_results, capsys):
     odd = make_result(tmp_path, "04_onnx", "onnx_default", [5.0], np.zeros((4, 4, 5), np.uint8), model=official)
     out = tmp_path / "out2"
     assert load_script().main(["--results", str(odd), str(ref), "--out-dir", str(out)]) == 0
-    md = (out / "comparison.md").read_text()
+    md = (out / "comparison.md").read_text(encoding="utf-8")
     assert md.splitlines()[0].startswith("> **Stand-in weights")
     assert "different model weights" in md
-    doc = json.loads((out / "comparison.json").read_text())
+    doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert doc["reference"]["method"] == "official_pytorch"  # chosen by method, not order
     r = next(r for r in doc["rows"] if r["method"] == "onnx_default")
     assert r["speedup"] == pytest.approx(2.0)
@@ -135,7 +135,7 @@ def test_different_weights_and_mask_mismatch(two_results, capsys):
 def test_bad_input_exits_2_with_one_line(two_results, capsys):
     tmp_path, ref, _ = two_results
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     mod = load_script()
     assert mod.main(["--results", str(ref), str(bad), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -150,13 +150,13 @@ def test_defaults_skip_missing_results(two_results, monkeypatch, capsys):
     mod = load_script()
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "03_vanilla.json").write_text(ref.read_text())
-    (bench / "05_optimized.json").write_text(opt.read_text())
+    (bench / "03_vanilla.json").write_text(ref.read_text(encoding="utf-8"))
+    (bench / "05_optimized.json").write_text(opt.read_text(encoding="utf-8"))
     monkeypatch.setattr(mod, "BENCHMARKS", bench)
     assert mod.main(["--out-dir", str(bench)]) == 0
     captured = capsys.readouterr()
     assert "04_onnx.json not found" in captured.err and "06_inference.json not found" in captured.err
-    doc = json.loads((bench / "comparison.json").read_text())
+    doc = json.loads((bench / "comparison.json").read_text(encoding="utf-8"))
     assert [i["method"] for i in doc["inputs"]] == ["official_pytorch", "optimized"]
     assert any("04_onnx.json" in n for n in doc["notes"])
 
@@ -174,7 +174,7 @@ def test_official_weights_have_no_standin_line(tmp_path):
     ref = make_result(tmp_path, "03_vanilla", "official_pytorch", [4.0], a, model=official)
     opt = make_result(tmp_path, "06_inference", "inference_passport", [1.0], b, model=official)
     assert load_script().main(["--results", str(ref), str(opt), "--out-dir", str(tmp_path / "o")]) == 0
-    md = (tmp_path / "o" / "comparison.md").read_text()
+    md = (tmp_path / "o" / "comparison.md").read_text(encoding="utf-8")
     assert md.startswith("# TotalSegmentator")
     assert "Stand-in" not in md
     assert nib.load(str(tmp_path / "masks" / "official_pytorch" / "scan_a.nii.gz")).shape == (4, 4, 4)
@@ -184,7 +184,7 @@ def test_reference_by_method_name(two_results):
     tmp_path, ref, opt = two_results
     out = tmp_path / "o"
     assert load_script().main(["--results", str(ref), str(opt), "--reference", "optimized", "--out-dir", str(out)]) == 0
-    doc = json.loads((out / "comparison.json").read_text())
+    doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert doc["reference"]["method"] == "optimized"
     r = next(r for r in doc["rows"] if r["method"] == "official_pytorch")
     assert r["speedup"] == pytest.approx(0.25)

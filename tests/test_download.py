@@ -351,7 +351,7 @@ def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     nifti = src / "patient_a.nii.gz"
     nib.save(crops["spleen_2"], str(nifti))
     _write_dicom_series(crops["spleen_3"], src / "nested" / "patient_b")
-    (src / "notes.txt").write_text("not a scan")
+    (src / "notes.txt").write_text("not a scan", encoding="utf-8")
     labels = np.zeros(crops["spleen_2"].shape, np.uint8)
     labels[5:10, 5:10, 3:6] = 1
     nib.save(nib.Nifti1Image(labels, crops["spleen_2"].affine), str(src / "patient_a_seg.nii.gz"))
@@ -381,7 +381,7 @@ def test_import_reports_bad_files_in_one_line(tmp_path, crops, capsys):
     src = tmp_path / "my_scans"
     src.mkdir()
     nib.save(crops["spleen_2"], str(src / "good.nii.gz"))
-    (src / "broken.nii.gz").write_text("not gzip\n")
+    (src / "broken.nii.gz").write_text("not gzip\n", encoding="utf-8")
     out = tmp_path / "ct_data"
     assert cli.main(["--from", str(src), "--out", str(out)]) == 1
     assert (out / "good.nii.gz").is_file() and not (out / "broken.nii.gz").exists()

@@ -11,7 +11,7 @@ from common.model import load_model_spec
 
 
 def test_onnx_matches_pytorch_on_a_full_patch(onnx_model, model_spec):
-    report = json.loads(onnx_model.with_suffix(".json").read_text())
+    report = json.loads(onnx_model.with_suffix(".json").read_text(encoding="utf-8"))
     par = report["parity"]
     assert par["patch_shape"] == [1, 1, *model_spec.patch_size] == [1, 1, 112, 112, 128]
     assert par["max_abs_logit_diff"] <= 1e-3
@@ -103,6 +103,6 @@ def test_export_script_on_any_results_folder(model_spec, tmp_path, capsys):
     mod = importlib.import_module("02_export_model")
     out = tmp_path / "mine.onnx"
     assert mod.main(["--model-dir", str(model_spec.folder), "--out", str(out)]) == 0
-    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["onnx_checker"] == "passed"
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["onnx_checker"] == "passed"
     assert load_model_spec(model_spec.folder).checkpoint_sha256 == model_spec.checkpoint_sha256
     assert "max |logit diff|" in capsys.readouterr().out

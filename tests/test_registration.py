@@ -300,7 +300,7 @@ def test_transform_json_round_trip(tmp_path):
     assert np.abs(T2.fixed_to_moving(pts) - T.fixed_to_moving(pts)).max() < 1e-4
     assert np.abs(T2.moving_to_fixed(pts) - T.moving_to_fixed(pts)).max() < 1e-4
     assert T2.meta == {"note": "test"}
-    d = json.loads(path.read_text())
+    d = json.loads(path.read_text(encoding="utf-8"))
     assert d["schema"] == "registration-transform" and "base64" in d["deformable"]["fixed_to_moving"]["displacement_mm"]
     assert list(tmp_path.glob(".tmp-*")) == []
     # rigid-only transforms round-trip too
@@ -317,7 +317,7 @@ def test_encode_decode_array():
 def test_load_transform_bad_file(tmp_path):
     from common.errors import InputError
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError, match="bad.json"):
         load_transform(bad)
     with pytest.raises(InputError, match="not found"):
@@ -373,7 +373,7 @@ def test_register_cli_help():
 
 def test_register_cli_bad_input(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text("{}")
+    bad.write_text("{}", encoding="utf-8")
     r = run_cli("--fixed-passport", str(bad), "--moving-passport", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr

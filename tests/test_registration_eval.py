@@ -108,7 +108,7 @@ def test_register_cli_end_to_end(ct_case, example_ct_sm, tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("transform.json", "registration.json", "overlay.png"):
         assert (out / name).is_file()
-    rep = json.loads((out / "registration.json").read_text())
+    rep = json.loads((out / "registration.json").read_text(encoding="utf-8"))
     assert rep["time_ms"]["rigid"] > 0 and rep["time_ms"]["deformable"] > 0
     assert rep["n_control_points"] > 0 and "liver" in rep["rigid"]["residuals_mm"]
     T = load_transform(out / "transform.json")
@@ -162,4 +162,4 @@ def test_evaluate_cli_batch_only_empty(tmp_path):
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "no paired scans" in r.stdout
-    assert json.loads(out.read_text())["batch"]["pairs"] == []
+    assert json.loads(out.read_text(encoding="utf-8"))["batch"]["pairs"] == []

@@ -86,7 +86,7 @@ def test_repeat_and_model_checks():
 
 def _write(tmp_path, obj, name="r.json") -> str:
     path = tmp_path / name
-    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
     return str(path)
 
 

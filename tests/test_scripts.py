@@ -101,7 +101,7 @@ def test_05_sweeps_and_picks_a_faithful_configuration(ran_05, workdir):
     fastest_ok = min((r for r in res["finalists"] if min(r["agreement"]) >= 0.999 and not r["error"]),
                      key=lambda r: sum(r["seconds"]))
     assert fastest_ok["name"] == chosen["name"]
-    cfg = json.loads((workdir["dir"] / "optimized_config.json").read_text())
+    cfg = json.loads((workdir["dir"] / "optimized_config.json").read_text(encoding="utf-8"))
     assert cfg["schema"] == "ts-bench-run-config" and cfg["sweep_agreement"] == chosen["agreement"]
     assert _by_id(res)["crop_ct"]["status"] == "ok"
 
@@ -149,9 +149,9 @@ def test_07_compares_all_results(ran_03, ran_05, ran_06, workdir):
         "--results", str(out / "03.json"), str(out / "05.json"), str(out / "06.json"),
         "--out-dir", str(out / "report")])
     assert code == 0
-    md = (out / "report" / "comparison.md").read_text().splitlines()
+    md = (out / "report" / "comparison.md").read_text(encoding="utf-8").splitlines()
     assert "Stand-in weights" in md[0]
-    comp = json.loads((out / "report" / "comparison.json").read_text())
+    comp = json.loads((out / "report" / "comparison.json").read_text(encoding="utf-8"))
     assert comp["schema"] == "ts-bench-comparison"
     text = "\n".join(md)
     assert "crop_ct" in text and "optimized" in text

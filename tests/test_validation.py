@@ -76,7 +76,7 @@ def test_missing_file(tmp_path):
 
 def test_text_file_named_nii_gz(tmp_path):
     path = tmp_path / "notes.nii.gz"
-    path.write_text("this is not a scan\nsecond line\n")
+    path.write_text("this is not a scan\nsecond line\n", encoding="utf-8")
     with pytest.raises(InputError) as exc:
         load_scan(path)
     assert_one_line(exc, path, "not a readable NIfTI")
