@@ -83,7 +83,8 @@ def _overlap(tile: tuple[slice, ...], keep: tuple[slice, ...]) -> tuple[tuple[sl
 def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
                           step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
                           normalize: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Gaussian-weighted sliding-window logits for a (C, *spatial) float32 volume; returns (K, *spatial).
+    """Gaussian-weighted sliding-window logits for a (C, *spatial) float32 volume; returns (K, *spatial)
+    float32 (in float16 mode: the float16 results, converted exactly).
 
     accumulate="float16" reproduces nnU-Net 2.x: tile logits (float32) times the float16 Gaussian are added
     into float16 sums in the same tile order, then divided by the float16 weight sum. It uses torch tensors
