@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.cli import BENCHMARKS, add_weights_argument, fail, prepare_model, resolve_inputs  # noqa: E402
+from common.cli import BENCHMARKS, add_weights_argument, fail, model_record, start_run  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
@@ -55,15 +55,11 @@ def official_runner(device: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.cli import exit_cleanly_on_sigterm
-
-    exit_cleanly_on_sigterm()
     from common.bench import benchmark_scans
     from common.results import new_result, summarize, write_result
 
     try:
-        scans, source = resolve_inputs(args.input, args.max_samples)
-        spec = prepare_model(args.weights)
+        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
     except (InputError, FileExistsError, RuntimeError) as exc:
         return fail(exc)
     print(f"data: {source}")
@@ -71,7 +67,7 @@ def main(argv=None) -> int:
                 "warmup": args.warmup, "input": source, "torch_threads": os.cpu_count(),
                 "stages": "not separable: the official tool is timed as one call (load..save)"}
     result = new_result("03_vanilla_benchmark.py", method="official_pytorch", settings=settings,
-                        model={**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}})
+                        model=model_record(spec))
     result["scans"] = benchmark_scans(scans, official_runner(args.device), args.out, args.repeats, args.warmup,
                                       desc="03 official")
     summarize(result)

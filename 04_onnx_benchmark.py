@@ -20,8 +20,8 @@ from common.cli import (  # noqa: E402
     add_weights_argument,
     ensure_onnx,
     fail,
-    prepare_model,
-    resolve_inputs,  # noqa: E402
+    model_record,
+    start_run,
 )
 from common.errors import InputError  # noqa: E402
 
@@ -41,16 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.cli import exit_cleanly_on_sigterm
-
-    exit_cleanly_on_sigterm()
     from common.bench import benchmark_scans, segment_runner
     from common.results import new_result, summarize, write_result
     from common.runner import RunConfig, build_predictor
 
     try:
-        scans, source = resolve_inputs(args.input, args.max_samples)
-        spec = prepare_model(args.weights)
+        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
         cfg = RunConfig(name="onnxruntime defaults")
         predictor = build_predictor(cfg, spec, ensure_onnx(spec, args.onnx))
     except (InputError, FileExistsError, RuntimeError) as exc:
@@ -59,7 +55,7 @@ def main(argv=None) -> int:
     result = new_result("04_onnx_benchmark.py", method="onnx_default",
                         settings={"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup,
                                   "session": predictor.describe(), "input": source},
-                        model={**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}})
+                        model=model_record(spec))
     result["scans"] = benchmark_scans(scans, segment_runner(spec, predictor, cfg.segment), args.out,
                                       args.repeats, args.warmup, desc="04 onnx")
     summarize(result)

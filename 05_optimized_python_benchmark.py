@@ -27,8 +27,8 @@ from common.cli import (  # noqa: E402
     add_weights_argument,
     ensure_onnx,
     fail,
-    prepare_model,
-    resolve_inputs,
+    model_record,
+    start_run,
 )
 from common.errors import InputError  # noqa: E402
 
@@ -112,9 +112,6 @@ def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict, runs: int = 1) -> d
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.cli import exit_cleanly_on_sigterm
-
-    exit_cleanly_on_sigterm()
     from tqdm import tqdm
 
     from common.bench import benchmark_scans, segment_runner
@@ -123,8 +120,7 @@ def main(argv=None) -> int:
     from common.sweep import combine, factor_of, one_factor_configs, select_fastest
 
     try:
-        scans, source = resolve_inputs(args.input, args.max_samples)
-        spec = prepare_model(args.weights)
+        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
         onnx = ensure_onnx(spec, args.onnx)
     except (InputError, FileExistsError, RuntimeError) as exc:
         return fail(exc)
@@ -196,7 +192,7 @@ def main(argv=None) -> int:
     settings = {"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup, "input": source,
                 "threshold": args.threshold, "reference": ref_source, "session": predictor.describe()}
     result = new_result("05_optimized_python_benchmark.py", method="optimized", settings=settings,
-                        model={**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}})
+                        model=model_record(spec))
     result["sweep"] = rows
     result["finalists"] = retimed
     result["chosen"] = chosen_row["name"] if chosen_row else cfg.name

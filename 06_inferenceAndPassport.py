@@ -25,8 +25,8 @@ from common.cli import (  # noqa: E402
     add_weights_argument,
     ensure_onnx,
     fail,
-    prepare_model,
-    resolve_inputs,
+    model_record,
+    start_run,
 )
 from common.errors import InputError  # noqa: E402
 
@@ -81,9 +81,6 @@ def _time_passport(lab_img, names: dict, max_points: int, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.cli import exit_cleanly_on_sigterm
-
-    exit_cleanly_on_sigterm()
     import numpy as np
     from tqdm import tqdm
 
@@ -100,8 +97,7 @@ def main(argv=None) -> int:
     from common.runner import RunConfig, build_predictor, labels_present, load_config, run_scan
 
     try:
-        scans, source = resolve_inputs(args.input, args.max_samples)
-        spec = prepare_model(args.weights)
+        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig(name="faithful defaults")
         onnx = ensure_onnx(spec, args.onnx) if cfg.backend == "onnxruntime" else None
@@ -111,7 +107,7 @@ def main(argv=None) -> int:
     print(f"data: {source}; configuration: {cfg.name} ({cfg_path or 'built-in defaults'}), backend {cfg.backend}")
 
     names = spec.labels
-    model = {**spec.provenance(), "labels": {str(k): v for k, v in names.items()}}
+    model = model_record(spec)
     settings = {"config": cfg.to_dict(), "config_file": str(cfg_path) if cfg_path else None,
                 "passport_resolution": args.passport_resolution, "max_points": args.max_points,
                 "input": source, "out": str(args.out)}

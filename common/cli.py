@@ -141,6 +141,19 @@ def ensure_onnx(spec, onnx_path: Path = DEFAULT_ONNX, log=print, precise_norm: b
     return onnx_path
 
 
+def model_record(spec) -> dict:
+    """The model entry of a result file: weights provenance (official/standin, sha256) and label names."""
+    return {**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}}
+
+
+def start_run(input_arg: str | None, max_samples: int | None, weights: str):
+    """Common start of 03-06: clean exit on SIGTERM, the scans to process (and where they came from), and
+    the Task 297 ModelSpec. Raises InputError / FileExistsError / RuntimeError with one-line messages."""
+    exit_cleanly_on_sigterm()
+    scans, source = resolve_inputs(input_arg, max_samples)
+    return scans, source, prepare_model(weights)
+
+
 def exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so that atomic writes in progress remove their temporary files
     (a SIGKILL cannot be caught: then only a hidden .tmp-* file may remain, never a partial output)."""
