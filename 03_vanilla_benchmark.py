@@ -16,20 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.cli import BENCHMARKS, add_weights_argument, fail, model_record, start_run  # noqa: E402
+from common.cli import add_run_arguments, fail, model_record, start_run  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="a scan or a folder of scans (default: ct_data/, else the embedded phantom)")
-    p.add_argument("--out", type=Path, default=BENCHMARKS / "03_vanilla", help="reference mask folder")
-    p.add_argument("--result", type=Path, default=BENCHMARKS / "03_vanilla.json", help="result JSON")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per scan (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
+    add_run_arguments(p, "03_vanilla", onnx=False, out_help="reference mask folder")
     p.add_argument("--device", default="cpu", help="device for the official tool: cpu, gpu, cuda, mps (default cpu)")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N scans")
-    add_weights_argument(p)
     return p.parse_args(argv)
 
 

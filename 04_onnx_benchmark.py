@@ -15,9 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.cli import (  # noqa: E402
-    BENCHMARKS,
-    DEFAULT_ONNX,
-    add_weights_argument,
+    add_run_arguments,
     ensure_onnx,
     fail,
     model_record,
@@ -28,14 +26,7 @@ from common.errors import InputError  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="a scan or a folder of scans (default: ct_data/, else the embedded phantom)")
-    p.add_argument("--out", type=Path, default=BENCHMARKS / "04_onnx", help="mask folder")
-    p.add_argument("--result", type=Path, default=BENCHMARKS / "04_onnx.json", help="result JSON")
-    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per scan (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N scans")
-    add_weights_argument(p)
+    add_run_arguments(p, "04_onnx")
     return p.parse_args(argv)
 
 

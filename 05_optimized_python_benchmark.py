@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.cli import (  # noqa: E402
     BENCHMARKS,
-    DEFAULT_ONNX,
     OPTIMIZED_CONFIG,
-    add_weights_argument,
+    add_run_arguments,
     ensure_onnx,
     fail,
     model_record,
@@ -35,23 +34,16 @@ from common.errors import InputError  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="a scan or a folder of scans (default: ct_data/, else the embedded phantom)")
-    p.add_argument("--out", type=Path, default=BENCHMARKS / "05_optimized", help="mask folder")
-    p.add_argument("--result", type=Path, default=BENCHMARKS / "05_optimized.json", help="result JSON")
+    add_run_arguments(p, "05_optimized")
     p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
                    help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
     p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
-    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
     p.add_argument("--sweep-scans", type=int, default=3, help="scans used for the sweep (default: first 3)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per scan for the chosen config (default 3)")
     p.add_argument("--finalist-runs", type=int, default=3,
                    help="timed runs per scan when re-timing the 3 fastest faithful configurations and the "
                         "baseline, which decides the choice (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
-    p.add_argument("--max-samples", type=int, default=None, help="at most N scans")
     p.add_argument("--threshold", type=float, default=0.999, help="minimum voxel agreement (default 0.999)")
     p.add_argument("--no-sweep", action="store_true", help="benchmark the configuration in --config-out as is")
-    add_weights_argument(p)
     return p.parse_args(argv)
 
 

@@ -19,10 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.cli import (  # noqa: E402
-    BENCHMARKS,
-    DEFAULT_ONNX,
     OPTIMIZED_CONFIG,
-    add_weights_argument,
+    add_run_arguments,
     ensure_onnx,
     fail,
     model_record,
@@ -33,17 +31,10 @@ from common.errors import InputError  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="a scan (NIfTI file or DICOM folder) or a folder of scans (default: ct_data/)")
-    p.add_argument("--out", type=Path, default=BENCHMARKS / "06_inference",
-                   help="folder for masks and passports (default: benchmarks/06_inference)")
-    p.add_argument("--result", type=Path, default=BENCHMARKS / "06_inference.json",
-                   help="result JSON in the shared schema (default: benchmarks/06_inference.json)")
+    add_run_arguments(p, "06_inference", timing=False, out_help="folder for masks and passports")
     p.add_argument("--config", type=Path, default=None,
                    help="run configuration JSON (default: benchmarks/optimized_config.json written by 05, "
                         "else the faithful defaults)")
-    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
-    add_weights_argument(p)
-    p.add_argument("--max-samples", type=int, default=None, help="process at most N scans")
     p.add_argument("--passport-resolution", choices=["model", "original"], default="model",
                    help="compute passports on the model-resolution (3 mm) label map (fast, default) or on "
                         "the label map in the scan's own grid")

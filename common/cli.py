@@ -101,6 +101,25 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
                              "else builds the seeded stand-in (default: auto)")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, stage: str, *, onnx: bool = True, timing: bool = True,
+                      out_help: str = "mask folder") -> None:
+    """The options 03-06 share: --input, --out, --result (defaults benchmarks/<stage>[.json]), --onnx,
+    --repeats/--warmup (timed stages), --max-samples and --weights."""
+    parser.add_argument("--input", help="a scan (NIfTI file or DICOM folder) or a folder of scans "
+                                        "(default: ct_data/ and ct_data/realistic/, else the embedded phantom)")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS / stage,
+                        help=f"{out_help} (default: benchmarks/{stage})")
+    parser.add_argument("--result", type=Path, default=BENCHMARKS / f"{stage}.json",
+                        help=f"result JSON in the shared schema (default: benchmarks/{stage}.json)")
+    if onnx:
+        parser.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
+    if timing:
+        parser.add_argument("--repeats", type=int, default=3, help="timed runs per scan (default 3)")
+        parser.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
+    parser.add_argument("--max-samples", type=int, default=None, help="process at most N scans")
+    add_weights_argument(parser)
+
+
 def prepare_model(weights_mode: str = "auto", log=print):
     """Ensure Task 297 weights exist (official or stand-in) and return their ModelSpec."""
     from common.model import load_model_spec

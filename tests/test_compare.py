@@ -9,6 +9,7 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
+from test_metrics import hand_maps
 
 from common.atomic import leftover_temp_files
 from common.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
@@ -18,18 +19,6 @@ LABELS = {"1": "spleen", "2": "liver", "3": "stomach"}
 STANDIN = {"name": "Task297_fast_standin", "weights": "standin", "sha256": "ab" * 32, "labels": LABELS}
 AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def hand_maps() -> tuple[np.ndarray, np.ndarray]:
-    """Same maps as in test_metrics: Dice 2/3, 2/3, 0 for labels 1, 2, 3; voxel agreement 0.5."""
-    a = np.zeros((4, 4, 4), np.uint8)
-    a[0:2] = 1
-    a[2:4, 0:2] = 2
-    b = np.zeros((4, 4, 4), np.uint8)
-    b[0] = 1
-    b[2:4] = 2
-    b[1, 0, 0] = 3
-    return a, b
 
 
 def load_script():
