@@ -195,19 +195,36 @@ def _inconsistent_centroids(cf: np.ndarray, cm: np.ndarray, smoothing: float, th
     return flags, err
 
 
+_MAX_CELL_ROUNDS = 400  # 1.15 ** 400 ~ 2e24: far beyond any extent / cell_mm ratio (belt and braces)
+
+
 def _cells(points: np.ndarray, owner: np.ndarray, budget: int, cell_mm: float) -> tuple[np.ndarray, float]:
     """Cell index per point: points of one structure in one cube of side h share a cell. h starts at
-    ``cell_mm`` and grows by 15 % until there are at most ``budget`` cells. Returns (cell ids, h)."""
+    ``cell_mm`` and grows by 15 % until there are at most ``budget`` cells. Returns (cell ids, h).
+
+    The floor is one cell per structure: h stops growing as soon as every structure is a single cell,
+    even when that is more than ``budget`` cells (the caller records that the floor was applied).
+    Always terminates: non-finite coordinates fall into their structure's first cell, a
+    non-positive or non-finite ``cell_mm`` and more than ``_MAX_CELL_ROUNDS`` rounds give the floor."""
+    n_owners = int(np.unique(owner).size)
+    if not len(points):
+        return np.zeros(0, dtype=np.int64), float(cell_mm)
+    finite = np.isfinite(points)
+    ok_rows = finite.all(axis=1)
+    lo = points[ok_rows].min(axis=0) if ok_rows.any() else np.zeros(3)
     h = float(cell_mm)
-    lo = points.min(axis=0) if len(points) else np.zeros(3)
-    while True:
-        q = np.floor((points - lo) / h).astype(np.int64)
+    for _ in range(_MAX_CELL_ROUNDS if np.isfinite(h) and h > 0 else 0):
+        q = np.floor(np.where(finite, points - lo, 0.0) / h)
+        q = np.clip(np.where(np.isfinite(q), q, 0.0), 0.0, 2.0 ** 52).astype(np.int64)  # defined casts only
         key = ((owner.astype(np.int64) * 4096 + q[:, 0]) * 4096 + q[:, 1]) * 4096 + q[:, 2]
         _, inv = np.unique(key, return_inverse=True)
-        n_cells = int(inv.max()) + 1 if len(inv) else 0
-        if n_cells <= max(budget, 1):
+        n_cells = int(inv.max()) + 1
+        if n_cells <= max(budget, 1) or n_cells <= n_owners:
             return inv.ravel(), h
         h *= 1.15
+    # cannot happen for finite points and a finite cell_mm > 0 (h outgrows the extent first)
+    _, inv = np.unique(owner, return_inverse=True)
+    return inv.ravel().astype(np.int64), h
 
 
 def _grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
@@ -265,6 +282,8 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     """
     if mode not in ("plane", "point"):
         raise ValueError(f"mode must be 'plane' or 'point', got {mode!r}")
+    if not (np.isfinite(cell_mm) and cell_mm > 0):
+        raise ValueError(f"cell_mm must be a finite number > 0, got {cell_mm!r}")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     t0 = t_all
@@ -330,6 +349,8 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
     budget = max(max_control_points - len(cf_a), 1)
     cell, h = _cells(pts, owner, budget, cell_mm) if len(pts) else (np.zeros(0, dtype=np.int64), cell_mm)
     n_cells = int(cell.max()) + 1 if len(cell) else 0
+    # the floor: one cell per structure plus the centroids, even when max_control_points is smaller
+    floor_applied = n_cells + len(cf_a) > max_control_points
     counts = np.bincount(cell, minlength=n_cells).astype(np.float64)
     centres = np.zeros((n_cells, 3))
     for d in range(3):
@@ -442,7 +463,13 @@ def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidR
         time_ms=times,
         settings={
             "smoothing": smoothing, "centroid_smoothing": c_smooth, "max_control_points": max_control_points,
-            "cell_mm": cell_mm, "cell_mm_used": h, "max_points_per_structure": max_points_per_structure,
+            "cell_mm": cell_mm, "cell_mm_used": h,
+            "n_cells": n_cells, "max_control_points_effective": n_cells + len(cf_a),
+            "budget_floor_applied": bool(floor_applied),
+            "budget_note": (f"max_control_points {max_control_points} is below the floor of one control point per "
+                            f"structure plus centroids: {n_cells} cells + {len(cf_a)} centroids used")
+            if floor_applied else None,
+            "max_points_per_structure": max_points_per_structure,
             "max_surface_points": max_surface_points,
             "iterations": iterations, "mode": mode, "mutual": mutual, "normal_neighbours": normal_neighbours,
             "surface_neighbours": surface_neighbours, "normal_damping": normal_damping, "outlier_factor": outlier_factor,

@@ -49,6 +49,7 @@ from common.atomic import atomic_write_json  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from common.passport import compute_structures  # noqa: E402
 from registration.deformable import DeformableResult, jacobian_stats, register_deformable, to_transform  # noqa: E402
+from registration.register import FLOOR_HELP, OneLineParser, number  # noqa: E402
 from registration.rigid import RigidResult, register_rigid, rotation_angle_deg  # noqa: E402
 from registration.transform import Transform, warp_labels  # noqa: E402
 
@@ -598,7 +599,7 @@ def _fmt_line(key: str, s: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python registration/evaluate.py",
         description="Measure passport registration (rigid + TPS) against known transforms of a real CT "
                     "(TRE in mm at centroids / body / inside / boundary points, Dice, folding, runtime); "
@@ -607,18 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None,
                    help="label map on the CT's grid (default: example_seg.nii.gz next to the default CT)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON. Default: %(default)s")
-    p.add_argument("--magnitudes", type=float, nargs="+", default=[5.0, 10.0, 20.0],
+    p.add_argument("--magnitudes", type=number(float, 0.0), nargs="+", default=[5.0, 10.0, 20.0],
                    help="peak deformation displacements in mm (default: 5 10 20)")
-    p.add_argument("--cases", type=int, default=3, help="random cases per magnitude (default: 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--points", type=int, default=20000, help="evaluation points per point set (default: 20000)")
-    p.add_argument("--max-angle", type=float, default=15.0, help="max rotation in degrees (default: 15)")
-    p.add_argument("--max-shift", type=float, default=30.0, help="max shift in mm (default: 30)")
-    p.add_argument("--smoothing", type=float, default=None, help="TPS smoothing (default: the library default)")
-    p.add_argument("--iterations", type=int, default=None, help="ICP rounds of the TPS tier")
+    p.add_argument("--cases", type=number(int, 1), default=3, help="random cases per magnitude (default: 3)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="random seed (default: 0)")
+    p.add_argument("--points", type=number(int, 1), default=20000, help="evaluation points per point set (default: 20000)")
+    p.add_argument("--max-angle", type=number(float, 0.0), default=15.0, help="max rotation in degrees (default: 15)")
+    p.add_argument("--max-shift", type=number(float, 0.0), default=30.0, help="max shift in mm (default: 30)")
+    p.add_argument("--smoothing", type=number(float, 0.0), default=None, help="TPS smoothing (default: the library default)")
+    p.add_argument("--iterations", type=number(int, 0), default=None, help="ICP rounds of the TPS tier")
     p.add_argument("--mode", choices=("plane", "point"), default=None, help="TPS correspondence mode")
     p.add_argument("--no-mutual", action="store_true", help="use one-way nearest neighbours")
-    p.add_argument("--max-control-points", type=int, default=None, help="TPS control-point budget")
+    p.add_argument("--max-control-points", type=number(int, 0), default=None,
+                   help=f"TPS control-point budget; {FLOOR_HELP}")
     p.add_argument("--no-dice", action="store_true", help="skip the Dice computation (faster)")
     p.add_argument("--no-timing", action="store_true", help="skip the full-passport timing (117 x 500 points)")
     p.add_argument("--batch", type=Path, nargs="?", const=DEFAULT_BATCH, default=None,

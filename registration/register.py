@@ -12,10 +12,12 @@ Bad input: one line naming the file on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -27,10 +29,37 @@ from common.atomic import atomic_path, atomic_write_json  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 DEFAULT_SMOOTHING = 3e4
+FLOOR_HELP = "0 or any value below the floor means the floor: one control point per structure plus the centroids"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind: type = float, minimum: float = 0.0, *, strict: bool = False) -> Callable[[str], Any]:
+    """argparse ``type=``: an int or a finite float >= ``minimum`` (> with ``strict``); anything else is
+    refused with one line naming the value."""
+    what = "an integer" if kind is int else "a finite number"
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python registration/register.py",
         description="Register a MOVING scan to a FIXED scan from their anatomical passports (JSON made by "
                     "common/passport.py): weighted robust rigid alignment of structure centroids and principal "
@@ -45,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-scan", type=Path, metavar="B.nii.gz", help="moving scan, warped onto the fixed grid")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--no-deformable", action="store_true", help="rigid only (skip the thin-plate spline)")
-    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+    p.add_argument("--smoothing", type=number(float, 0.0), default=DEFAULT_SMOOTHING,
                    help="thin-plate spline smoothing (RBFInterpolator units; larger = smoother). Default: %(default)g")
-    p.add_argument("--residual-threshold", type=float, default=15.0, metavar="MM",
+    p.add_argument("--residual-threshold", type=number(float, 0.0, strict=True), default=15.0, metavar="MM",
                    help="rigid: centroid residual (mm) above which a structure is an outlier. Default: %(default)g")
-    p.add_argument("--max-control-points", type=int, default=1000,
-                   help="thin-plate spline control points (cells + centroids). Default: %(default)d")
+    p.add_argument("--max-control-points", type=number(int, 0), default=1000,
+                   help=f"thin-plate spline control points (cells + centroids); {FLOOR_HELP}. "
+                        "Default: %(default)d")
     return p
 
 
@@ -183,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         d = report["deformable"]
         line += (f"; TPS: {d['n_control_points']} control points, max |u| {d['displacement_mm_max']:.1f} mm, "
                  f"folding {100 * d['jacobian']['fraction_nonpositive']:.3f} %, {report['time_ms']['deformable']:.0f} ms")
+        if d["settings"].get("budget_floor_applied"):
+            line += f" (floor applied: {d['settings']['budget_note']})"
     print(line)
     print(f"wrote {args.out}")
     return 0
