@@ -41,9 +41,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.standin_only:
-            from common.weights import build_standin, configure_offline_totalseg
+            from common.weights import build_standin
 
-            configure_offline_totalseg()
             print(f"stand-in weights: {build_standin()}")
             return 0
         if args.model_dir is None:

@@ -24,26 +24,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, "03_vanilla", onnx=False, out_help="reference mask folder")
     p.add_argument("--device", default="cpu", help="device for the official tool: cpu, gpu, cuda, mps (default cpu)")
+    p.add_argument("--official-timeout", type=_positive_seconds, default=None, metavar="S",
+                   help="time limit of one official call in seconds; a call past it is killed and its scan "
+                        "recorded as failed (default: 300 s + 60 s per 112x112x128 tile of the scan)")
     return p.parse_args(argv)
 
 
-def official_runner(device: str):
+def _positive_seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def official_runner(weights_folder: Path, device: str, timeout_s: float | None):
+    """RunFn for the official tool. Each scan gets its own isolated worker process (started before the
+    scan's first call, not timed; ended after its last), so a stuck call costs only that scan and the
+    worker's peak RSS is the scan's."""
     import time
 
+    import nibabel as nib
     import numpy as np
 
     from common.atomic import atomic_path
-    from common.official import run_official
+    from common.official import OfficialRunner
+
+    state: dict = {"scan": None, "runner": None}
+
+    def close() -> None:
+        if state["runner"] is not None:
+            state["runner"].close()
+        state.update(scan=None, runner=None)
 
     def run(scan: Path, mask_path: Path | None):
+        if state["scan"] != scan:
+            close()
+            state.update(scan=scan, runner=OfficialRunner(weights_folder))
+            state["runner"].start()
         # the official tool writes the mask itself (inside the timed call), to a temporary name that is
         # renamed once complete
         with atomic_path(mask_path, suffix=".nii.gz") as tmp:
             t0 = time.perf_counter()
-            img, _ = run_official(scan, tmp, device=device)
+            state["runner"].segment(scan, tmp, device=device, timeout_s=timeout_s)
             total = time.perf_counter() - t0
-        return total, {}, np.asanyarray(img.dataobj)
+            labels = np.asanyarray(nib.load(tmp).dataobj)
+        return total, {}, labels
 
+    run.close = close
     return run
 
 
@@ -57,13 +89,17 @@ def main(argv=None) -> int:
     except (InputError, FileExistsError, RuntimeError) as exc:
         return fail(exc)
     print(f"data: {source}")
-    settings = {"task": "total", "fast": True, "device": args.device, "repeats": args.repeats,
+    settings = {"task": "total", "fast": True, "device": args.device, "isolation": "one worker process per scan",
+                "official_timeout_s": args.official_timeout or "300 + 60 per tile", "repeats": args.repeats,
                 "warmup": args.warmup, "input": source, "torch_threads": os.cpu_count(),
                 "stages": "not separable: the official tool is timed as one call (load..save)"}
     result = new_result("03_vanilla_benchmark.py", method="official_pytorch", settings=settings,
                         model=model_record(spec))
-    result["scans"] = benchmark_scans(scans, official_runner(args.device), args.out, args.repeats, args.warmup,
-                                      desc="03 official")
+    run = official_runner(spec.folder, args.device, args.official_timeout)
+    try:
+        result["scans"] = benchmark_scans(scans, run, args.out, args.repeats, args.warmup, desc="03 official")
+    finally:
+        run.close()
     summarize(result)
     write_result(result, args.result)
     print(f"result: {args.result} (weights: {spec.provenance()['weights']})")

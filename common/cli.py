@@ -96,9 +96,12 @@ def embedded_phantom(log=print) -> Path:
 
 def add_weights_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["auto", "official", "standin"], default="auto",
-                        help="Task 297 weights: 'auto' uses what is installed where TotalSegmentator looks "
-                             "($TOTALSEG_HOME_DIR or ~/.totalsegmentator), else tries the official download, "
-                             "else builds the seeded stand-in (default: auto)")
+                        help="Task 297 weights: 'auto' uses the official weights installed where TotalSegmentator "
+                             "looks ($TOTALSEG_HOME_DIR or ~/.totalsegmentator), else tries TotalSegmentator's own "
+                             "download, else uses the seeded stand-in kept in the project "
+                             "(models/totalseg_home; never written into your TotalSegmentator home); "
+                             "'official' fails instead of using the stand-in; 'standin' always uses it "
+                             "(default: auto)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, stage: str, *, onnx: bool = True, timing: bool = True,
@@ -123,9 +126,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str, *, onnx: bool
 def prepare_model(weights_mode: str = "auto", log=print):
     """Ensure Task 297 weights exist (official or stand-in) and return their ModelSpec."""
     from common.model import load_model_spec
-    from common.weights import configure_offline_totalseg, ensure_task297
+    from common.weights import ensure_task297
 
-    configure_offline_totalseg()
     folder = ensure_task297(weights_mode, log=log)
     spec = load_model_spec(folder)
     kind = "STAND-IN (seeded random; timings real, anatomy not)" if spec.is_standin else "official"
@@ -173,15 +175,37 @@ def start_run(input_arg: str | None, max_samples: int | None, weights: str):
     return scans, source, prepare_model(weights)
 
 
-def exit_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so that atomic writes in progress remove their temporary files
-    (a SIGKILL cannot be caught: then only a hidden .tmp-* file may remain, never a partial output)."""
+_FORK_HOOK_INSTALLED = False
+
+
+def _default_sigterm_in_child() -> None:
+    """After a fork: SIGTERM kills again. A Python-level handler only runs when the interpreter regains
+    control, so a forked pool worker blocked in sem_wait would swallow the Pool.terminate() SIGTERM and
+    hang its parent forever (seen in nnU-Net's pools)."""
     import signal
+
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # forked from a non-main thread: no handler of ours was inherited there
+        pass
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in this process only, so that atomic writes in progress remove their
+    temporary files (a SIGKILL cannot be caught: then only a hidden .tmp-* file may remain, never a partial
+    output). Forked children get the default disposition back (os.register_at_fork)."""
+    import os
+    import signal
+
+    global _FORK_HOOK_INSTALLED
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+    if not _FORK_HOOK_INSTALLED:
+        os.register_at_fork(after_in_child=_default_sigterm_in_child)
+        _FORK_HOOK_INSTALLED = True
 
 
 def fail(message: str, code: int = 2) -> int:

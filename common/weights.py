@@ -1,19 +1,28 @@
-"""Where TotalSegmentator keeps its Task 297 weights; obtaining them; the seeded stand-in.
+"""Where the Task 297 weights live; obtaining the official ones; the seeded stand-in.
+
+Two places, never mixed:
+- the USER's TotalSegmentator home ($TOTALSEG_HOME_DIR or ~/.totalsegmentator, TOTALSEG_WEIGHTS_PATH
+  honoured): read only. The official weights there are used whenever they are installed. The one write
+  is TotalSegmentator's own downloader, on request (--weights auto/official), fetching the official weights.
+- the PROJECT's own TotalSegmentator home (``models/totalseg_home`` or $TS_BENCH_TOTALSEG_HOME): the
+  stand-in lives here, with a config.json that has usage statistics off. Official reference runs point the
+  official tool at it explicitly, inside their isolated worker only (common/official_worker.py).
 
 The stand-in is a complete nnU-Net v2 results folder with the exact Task 297 ("total", fast, 3 mm)
-architecture and seeded random weights, written where the official tool looks, so that the official
-TotalSegmentator and this project's pipeline run on the same network. Timings on it are real; anatomy is not.
+architecture and seeded random weights, so that the official TotalSegmentator and this project's pipeline
+run on the same network. Timings on it are real; anatomy is not.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_path, atomic_write_json
 from common.model import CHECKPOINT_NAME, STANDIN_MARKER
 
 TASK_ID = 297
@@ -21,7 +30,10 @@ DATASET_NAME = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 PLANS_NAME = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
-DOWNLOAD_HOST = ("github.com", 443)  # TotalSegmentator's weight releases
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_HOME_ENV = "TS_BENCH_TOTALSEG_HOME"
+DOWNLOAD_TIMEOUT_S = 1800.0   # the official downloader itself has no timeout
+PROBE_TIMEOUT_S = 10.0
 
 # The Task 297 plans, as published with TotalSegmentator v2 (spacing/patch/intensity properties). These
 # numbers live only here, in the stand-in builder; everything downstream reads them back from plans.json.
@@ -67,22 +79,39 @@ TASK297_INTENSITY = {"0": {"max": 3071.0, "mean": -50.3869, "median": 31.0, "min
 
 
 def totalseg_home() -> Path:
-    """$TOTALSEG_HOME_DIR, else ~/.totalsegmentator (TotalSegmentator's own rule, config.get_totalseg_dir)."""
+    """The user's TotalSegmentator home: $TOTALSEG_HOME_DIR, else ~/.totalsegmentator (the official rule,
+    config.get_totalseg_dir). Read only for this project."""
     from totalsegmentator.config import get_totalseg_dir
 
     return Path(get_totalseg_dir())
 
 
+def _task297_under(weights_root: Path) -> Path:
+    return Path(weights_root) / DATASET_NAME / f"{TRAINER}__{PLANS_NAME}__{CONFIGURATION}"
+
+
 def task297_folder() -> Path:
-    """The results folder the official tool reads for `fast=True, task='total'`."""
+    """The results folder the official tool reads for `fast=True, task='total'` in the user's environment."""
     from totalsegmentator.config import get_weights_dir
 
-    return Path(get_weights_dir()) / DATASET_NAME / f"{TRAINER}__{PLANS_NAME}__{CONFIGURATION}"
+    return _task297_under(Path(get_weights_dir()))
 
 
-def configure_offline_totalseg() -> Path:
-    """Write TotalSegmentator's config.json with usage statistics off (no network call after a run)."""
-    home = totalseg_home()
+def project_totalseg_home() -> Path:
+    """The project's own TotalSegmentator home: $TS_BENCH_TOTALSEG_HOME, else <project>/models/totalseg_home."""
+    env = os.environ.get(PROJECT_HOME_ENV)
+    return Path(env).resolve() if env else PROJECT_ROOT / "models" / "totalseg_home"
+
+
+def standin_folder(home: Path | None = None) -> Path:
+    """Where the stand-in Task 297 results folder lives: inside the project's TotalSegmentator home."""
+    return _task297_under((home or project_totalseg_home()) / "nnunet" / "results")
+
+
+def prepare_project_home(home: Path | None = None) -> Path:
+    """Create the project's TotalSegmentator home with a config.json that has usage statistics off (the
+    official tool's config writes during our reference runs land here). Returns the home folder."""
+    home = Path(home) if home is not None else project_totalseg_home()
     home.mkdir(parents=True, exist_ok=True)
     cfg_file = home / "config.json"
     cfg: dict[str, Any] = {}
@@ -91,12 +120,20 @@ def configure_offline_totalseg() -> Path:
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             cfg = {}
-    cfg.setdefault("totalseg_id", "totalseg_benchmark")
-    cfg.setdefault("prediction_counter", 0)
-    cfg["send_usage_stats"] = False
-    cfg["statistics_disclaimer_shown"] = True
-    atomic_write_json(cfg_file, cfg, indent=4)
-    return cfg_file
+    want = {"send_usage_stats": False, "statistics_disclaimer_shown": True}
+    if not isinstance(cfg, dict) or any(cfg.get(k) != v for k, v in want.items()):
+        cfg = {"totalseg_id": "totalseg_benchmark", "prediction_counter": 0,
+               **(cfg if isinstance(cfg, dict) else {}), **want}
+        atomic_write_json(cfg_file, cfg, indent=4)
+    return home
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / "fold_0" / CHECKPOINT_NAME).exists()
+
+
+def is_standin_folder(folder: Path) -> bool:
+    return (Path(folder) / STANDIN_MARKER).exists()
 
 
 def _class_names() -> dict[int, str]:
@@ -105,9 +142,13 @@ def _class_names() -> dict[int, str]:
     return dict(sorted(class_map["total"].items()))
 
 
-def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the stand-in Task 297 results folder; never touches a folder that holds official weights.
+def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = False,
+                  patch_size: tuple[int, int, int] | None = None) -> Path:
+    """Write the stand-in Task 297 results folder (default: ``standin_folder()`` in the project's home);
+    never touches a folder that holds official weights.
 
+    ``patch_size`` (z, y, x voxels) replaces the published 112 x 112 x 128 in plans.json: only for tests
+    that need many cheap official calls through the same code path (same network, smaller tiles).
     Returns the folder. Raises FileExistsError if real weights are there, unless they are a stand-in and
     ``overwrite`` is set.
     """
@@ -115,7 +156,7 @@ def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = F
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.network_initialization import InitWeights_He
 
-    folder = Path(folder) if folder is not None else task297_folder()
+    folder = Path(folder) if folder is not None else standin_folder()
     ckpt = folder / "fold_0" / CHECKPOINT_NAME
     if ckpt.exists():
         if not (folder / STANDIN_MARKER).exists():
@@ -130,7 +171,8 @@ def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = F
              "original_median_spacing_after_transp": [3.0, 3.0, 3.0],
              "original_median_shape_after_transp": [165, 113, 113],
              "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {CONFIGURATION: TASK297_PLANS_3D_FULLRES},
+             "configurations": {CONFIGURATION: {**TASK297_PLANS_3D_FULLRES,
+                                                **({"patch_size": list(patch_size)} if patch_size else {})}},
              "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
              "foreground_intensity_properties_per_channel": TASK297_INTENSITY}
     arch = TASK297_PLANS_3D_FULLRES["architecture"]
@@ -146,73 +188,94 @@ def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = F
     checkpoint = {"network_weights": net.state_dict(), "trainer_name": TRAINER,
                   "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0, "dataset_json": dataset},
                   "inference_allowed_mirroring_axes": None, "current_epoch": 0, "standin": True}
-    tmp = ckpt.with_name(".tmp-" + ckpt.name)
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, ckpt)
+    # the marker first and the checkpoint last: a folder with a checkpoint is complete
     atomic_write_json(folder / STANDIN_MARKER, {
         "what": "seeded random weights with the exact Task 297 architecture (NOT the official weights)",
         "seed": seed, "init": "nnU-Net InitWeights_He(1e-2)", "n_parameters": n_params,
-        "torch": torch.__version__})
+        "patch_size": plans["configurations"][CONFIGURATION]["patch_size"], "torch": torch.__version__})
+    with atomic_path(ckpt) as tmp:
+        torch.save(checkpoint, tmp)
     return folder
 
 
-def network_reachable(host: tuple[str, int] | None = None, timeout: float = 3.0) -> bool:
-    """True if a TCP connection to ``host`` (default: the weights' host) opens within ``timeout`` s."""
-    host = host or DOWNLOAD_HOST
-    try:
-        with socket.create_connection(host, timeout=timeout):
-            return True
-    except OSError:
-        return False
+def weights_url(task_id: int = TASK_ID) -> str:
+    """The URL TotalSegmentator's own downloader fetches for ``task_id`` (read from its task table)."""
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+
+    info = TASK_ID_WEIGHTS_CONFIGS[task_id]
+    return f"https://github.com/wasserth/TotalSegmentator/releases/download/{info['version']}/{info['foldername']}.zip"
 
 
-def try_download_official(log=print) -> bool:
-    """Fetch the official Task 297 weights through TotalSegmentator's own downloader.
+def probe_download(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if an HTTP HEAD of the weights' URL succeeds within ``timeout`` s, else the reason (one line).
 
-    Returns True on success. Offline this returns False within a few seconds with one clear line: the
-    official downloader uses requests without a timeout, so reachability is checked first.
+    Uses requests, which honours HTTP(S)_PROXY / NO_PROXY and the system's CA settings like the official
+    downloader (also requests), so a proxy that lets the download through lets this check through too.
     """
-    if not network_reachable():
-        log(f"official Task {TASK_ID} weights: cannot reach {DOWNLOAD_HOST[0]}:{DOWNLOAD_HOST[1]} (offline?); "
-            "using the seeded stand-in weights instead")
-        return False
-    from totalsegmentator.config import setup_nnunet
-    from totalsegmentator.libs import download_pretrained_weights
+    import requests
 
-    setup_nnunet()
+    url = url or weights_url()
     try:
-        download_pretrained_weights(TASK_ID)
-    except Exception as exc:  # network errors of many kinds; the message is what matters
-        log(f"official Task {TASK_ID} weights: download failed ({type(exc).__name__}: {exc}); using stand-in")
-        folder = task297_folder()
-        if folder.exists() and not (folder / "fold_0" / CHECKPOINT_NAME).exists():
-            shutil.rmtree(folder.parent, ignore_errors=True)  # a half-unpacked download
-        return False
-    return (task297_folder() / "fold_0" / CHECKPOINT_NAME).exists()
+        r = requests.head(url, timeout=timeout, allow_redirects=True)
+    except requests.RequestException as exc:
+        return f"cannot reach {url.split('/')[2]} ({type(exc).__name__})"
+    if r.status_code >= 400:
+        return f"{url} answered HTTP {r.status_code}"
+    return None
+
+
+_DOWNLOAD_CODE = "from totalsegmentator.libs import download_pretrained_weights as d; d({task})"
+
+
+def try_download_official(log=print, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> str | None:
+    """Fetch the official Task 297 weights into the user's home with TotalSegmentator's own downloader.
+
+    Returns None on success, else the reason (one line). The downloader runs in a child process under
+    ``timeout_s`` (it has no timeout of its own); a download that fails half-way leaves no partial folder.
+    """
+    reason = probe_download()
+    if reason is not None:
+        return reason
+    folder = task297_folder()
+    existed = folder.parent.exists()
+    log(f"downloading the official Task {TASK_ID} weights with TotalSegmentator's downloader into {folder.parent}")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _DOWNLOAD_CODE.format(task=TASK_ID)], timeout=timeout_s,
+                              capture_output=True, text=True, encoding="utf-8", errors="replace")
+        err = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit code "
+                                                                                  f"{proc.returncode}"])[-1]
+    except subprocess.TimeoutExpired:
+        err = f"no result within {timeout_s:.0f} s"
+    if err is None and has_checkpoint(folder):
+        return None
+    if not existed and folder.parent.exists() and not has_checkpoint(folder):
+        shutil.rmtree(folder.parent, ignore_errors=True)  # a half-unpacked download of ours
+    return f"download failed: {err or 'no checkpoint after unpacking'}"
 
 
 def ensure_task297(mode: str = "auto", log=print) -> Path:
-    """Return the Task 297 results folder, obtaining weights as ``mode`` says.
+    """Return the Task 297 results folder to use, obtaining weights as ``mode`` says.
 
-    mode: "auto" (use what is there; else try the official download; else build the stand-in),
-    "official" (error if official weights cannot be had), "standin" (build/use the stand-in; refuses
-    to replace official weights).
+    mode "auto": the official weights installed in the user's home; else TotalSegmentator's own download;
+    else the seeded stand-in in the project's home (one line says why). "official": the same without the
+    stand-in (RuntimeError if they cannot be had). "standin": the project's stand-in (built once).
+    The user's home is never written, except by the official downloader.
     """
     if mode not in ("auto", "official", "standin"):
         raise ValueError(f"weights mode must be auto, official or standin, not {mode!r}")
-    folder = task297_folder()
-    have = (folder / "fold_0" / CHECKPOINT_NAME).exists()
-    is_standin = (folder / STANDIN_MARKER).exists()
-    if have and (mode == "auto" or (mode == "standin") == is_standin):
-        return folder
-    if mode in ("auto", "official") and not (have and not is_standin):
-        if have and is_standin:  # make room for the official download; the stand-in is rebuilt on failure
-            shutil.rmtree(folder)
-        if try_download_official(log):
-            return folder
+    if mode in ("auto", "official"):
+        user = task297_folder()
+        if has_checkpoint(user) and not is_standin_folder(user):
+            return user
+        if has_checkpoint(user):  # written there by an earlier version of this suite
+            reason = (f"{user} holds stand-in weights written by an earlier version of this suite (the official "
+                      "tool would use them too); delete that folder so that the official weights can be installed")
+        else:
+            reason = try_download_official(log)
+            if reason is None:
+                return user
         if mode == "official":
-            raise RuntimeError(f"official Task {TASK_ID} weights unavailable (see message above); "
-                               "use --weights standin or place them in " + str(folder))
-    if mode == "standin" and have and not is_standin:
-        raise FileExistsError(f"{folder}: official weights present; remove them yourself to use the stand-in")
-    return build_standin(folder)
+            raise RuntimeError(f"official Task {TASK_ID} weights unavailable: {reason}; "
+                               "use --weights standin, or install them in " + str(user))
+        log(f"official Task {TASK_ID} weights: {reason}; using the seeded stand-in weights ({standin_folder()})")
+    return build_standin(standin_folder())

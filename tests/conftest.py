@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SHARED_CT = Path(os.environ.get("TS_BENCH_SHARED_CT", ROOT.parent / "shared" / "data" / "ct"))
+
+# The user's environment during tests: HOME and TOTALSEG_HOME_DIR are empty temporary folders, set before
+# anything imports TotalSegmentator. At the end of the session `user_home_untouched` checks that nothing of
+# the suite (scripts 02-07 run in-process and as subprocesses by the tests) wrote into them.
+USER_HOME = Path(tempfile.mkdtemp(prefix="ts-bench-user-home-"))
+os.environ["HOME"] = str(USER_HOME)
+os.environ["TOTALSEG_HOME_DIR"] = str(USER_HOME / ".totalsegmentator")
+os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
 
 
 def shared_ct(name: str) -> Path:
@@ -48,18 +57,28 @@ def example_mr_sm() -> Path:
     return shared_ct("example_mr_sm.nii.gz")
 
 
+def written_into_user_home() -> list[str]:
+    """What sits in the test session's TotalSegmentator user home that the suite must never write there:
+    a Task 297 folder or a config.json."""
+    home = Path(os.environ["TOTALSEG_HOME_DIR"])
+    found = [str(p) for p in home.rglob("Dataset297*")] if home.exists() else []
+    return found + ([str(home / "config.json")] if (home / "config.json").exists() else [])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_home_untouched():
+    """Session-wide check: after every test has run, the user's TotalSegmentator home holds nothing of ours."""
+    yield
+    assert not written_into_user_home(), f"the suite wrote into the user's TotalSegmentator home: {written_into_user_home()}"
+
+
 @pytest.fixture(scope="session")
-def standin_home(tmp_path_factory) -> Path:
-    """A TOTALSEG_HOME_DIR holding the stand-in Task 297 weights, used by the whole test session.
+def standin_home() -> Path:
+    """The project's own TotalSegmentator home (models/totalseg_home) holding the stand-in Task 297 weights,
+    used by the whole test session (built once; quickstart.sh builds the same folder)."""
+    from common.weights import build_standin, prepare_project_home
 
-    Hermetic: the user's ~/.totalsegmentator is never touched by tests.
-    """
-    home = Path(os.environ.get("TS_BENCH_TEST_HOME", tmp_path_factory.mktemp("totalseg_home")))
-    os.environ["TOTALSEG_HOME_DIR"] = str(home)
-    os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
-    from common.weights import build_standin, configure_offline_totalseg
-
-    configure_offline_totalseg()
+    home = prepare_project_home()
     build_standin()
     return home
 
@@ -67,9 +86,9 @@ def standin_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_spec(standin_home):
     from common.model import load_model_spec
-    from common.weights import task297_folder
+    from common.weights import standin_folder
 
-    return load_model_spec(task297_folder())
+    return load_model_spec(standin_folder())
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +113,33 @@ def torch_predictor(model_spec):
     from common.session import TorchPredictor
 
     return TorchPredictor(model_spec.build_network())
+
+
+@pytest.fixture(scope="session")
+def official_runner(standin_home, model_spec):
+    """One isolated official TotalSegmentator worker for the session (its start-up, ~5-9 s, paid once)."""
+    from common.official import OfficialRunner
+
+    with OfficialRunner(model_spec.folder) as runner:
+        yield runner
+
+
+@pytest.fixture(scope="session")
+def official_labels(official_runner, tmp_path_factory):
+    """official_labels(path) -> the official tool's label array for that scan, computed once per session
+    (keyed on the file's content), so tests that only need the reference share one official run."""
+    import hashlib
+
+    from common.official import run_official
+
+    cache: dict[str, object] = {}
+    folder = tmp_path_factory.mktemp("official_cache")
+
+    def get(path: Path):
+        key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if key not in cache:
+            img, _ = run_official(path, folder / f"{key[:16]}.nii.gz", runner=official_runner)
+            cache[key] = img
+        return cache[key]
+
+    return get

@@ -32,7 +32,7 @@ def _start_06(scan_folder: Path, out: Path, onnx: Path, home: Path) -> subproces
     from common.runner import RunConfig, save_config
 
     cfg = save_config(RunConfig(), out.parent / "config.json")  # independent of any local 05 result
-    env = {**os.environ, "TOTALSEG_HOME_DIR": str(home)}
+    env = dict(os.environ)  # the test session's (temporary) user home; the stand-in is the project's
     cmd = [sys.executable, str(ROOT / "06_inferenceAndPassport.py"), "--input", str(scan_folder), "--out",
            str(out), "--result", str(out / "06.json"), "--onnx", str(onnx), "--max-points", "20000", "--config", str(cfg)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from common.metrics import dice_per_class, voxel_agreement
-from common.official import run_official
 from common.pipeline import SegmentOptions, segment
 from common.variants import reorient, resample_to_spacing
 
@@ -31,15 +30,15 @@ def _min_dice_over_big_classes(a: np.ndarray, b: np.ndarray, min_voxels: int = 1
 
 
 @pytest.fixture(scope="module")
-def cases(standin_home, example_ct_sm, example_ct, tmp_path_factory):
-    """(name, image path, official labels) for the three parity cases; official runs happen once here."""
+def cases(official_labels, example_ct_sm, example_ct, tmp_path_factory):
+    """(name, image path, official labels) for the three parity cases; official runs happen once a session."""
     tmp = tmp_path_factory.mktemp("parity")
     lps = reorient(resample_to_spacing(nib.load(example_ct_sm), (1.5, 1.5, 1.5), order=1), "LPS")
     lps_path = tmp / "example_ct_sm_lps_1.5mm.nii.gz"
     nib.save(lps, lps_path)
     out = []
     for name, path in [("example_ct_sm", example_ct_sm), ("example_ct", example_ct), ("sm_lps_1.5mm", lps_path)]:
-        ref_img, _ = run_official(path, tmp / f"{name}_official.nii.gz")
+        ref_img = official_labels(path)
         out.append((name, path, np.asanyarray(ref_img.dataobj).astype(np.uint8)))
     return out
 
