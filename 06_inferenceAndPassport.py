@@ -6,8 +6,11 @@ Per scan, written atomically into --out: <scan>_seg.nii.gz (labels in the scan's
 <scan>_passport.json (per-structure centroid, covariance, principal axes, boundary points in world mm).
 The run configuration comes from 05's benchmarks/optimized_config.json when present (else the faithful
 defaults). One predictor (ONNX Runtime session or PyTorch network) is created once and reused for all
-scans. Scans whose outputs are complete are skipped (resume) unless --force. A scan that fails is recorded
-with its error and the batch goes on; the exit code is 1 if any scan failed.
+scans. Resume: <scan>_run.json, written last, records the sha256 of the input's content, the sha256 of the
+weights and the configuration (run config without its name, passport resolution/points); a scan is skipped
+only when all three match and its outputs exist, else recomputed with one line saying what changed
+(--force recomputes everything). A scan that fails is recorded with its error and the batch goes on; the
+exit code is 1 if any scan failed.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from common import resume
     from common.passport import build_passport, save_passport, scan_metadata
     from common.results import (
         add_repeat,
@@ -102,6 +106,9 @@ def main(argv=None) -> int:
     settings = {"config": cfg.to_dict(), "config_file": str(cfg_path) if cfg_path else None,
                 "passport_resolution": args.passport_resolution, "max_points": args.max_points,
                 "input": source, "out": str(args.out)}
+    key_config = resume.config_key(cfg.to_dict(), passport_resolution=args.passport_resolution,
+                                   max_points=args.max_points, no_passport=args.no_passport)
+    weights_sha256 = spec.checkpoint_sha256
     result = new_result("06_inferenceAndPassport.py", method="inference_passport", settings=settings, model=model)
     result["skipped"] = []
     n_failed = 0
@@ -109,11 +116,30 @@ def main(argv=None) -> int:
     for scan in bar:
         bar.set_postfix_str(scan.name)
         mask_path, passport_path = _outputs(args.out, scan)
-        if not args.force and mask_path.exists() and (args.no_passport or passport_path.exists()):
-            result["skipped"].append({"file": str(scan), "reason": "outputs exist (use --force to recompute)"})
-            continue
+        run_path = resume.sidecar_path(args.out, scan)
+        outputs = [mask_path] if args.no_passport else [mask_path, passport_path]
+        try:  # hashed before loading: a file changed meanwhile leaves a key that no longer matches
+            key = resume.run_key(resume.input_digest(scan), weights_sha256, key_config)
+        except OSError:
+            key = None  # unreadable input: the scan fails below with its own error
+        if not any(p.exists() for p in (mask_path, passport_path, run_path)):
+            reasons = []  # first run for this scan
+        elif args.force:
+            reasons = ["--force"]
+        elif key is None:
+            reasons = ["input could not be hashed"]
+        else:
+            reasons = resume.recompute_reasons(run_path, key, outputs)
+            if not reasons:
+                result["skipped"].append({"file": str(scan), "reason": "up to date: same input content, weights "
+                                                                       "and configuration (--force recomputes)"})
+                continue
+            tqdm.write(f"recomputing {scan.name}: {'; '.join(reasons)}")
         record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?")
+        if reasons:
+            record["recomputed_because"] = reasons
         try:
+            run_path.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
             run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
             vol = run.volume
             record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
@@ -137,6 +163,9 @@ def main(argv=None) -> int:
             save_labels(labels, vol.affine, mask_path)
             if passport is not None:
                 save_passport(passport, passport_path)
+            if key is not None:  # last: only a scan whose outputs are all written looks complete
+                resume.write_key(run_path, key, scan=str(scan), mask=mask_path.name,
+                                 passport=passport_path.name if passport is not None else None)
             stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
             add_repeat(record, sum(stages.values()), stages)
             record["labels_present"] = labels_present(labels)
@@ -164,7 +193,7 @@ def main(argv=None) -> int:
         st = s["median"]["stages"]
         print(f"{Path(s['file']).name}: {s['median']['total_s']:.2f} s total — " +
               ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures")
-    print(f"{len(ok)} done, {len(result['skipped'])} skipped (outputs exist), {n_failed} failed; "
+    print(f"{len(ok)} done, {len(result['skipped'])} skipped (up to date), {n_failed} failed; "
           f"weights: {spec.provenance()['weights']}; result: {args.result}")
     return 1 if n_failed else 0
 

@@ -116,6 +116,18 @@ def torch_predictor(model_spec):
 
 
 @pytest.fixture(scope="session")
+def tiny_standin_home(tmp_path_factory) -> Path:
+    """A project TotalSegmentator home whose stand-in uses 32^3-voxel tiles instead of 112 x 112 x 128: the
+    same network, code paths and arithmetic, ~50x less compute per tile. For tests that need many runs of
+    the network (official or ours) on tiny crops; use with TS_BENCH_TOTALSEG_HOME and --weights standin."""
+    from common.weights import build_standin, prepare_project_home, standin_folder
+
+    home = prepare_project_home(tmp_path_factory.mktemp("tiny_home"))
+    build_standin(standin_folder(home), patch_size=(32, 32, 32))
+    return home
+
+
+@pytest.fixture(scope="session")
 def official_runner(standin_home, model_spec):
     """One isolated official TotalSegmentator worker for the session (its start-up, ~5-9 s, paid once)."""
     from common.official import OfficialRunner
