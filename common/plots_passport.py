@@ -70,7 +70,12 @@ def load_display_scan(path: str | Path) -> DisplayScan:
     canonical = nib.as_closest_canonical(volume.image)
     if len(canonical.shape) != 3:
         raise InputError(path, f"scan is not 3-D (shape {list(canonical.shape)})")
-    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    try:  # load_volume has checked the header's declared size; the data can still be corrupt
+        data = np.asarray(canonical.dataobj, dtype=np.float32)
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(path, f"truncated or corrupt image data ({type(exc).__name__}: {reason}); "
+                               "re-download or re-export the file") from exc
     return DisplayScan(Path(path), data, np.asarray(canonical.affine, dtype=np.float64))
 
 

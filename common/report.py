@@ -29,6 +29,7 @@ from common.metrics import (
     voxel_agreement,
 )
 from common.results import STAGES, one_line, read_result, scan_voxels, summarize, utc_now
+from common.volume import check_declared_size
 
 COMPARISON_SCHEMA = "ts-bench-comparison"
 COMPARISON_VERSION = 1
@@ -137,9 +138,13 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise InputError(path, "label map not found")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        img = nib.load(str(path))  # header only: the data are read below, after the size check
     except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"not a readable NIfTI label map ({type(exc).__name__}: {exc})") from exc
+    check_declared_size(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
         raise InputError(path, f"not a readable NIfTI label map ({type(exc).__name__}: {exc})") from exc
     if np.issubdtype(data.dtype, np.floating):
         rounded = np.rint(data)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from common.errors import InputError
-from common.volume import Volume, is_nifti_path, load_volume
+from common.volume import Volume, available_memory_bytes, is_nifti_path, load_volume
 
 AXES = "xyz"
 MIN_VOXELS_PER_AXIS = 2
@@ -165,21 +164,6 @@ def estimate_memory_bytes(shape_xyz: Sequence[int], spacing_mm: Sequence[float],
     return int(n_orig * 8 + n_model * 4 + int(n_classes) * n_model * 2 + 2 * n_orig * 1)
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages via os.sysconf, else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_memory(path: str | Path | None, estimate: int, available: int | None = None) -> None:
     """Raise InputError when ``estimate`` bytes exceed ``available`` (default: this machine's free RAM).
 
@@ -310,7 +294,8 @@ def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]
     The voxel data are read exactly once here (a truncated or corrupt .nii.gz, which nibabel only
     notices when reading data, becomes an InputError); the returned Volume's image holds that
     array, squeezed to 3D for a single-volume 4D file. Raises InputError for every problem listed
-    in ``validate_image`` and for missing/unreadable files.
+    in ``validate_image``, for missing/unreadable files and, before any voxel is read, for a header
+    that declares more data than the file holds or than fits in free memory (``load_volume``).
     """
     path = Path(path)
     check_raw_header(path)

@@ -48,6 +48,7 @@ from scipy import ndimage  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from common.passport import compute_structures  # noqa: E402
+from common.volume import check_declared_size  # noqa: E402
 from registration.deformable import DeformableResult, jacobian_stats, register_deformable, to_transform  # noqa: E402
 from registration.register import FLOOR_HELP, OneLineParser, number  # noqa: E402
 from registration.rigid import RigidResult, register_rigid, rotation_angle_deg  # noqa: E402
@@ -541,6 +542,7 @@ def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | Non
             p = scan.parent / f"{stem}{suffix}{ext}"
             if p.is_file():
                 img = nib.load(str(p))
+                check_declared_size(p, img)  # before the data are read
                 lab = np.rint(np.asarray(img.dataobj)).astype(np.int32)
                 return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine,
                                                                                    total_class_names())
