@@ -61,6 +61,8 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
     canonical = to_canonical(img)
     resampled = resample_to_spacing(canonical, spec.spacing_xyz, order=opt.resample_order,
                                     threads=opt.resample_threads)
+    canonical_shape, canonical_affine = canonical.shape[:3], canonical.affine
+    del canonical  # the full-resolution float64 copy is not needed past resampling (memory: 8 bytes/voxel)
     data = to_nnunet_axes(np.asanyarray(resampled.dataobj), spec.transpose_forward)
     data, crop = crop_to_nonzero(data)
     data = ct_normalize(data, spec.normalization)[None]  # (1, *spatial) one channel
@@ -81,8 +83,8 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
 
     labels = from_nnunet_axes(uncrop(labels, crop), spec.transpose_backward)
     low = nib.Nifti1Image(np.ascontiguousarray(labels), resampled.affine)
-    full = resample_labels_to_shape(labels, canonical.shape[:3], threads=opt.resample_threads)
-    out = undo_canonical(np.ascontiguousarray(full), canonical.affine, img.affine)
+    full = resample_labels_to_shape(labels, canonical_shape, threads=opt.resample_threads)
+    out = undo_canonical(np.ascontiguousarray(full), canonical_affine, img.affine)
     out = nib.Nifti1Image(np.asanyarray(out.dataobj), img.affine)  # exactly the input's affine
     out.set_data_dtype(np.uint8)
     timings["postprocess"] = time.perf_counter() - t2

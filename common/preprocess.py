@@ -16,8 +16,9 @@ from common.model import Normalization
 
 
 def to_canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
-    """Float64 copy of the scan reoriented to the closest RAS+ axes (what the official tool feeds nnU-Net)."""
-    return nib.as_closest_canonical(nib.Nifti1Image(img.get_fdata(), img.affine))
+    """Float64 copy of the scan reoriented to the closest RAS+ axes (what the official tool feeds nnU-Net).
+    The float64 array is not cached in ``img`` (caching="unchanged"): callers drop it once resampled."""
+    return nib.as_closest_canonical(nib.Nifti1Image(img.get_fdata(caching="unchanged"), img.affine))
 
 
 def zoom_volume(data: np.ndarray, zoom: np.ndarray, order: int, threads: int = 1) -> np.ndarray:

@@ -31,6 +31,12 @@ class OrtSettings:
     inter_op_threads: int = 0
     graph_optimization: str = "all"
     execution_mode: str = "sequential"  # or "parallel"
+    # ONNX Runtime's memory-pattern planner pre-allocates one block for every activation of the whole
+    # network: 2.8 GB of peak for one 112x112x128 tile vs 1.6 GB without it, at the same speed (measured on
+    # 2 cores, graph optimisation disabled). The arena is what makes repeated tiles fast (without it: +25 %
+    # time). Both default to ONNX Runtime's own defaults; RunConfig.fastest_exact() turns the pattern off.
+    mem_pattern: bool = True
+    cpu_mem_arena: bool = True
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +56,8 @@ class OnnxPredictor:
         so.intra_op_num_threads = self.settings.intra_op_threads
         so.inter_op_num_threads = self.settings.inter_op_threads
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[self.settings.graph_optimization])
+        so.enable_mem_pattern = self.settings.mem_pattern
+        so.enable_cpu_mem_arena = self.settings.cpu_mem_arena
         so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.settings.execution_mode == "parallel"
                              else ort.ExecutionMode.ORT_SEQUENTIAL)
         available = ort.get_available_providers()

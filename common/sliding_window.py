@@ -161,11 +161,130 @@ def argmax_first(logits: np.ndarray) -> np.ndarray:
     return idx
 
 
+class _SlabSums:
+    """Gaussian-weighted logit sums for a window of slabs along the first spatial axis.
+
+    Holds (K, W, *rest) sums and (W, *rest) weights for first-axis indices [lo, lo + W), W = the patch's
+    first-axis size. Tiles arrive in nnU-Net's order (first axis outermost), so when a tile starting at
+    first-axis index z arrives, every index below z is final: ``finalize_below(z)`` turns those slabs into
+    labels and moves the window up. Each voxel sees exactly the additions it would see in a whole-volume
+    buffer, in the same order (a fresh slab is zeros, and 0 + x rounds like x), so labels are identical
+    while memory is bounded by one patch row instead of volume x classes.
+    """
+
+    def __init__(self, num_classes: int, spatial: tuple[int, ...], depth: int, accumulate: str, normalize: bool):
+        self.accumulate, self.normalize = accumulate, normalize
+        self.depth = min(depth, spatial[0])
+        self.lo = 0
+        self.labels = np.zeros(spatial, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+        shape = (num_classes, self.depth, *spatial[1:])
+        if accumulate == "float16":
+            import torch
+
+            self.sums = torch.zeros(shape, dtype=torch.half)
+            self.weights = torch.zeros(shape[1:], dtype=torch.half)
+        else:
+            self.sums = np.zeros(shape, dtype=np.float32)
+            self.weights = np.zeros(shape[1:], dtype=np.float32)
+
+    def add(self, tile, g, in_keep: tuple[slice, ...], first: bool) -> None:
+        """Add one weighted tile (K, *tile) whose kept-region slices are ``in_keep`` (volume coordinates)."""
+        z = slice(in_keep[0].start - self.lo, in_keep[0].stop - self.lo)
+        region = (slice(None), z, *in_keep[1:])
+        if first:  # nothing summed yet: 0 + x rounds exactly like x, so a (faster) converting copy
+            self.sums[region] = tile
+            self.weights[(z, *in_keep[1:])] = g
+            return
+        self.weights[(z, *in_keep[1:])] += g
+        if self.accumulate == "float32":
+            self.sums[region] += tile
+            return
+        # float16 += float32 as nnU-Net does it (torch: float32(sum) + tile, rounded once to float16), written
+        # as its three steps through a small float32 buffer, a few classes at a time: bit-identical, and 3x
+        # faster than torch's mixed-dtype in-place add on 2 cores (0.16 s vs 0.52 s per 112x112x128 tile)
+        sums = self.sums[region]
+        for c in range(0, sums.shape[0], self.CHUNK):
+            part = sums[c:c + self.CHUNK]
+            buf = self._buffer(part.shape)
+            buf.copy_(part)
+            buf.add_(tile[c:c + self.CHUNK])
+            part.copy_(buf)
+
+    FINAL_PLANES = 16  # first-axis planes per argmax step
+    CHUNK = 4  # classes per step of the float16 accumulation (measured: 4-8 fastest)
+
+    def _buffer(self, shape):
+        import torch
+
+        n = int(np.prod(shape))
+        if getattr(self, "_buf", None) is None or self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=torch.float32)
+        return self._buf[:n].view(shape)
+
+    def finalize_below(self, z: int) -> None:
+        """Labels for first-axis indices [lo, z), then slide the window so that it starts at z."""
+        n = min(z, self.lo + self.depth) - self.lo
+        if n <= 0:
+            return
+        for a in range(0, n, self.FINAL_PLANES):  # a few planes at a time: small float32 temporaries
+            b = min(a + self.FINAL_PLANES, n)
+            sums, weights = self.sums[:, a:b], self.weights[a:b]
+            if self.normalize:
+                sums = sums / weights  # elementwise: the same rounding as dividing the whole volume
+            if self.accumulate == "float16":
+                sums = sums.float().numpy()  # float16 -> float32 is exact; numpy compares float32 fast
+            self.labels[self.lo + a:self.lo + b] = argmax_first(sums)
+        keep = self.depth - n
+        for j in range(keep):  # move the open slabs down, one plane at a time (no overlapping copy)
+            self.sums[:, j] = self.sums[:, j + n]
+            self.weights[j] = self.weights[j + n]
+        self.sums[:, keep:] = 0
+        self.weights[keep:] = 0
+        self.lo += n
+
+
 def sliding_window_labels(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
                           step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
                           progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Labels (spatial) from the sliding-window logits: argmax, first maximum wins."""
+    """Labels (spatial, nnU-Net axes) of a (C, *spatial) float32 volume: Gaussian-weighted sliding-window
+    logits as ``sliding_window_logits`` computes them, then argmax (first maximum wins).
+
+    The sums are kept only for one row of tiles along the first axis at a time (see _SlabSums): the
+    labels equal the whole-volume computation exactly, and the memory is (K x patch[0] x rest) instead of
+    (K x volume), float16 plus the float32 copy of one finished slab for the argmax.
+    """
+    if accumulate not in ("float16", "float32"):
+        raise ValueError("accumulate must be 'float16' or 'float32'")
     normalize = accumulate == "float16"  # float16 rounding after the division decides ties: keep it exact
-    logits = sliding_window_logits(data, predict, num_classes, patch_size, step, batch_size, accumulate,
-                                   normalize=normalize, progress=progress)
-    return argmax_first(logits)
+    padded, keep = pad_to_patch(data, patch_size)
+    slices = tile_slices(padded.shape[1:], patch_size, step)
+    gauss16 = gaussian_importance(tuple(patch_size))
+    if accumulate == "float16":
+        import torch
+
+        gauss = torch.from_numpy(gauss16.copy())
+    else:
+        gauss = gauss16.astype(np.float32)
+    acc = _SlabSums(num_classes, data.shape[1:], patch_size[0], accumulate, normalize)
+    first = True
+    for group in _batches(slices, batch_size):
+        batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
+        out = predict(batch)
+        for k, sl in enumerate(group):
+            ov = _overlap(sl, keep)
+            if ov is None:
+                continue
+            in_tile, in_keep = ov
+            acc.finalize_below(in_keep[0].start)
+            tile = np.ascontiguousarray(out[(k, slice(None), *in_tile)])
+            if accumulate == "float16":
+                tile = torch.from_numpy(tile)
+            g = gauss[in_tile]
+            tile *= g                # float32 *= float16 Gaussian -> float32, as nnU-Net
+            acc.add(tile, g, in_keep, first)
+            first = False
+        del out
+        if progress is not None:
+            progress(len(group))
+    acc.finalize_below(data.shape[1])
+    return acc.labels

@@ -152,16 +152,25 @@ def estimate_memory_bytes(shape_xyz: Sequence[int], spacing_mm: Sequence[float],
                           n_classes: int, patch_size: Sequence[int]) -> int:
     """Peak-ish RAM (bytes) to segment a scan, all (x, y, z):
 
-    float64 scan as loaded + float32 scan resampled to the model spacing (padded to at least one
-    patch per axis) + n_classes float16 logits at model resolution + two uint8 label maps at the
-    original resolution (the resampled-back segmentation and the copy being written).
-    ``patch_size`` is (x, y, z); only its per-axis minimum-size effect matters.
+    float64 scan as loaded + float32 scan resampled to the model spacing (padded to at least one patch per
+    axis) + the float16 logit sums of one row of tiles (n_classes x model x-y plane x patch z: the sliding
+    window finalises slabs as it goes) + one tile's float32 logits + the network's activations for one
+    tile (~1 KiB per patch voxel, measured with ONNX Runtime) + two uint8 label maps at the original
+    resolution (the resampled-back segmentation and the copy being written).
+    ``patch_size`` is (x, y, z); the sliding window's first axis is z.
     """
     n_orig = int(np.prod([int(s) for s in list(shape_xyz)[:3]], dtype=np.int64))
     model = [max(m, int(p)) for m, p in zip(_model_shape(shape_xyz, spacing_mm, target_spacing_mm), patch_size,
                                             strict=True)]
     n_model = int(np.prod(model, dtype=np.int64))
-    return int(n_orig * 8 + n_model * 4 + int(n_classes) * n_model * 2 + 2 * n_orig * 1)
+    n_patch = int(np.prod([int(p) for p in patch_size], dtype=np.int64))
+    n_window = model[0] * model[1] * int(patch_size[2])
+    k = int(n_classes)
+    return int(n_orig * 8 + n_model * 4 + k * n_window * 2 + k * n_patch * 4 + ACTIVATION_BYTES_PER_VOXEL * n_patch
+               + 2 * n_orig * 1)
+
+
+ACTIVATION_BYTES_PER_VOXEL = 1024  # ONNX Runtime, Task 297 network, memory pattern off: 1.63 GB / 1.6 M voxels
 
 
 def check_memory(path: str | Path | None, estimate: int, available: int | None = None) -> None:

@@ -36,14 +36,25 @@ def cases(official_labels, example_ct_sm, example_ct, tmp_path_factory):
     lps = reorient(resample_to_spacing(nib.load(example_ct_sm), (1.5, 1.5, 1.5), order=1), "LPS")
     lps_path = tmp / "example_ct_sm_lps_1.5mm.nii.gz"
     nib.save(lps, lps_path)
+    # multi-tile: example_ct_sm extended along z by mirroring to 150 slices of 3 mm -> two rows of tiles along
+    # nnU-Net's first axis, so the slab-wise argmax finalises a slab between rows
+    sm = nib.load(example_ct_sm)
+    tall = np.pad(np.asanyarray(sm.dataobj), ((0, 0), (0, 0), (0, 120)), mode="symmetric")
+    tall_path = tmp / "example_ct_sm_z150.nii.gz"
+    nib.save(nib.Nifti1Image(tall, sm.affine, sm.header), tall_path)
     out = []
-    for name, path in [("example_ct_sm", example_ct_sm), ("example_ct", example_ct), ("sm_lps_1.5mm", lps_path)]:
+    for name, path in [("example_ct_sm", example_ct_sm), ("example_ct", example_ct), ("sm_lps_1.5mm", lps_path),
+                       ("sm_z150_2tiles", tall_path)]:
         ref_img = official_labels(path)
         out.append((name, path, np.asanyarray(ref_img.dataobj).astype(np.uint8)))
     return out
 
 
-def test_official_runs_offline_and_labels_many_classes(cases):
+def test_official_runs_offline_and_labels_many_classes(cases, model_spec):
+    from common.official import estimate_tiles
+
+    img = nib.load(cases[-1][1])
+    assert estimate_tiles(img.shape, img.header.get_zooms(), step=0.8) >= 2  # the multi-tile case is one
     for name, path, ref in cases:
         img = nib.load(path)
         assert ref.shape == img.shape, name

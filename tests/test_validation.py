@@ -253,7 +253,9 @@ def test_memory_estimate_and_huge_scan():
     est = estimate_memory_bytes(shape, spacing, FAST_SPACING, FAST_CLASSES, FAST_PATCH_XYZ)
     n = 512 * 512 * 2000
     m = 128 * 119 * 333  # x padded up to the patch
-    assert est == n * 8 + m * 4 + FAST_CLASSES * m * 2 + 2 * n
+    window = 128 * 119 * 112  # the logit sums of one row of tiles (slab-wise argmax)
+    patch = 128 * 112 * 112
+    assert est == n * 8 + m * 4 + FAST_CLASSES * window * 2 + FAST_CLASSES * patch * 4 + 1024 * patch + 2 * n
     path = "huge.nii.gz"
     with pytest.raises(InputError) as exc:
         check_memory(path, est, available=2 * 1024**3)
@@ -262,7 +264,7 @@ def test_memory_estimate_and_huge_scan():
     check_memory(path, est, available=est)  # exactly enough: fine
     # a small scan is padded up to a patch at model resolution
     small = estimate_memory_bytes((10, 10, 10), (3, 3, 3), FAST_SPACING, 2, FAST_PATCH_XYZ)
-    assert small == 1000 * 10 + int(np.prod(FAST_PATCH_XYZ)) * (4 + 2 * 2)
+    assert small == 1000 * 10 + int(np.prod(FAST_PATCH_XYZ)) * (4 + 2 * 2 + 2 * 4 + 1024)
 
 
 def test_available_memory_is_read():
