@@ -6,6 +6,8 @@ Examples:
   python 01_download_data.py --dataset all --max-samples 3
   python 01_download_data.py --from /path/to/scans   # NIfTI files and DICOM series folders, no network
   python 01_download_data.py --realistic             # 0.8x0.8x1.5 mm variants -> ct_data/realistic/
+  python 01_download_data.py --clinical              # 512x512x200 and x500 (8 and 16 tiles) -> ct_data/clinical/
+  python 01_download_data.py --clinical --clinical-sizes 200,500,1000   # + a whole-body size (32 tiles)
 
 Downloads resume after an interruption (re-run the same command) and are verified before use.
 Existing outputs are never overwritten without --force, and no folder is ever wiped.
@@ -14,6 +16,7 @@ Exit status: 0 success, 1 on any error (reported as one line), 130 when interrup
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,13 +30,25 @@ from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
 from common.cli import is_label_file  # noqa: E402
 from common.errors import DownloadError, InputError  # noqa: E402
 from common.validation import load_scan  # noqa: E402
-from common.variants import REALISTIC_SPACING_MM, realistic_variant, write_variant  # noqa: E402
+from common.variants import (  # noqa: E402
+    CLINICAL_INPLANE,
+    CLINICAL_SLICES,
+    CLINICAL_SPACING_MM,
+    REALISTIC_SPACING_MM,
+    clinical_name,
+    clinical_variant,
+    realistic_variant,
+    write_variant,
+)
 from common.volume import is_nifti_path, scan_id  # noqa: E402
 
 DEFAULT_OUT = ROOT / "ct_data"
 DOWNLOADS_SUBDIR = "downloads"
 LEARN2REG_SUBDIR = "learn2reg"
 REALISTIC_SUBDIR = "realistic"
+CLINICAL_SUBDIR = "clinical"
+CLINICAL_SOURCE_NAME = "example_ct.nii.gz"
+SHARED_CT = Path(os.environ.get("TS_BENCH_SHARED_CT", ROOT.parent / "shared" / "data" / "ct"))
 
 
 def say(msg: str) -> None:
@@ -54,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="output folder (default: %(default)s); archives are kept in OUT/downloads/")
     p.add_argument("--dataset", choices=("spleen", "learn2reg", "all"), default=None,
-                   help="what to download (default: spleen, unless only --from/--realistic is given). "
+                   help="what to download (default: spleen, unless only --from/--realistic/--clinical is given). "
                         "spleen -> OUT/spleen_N.nii.gz; learn2reg -> OUT/learn2reg/case_XXX_{exp,insp}.nii.gz")
     p.add_argument("--max-samples", type=int, default=5, metavar="N",
                    help="number of spleen scans / learn2reg exp-insp pairs to extract (default: %(default)s)")
@@ -64,11 +79,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realistic", action="store_true",
                    help="write clinical-resolution variants ({:g}x{:g}x{:g} mm, int16) of the scans in OUT "
                         "into OUT/realistic/".format(*REALISTIC_SPACING_MM))
+    p.add_argument("--clinical", action="store_true",
+                   help="write clinical-size multi-tile scans made from a real CT (default source: "
+                        f"OUT/{CLINICAL_SOURCE_NAME}, else $TS_BENCH_SHARED_CT or ../shared/data/ct/"
+                        f"{CLINICAL_SOURCE_NAME}) into OUT/{CLINICAL_SUBDIR}/clinical_<X>x<Y>x<Z>.nii.gz: "
+                        "resampled in-plane (linear) and padded with air to {0}x{0}, extended along z by "
+                        "mirroring, int16".format(CLINICAL_INPLANE))
+    p.add_argument("--clinical-sizes", type=_clinical_sizes, metavar="N[,N...]",
+                   default=",".join(str(n) for n in CLINICAL_SLICES),
+                   help=f"slice counts of the clinical scans ({CLINICAL_INPLANE}x{CLINICAL_INPLANE}xN each; an "
+                        "entry may also be a whole shape XxYxZ), e.g. 200,500,1000 adds a whole-body scan "
+                        "(default: %(default)s: 8 and 16 tiles at 3 mm)")
+    p.add_argument("--clinical-spacing", type=_clinical_spacing, metavar="X,Y,Z",
+                   default=",".join(f"{v:g}" for v in CLINICAL_SPACING_MM),
+                   help="voxel size of the clinical scans in mm (default: %(default)s)")
+    p.add_argument("--clinical-source", type=Path, metavar="FILE",
+                   help="the real CT the clinical scans are made from (default: see --clinical)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--url", metavar="URL",
                    help="download the chosen data set's archive from this mirror instead (still verified)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _clinical_sizes(text) -> list[tuple[int, int, int]]:
+    """"200,500" -> [(512, 512, 200), (512, 512, 500)]; an entry "XxYxZ" is a whole shape."""
+    if not isinstance(text, str):
+        return text
+    sizes = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        parts = item.split("x")
+        try:
+            nums = [int(v) for v in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a slice count or XxYxZ shape: {item!r}") from None
+        if len(nums) == 1:
+            nums = [CLINICAL_INPLANE, CLINICAL_INPLANE, nums[0]]
+        if len(nums) != 3 or min(nums) < 1:
+            raise argparse.ArgumentTypeError(f"not a slice count or XxYxZ shape: {item!r}")
+        sizes.append(tuple(nums))
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return sizes
+
+
+def _clinical_spacing(text) -> tuple[float, float, float]:
+    if not isinstance(text, str):
+        return text
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not X,Y,Z millimetres: {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or not all(0 < v < 100 for v in vals):
+        raise argparse.ArgumentTypeError(f"not three positive X,Y,Z millimetres: {text!r}")
+    return vals
 
 
 # ---- download ---------------------------------------------------------------------------------
@@ -174,13 +240,53 @@ def run_realistic(out: Path, force: bool) -> int:
     return failures
 
 
+# ---- clinical-size scans ----------------------------------------------------------------------
+def clinical_source(out: Path, source: Path | None) -> Path:
+    """The real CT the clinical scans are made from: ``source``, else OUT/example_ct.nii.gz, else the shared
+    example CT. InputError when none exists."""
+    if source is not None:
+        if not source.is_file():
+            raise InputError(source, "clinical source scan not found (--clinical-source)")
+        return source
+    for cand in (out / CLINICAL_SOURCE_NAME, SHARED_CT / CLINICAL_SOURCE_NAME):
+        if cand.is_file():
+            return cand
+    raise InputError(out / CLINICAL_SOURCE_NAME, "no real CT to build clinical-size scans from (also not in "
+                                                 f"{SHARED_CT}); import one (--from) or pass --clinical-source")
+
+
+def run_clinical(out: Path, sizes: list[tuple[int, int, int]], spacing: tuple[float, float, float],
+                 source: Path | None, force: bool) -> int:
+    src = clinical_source(out, source)
+    todo = [s for s in sizes if force or not (out / CLINICAL_SUBDIR / clinical_name(s)).exists()]
+    for s in sizes:
+        if s not in todo:
+            say(f"  kept existing {out / CLINICAL_SUBDIR / clinical_name(s)} (use --force to overwrite)")
+    if not todo:
+        return 0
+    try:
+        vol, _ = load_scan(src)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    say(f"  source {src} ({'x'.join(map(str, vol.shape))}, {vol.orientation})")
+    for shape in todo:
+        target = out / CLINICAL_SUBDIR / clinical_name(shape)
+        img = clinical_variant(vol.image, shape, spacing)
+        write_variant(img, target)
+        del img
+        say(f"  wrote {target} ({'x'.join(map(str, shape))} voxels, "
+            f"{' x '.join(f'{v:g}' for v in spacing)} mm)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_samples < 1:
         build_parser().error("--max-samples must be at least 1")
     out: Path = args.out
     dataset = args.dataset
-    if dataset is None and args.from_dir is None and not args.realistic:
+    if dataset is None and args.from_dir is None and not args.realistic and not args.clinical:
         dataset = "spleen"
     progress = not args.no_progress and sys.stderr.isatty()
     failures = 0
@@ -198,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.realistic:
             say(f"realistic variants -> {out / REALISTIC_SUBDIR}")
             failures += run_realistic(out, args.force)
+        if args.clinical:
+            say(f"clinical-size scans -> {out / CLINICAL_SUBDIR}")
+            failures += run_clinical(out, _clinical_sizes(args.clinical_sizes),
+                                     _clinical_spacing(args.clinical_spacing), args.clinical_source, args.force)
     except (DownloadError, InputError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1

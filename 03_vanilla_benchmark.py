@@ -4,7 +4,10 @@
 Runs offline on the Task 297 weights where TotalSegmentator keeps them (official, or the seeded stand-in
 written by 02). Per scan: one warm-up run (not counted), then --repeats timed runs of the whole official
 call (its load, resampling, nnU-Net prediction, resampling back and saving happen inside one call, so
-only the total is timed). The reference masks go to benchmarks/03_vanilla/<scan>_seg.nii.gz (written by
+only the total is timed). Peak memory: the isolated worker's peak RSS (its own plus its children's,
+ru_maxrss), one fresh worker per scan, so the figure is that scan's (start-up and warm-up included). The
+tile count recorded per scan is the one our pipeline runs on the same scan (common.tiles, tile step 0.8,
+as the official tool). The reference masks go to benchmarks/03_vanilla/<scan>_seg.nii.gz (written by
 the official tool into a temporary name, then renamed), the result to benchmarks/03_vanilla.json.
 """
 from __future__ import annotations
@@ -42,10 +45,12 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def official_runner(weights_folder: Path, device: str, timeout_s: float | None):
+def official_runner(weights_folder: Path, device: str, timeout_s: float | None, spec=None):
     """RunFn for the official tool. Each scan gets its own isolated worker process (started before the
     scan's first call, not timed; ended after its last), so a stuck call costs only that scan and the
-    worker's peak RSS is the scan's."""
+    worker's peak RSS is the scan's. Each call returns, besides the time and labels, the worker's peak RSS
+    and (with ``spec``, the ModelSpec) the scan's tile count."""
+    import contextlib
     import time
 
     import nibabel as nib
@@ -53,6 +58,7 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None):
 
     from common.atomic import atomic_path
     from common.official import OfficialRunner
+    from common.peak_memory import METHOD_OFFICIAL_WORKER
 
     state: dict = {"scan": None, "runner": None}
 
@@ -70,10 +76,18 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None):
         # renamed once complete
         with atomic_path(mask_path, suffix=".nii.gz") as tmp:
             t0 = time.perf_counter()
-            state["runner"].segment(scan, tmp, device=device, timeout_s=timeout_s)
+            call = state["runner"].segment(scan, tmp, device=device, timeout_s=timeout_s)
             total = time.perf_counter() - t0
-            labels = np.asanyarray(nib.load(tmp).dataobj)
-        return total, {}, labels
+            img = nib.load(tmp)
+            labels = np.asanyarray(img.dataobj)
+        extra = {"peak_rss_bytes": call.peak_rss_bytes, "peak_rss_method": METHOD_OFFICIAL_WORKER}
+        if spec is not None:
+            from common.tiles import tiles_for_scan
+
+            with contextlib.suppress(Exception):  # the count is informative; never fail a scan over it
+                extra["n_tiles"] = tiles_for_scan(img.shape[:3], np.linalg.norm(img.affine[:3, :3], axis=0),
+                                                  spec, "".join(nib.aff2axcodes(img.affine)))
+        return total, {}, labels, extra
 
     run.close = close
     return run
@@ -92,10 +106,11 @@ def main(argv=None) -> int:
     settings = {"task": "total", "fast": True, "device": args.device, "isolation": "one worker process per scan",
                 "official_timeout_s": args.official_timeout or "300 + 60 per tile", "repeats": args.repeats,
                 "warmup": args.warmup, "input": source, "torch_threads": os.cpu_count(),
+                "peak_rss": "the isolated worker's ru_maxrss, self + children, one fresh worker per scan",
                 "stages": "not separable: the official tool is timed as one call (load..save)"}
     result = new_result("03_vanilla_benchmark.py", method="official_pytorch", settings=settings,
                         model=model_record(spec))
-    run = official_runner(spec.folder, args.device, args.official_timeout)
+    run = official_runner(spec.folder, args.device, args.official_timeout, spec=spec)
     try:
         result["scans"] = benchmark_scans(scans, run, args.out, args.repeats, args.warmup, desc="03 official")
     finally:

@@ -6,7 +6,8 @@ Per scan, written atomically into --out: <scan>_seg.nii.gz (labels in the scan's
 <scan>_passport.json (per-structure centroid, covariance, principal axes, boundary points in world mm).
 The run configuration comes from 05's benchmarks/optimized_config.json when present (else the faithful
 defaults). One predictor (ONNX Runtime session or PyTorch network) is created once and reused for all
-scans. Resume: <scan>_run.json, written last, records the sha256 of the input's content, the sha256 of the
+scans. Each scan record holds its tile count and the peak RSS of the work on it (common.peak_memory:
+this process's peak from loading the scan to its last output written). Resume: <scan>_run.json, written last, records the sha256 of the input's content, the sha256 of the
 weights and the configuration (run config without its name, passport resolution/points); a scan is skipped
 only when all three match and its outputs exist, else recomputed with one line saying what changed
 (--force recomputes everything). A scan that fails is recorded with its error and the batch goes on; the
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_run_arguments(p, "06_inference", timing=False, out_help="folder for masks and passports")
     p.add_argument("--config", type=Path, default=None,
                    help="run configuration JSON (default: benchmarks/optimized_config.json written by 05, "
-                        "else the faithful defaults)")
+                        "else the built-in fastest exact configuration, common.runner.RunConfig.fastest_exact)")
     p.add_argument("--passport-resolution", choices=["model", "original"], default="model",
                    help="compute passports on the model-resolution (3 mm) label map (fast, default) or on "
                         "the label map in the scan's own grid")
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
 
     from common import resume
     from common.passport import build_passport, save_passport, scan_metadata
+    from common.peak_memory import track_peak_rss
     from common.results import (
         add_repeat,
         finalize_scan,
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     try:
         scans, source, spec = start_run(args.input, args.max_samples, args.weights)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
-        cfg = load_config(cfg_path) if cfg_path else RunConfig(name="faithful defaults")
+        cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()
         onnx = ensure_onnx(spec, args.onnx) if cfg.backend == "onnxruntime" else None
         predictor = build_predictor(cfg, spec, onnx)
     except (InputError, FileExistsError, RuntimeError) as exc:
@@ -135,39 +137,43 @@ def main(argv=None) -> int:
                                                                        "and configuration (--force recomputes)"})
                 continue
             tqdm.write(f"recomputing {scan.name}: {'; '.join(reasons)}")
+        run = vol = lab_img = passport = labels = None  # the previous scan's data must not count in this peak
         record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?")
         if reasons:
             record["recomputed_because"] = reasons
         try:
-            run_path.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
-            run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
-            vol = run.volume
-            record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
-            stages = dict(run.stages)
-            t0 = time.perf_counter()
-            passport = None
-            if not args.no_passport:
-                lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
-                passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, names,
-                                          scan=scan_metadata(scan, vol.image),
-                                          model=spec.provenance(), resolution=args.passport_resolution,
-                                          max_points=args.max_points)
-            stages["passport"] = time.perf_counter() - t0
-            if passport is not None and args.passport_repeats > 1:
-                record["passport_timing_ms"] = _time_passport(lab_img, names, args.max_points,
-                                                              args.passport_repeats)
-            t0 = time.perf_counter()
-            from common.volume import save_labels
+            with track_peak_rss() as peak:  # the whole work on this scan: load .. outputs written
+                run_path.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
+                run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
+                vol = run.volume
+                record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
+                stages = dict(run.stages)
+                t0 = time.perf_counter()
+                passport = None
+                if not args.no_passport:
+                    lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
+                    passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, names,
+                                              scan=scan_metadata(scan, vol.image),
+                                              model=spec.provenance(), resolution=args.passport_resolution,
+                                              max_points=args.max_points)
+                stages["passport"] = time.perf_counter() - t0
+                if passport is not None and args.passport_repeats > 1:
+                    record["passport_timing_ms"] = _time_passport(lab_img, names, args.max_points,
+                                                                  args.passport_repeats)
+                t0 = time.perf_counter()
+                from common.volume import save_labels
 
-            labels = np.asanyarray(run.result.labels.dataobj)
-            save_labels(labels, vol.affine, mask_path)
-            if passport is not None:
-                save_passport(passport, passport_path)
-            if key is not None:  # last: only a scan whose outputs are all written looks complete
-                resume.write_key(run_path, key, scan=str(scan), mask=mask_path.name,
-                                 passport=passport_path.name if passport is not None else None)
-            stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
-            add_repeat(record, sum(stages.values()), stages)
+                labels = np.asanyarray(run.result.labels.dataobj)
+                save_labels(labels, vol.affine, mask_path)
+                if passport is not None:
+                    save_passport(passport, passport_path)
+                if key is not None:  # last: only a scan whose outputs are all written looks complete
+                    resume.write_key(run_path, key, scan=str(scan), mask=mask_path.name,
+                                     passport=passport_path.name if passport is not None else None)
+                stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
+            add_repeat(record, sum(stages.values()), stages, peak_rss_bytes=peak.peak_bytes,
+                       peak_rss_method=peak.method)
+            record["n_tiles"] = run.result.n_tiles
             record["labels_present"] = labels_present(labels)
             record["mask"] = str(mask_path)
             record["passport"] = str(passport_path) if passport is not None else None
@@ -191,8 +197,11 @@ def main(argv=None) -> int:
     write_result(result, args.result)
     for s in ok:
         st = s["median"]["stages"]
+        rss = s.get("peak_rss_bytes")
         print(f"{Path(s['file']).name}: {s['median']['total_s']:.2f} s total — " +
-              ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures")
+              ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures"
+              + (f"; {s['n_tiles']} tiles" if s.get("n_tiles") else "")
+              + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else ""))
     print(f"{len(ok)} done, {len(result['skipped'])} skipped (up to date), {n_failed} failed; "
           f"weights: {spec.provenance()['weights']}; result: {args.result}")
     return 1 if n_failed else 0

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         speed = "—" if m["speedup_total"] is None else f"{m['speedup_total']:.2f}x"
         agree = "—" if m["mean_voxel_agreement"] is None else f"{100 * m['mean_voxel_agreement']:.3f} %"
-        print(f"{label}: speedup {speed}, voxel agreement {agree}, scans ok {m['n_ok']}/{m['n_scans']}")
+        rss = "" if m.get("median_rss_ratio") is None else f", median peak RSS vs ref {100 * m['median_rss_ratio']:.0f} %"
+        print(f"{label}: speedup {speed}, voxel agreement {agree}{rss}, scans ok {m['n_ok']}/{m['n_scans']}")
     for w in doc["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     for path in written.values():

@@ -1,4 +1,9 @@
-"""The benchmark loop shared by 03, 04 and 05: warm-up (not counted), N timed repeats, one record per scan."""
+"""The benchmark loop shared by 03, 04 and 05: warm-up (not counted), N timed repeats, one record per scan.
+
+Each timed run's peak RSS is measured here (common.peak_memory.track_peak_rss: this process's peak while
+the run lasted) unless the run reports its own (03: the official tool's isolated worker); the scan record
+keeps the maximum over its timed runs and the tile count a run reports.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,13 +14,21 @@ import tqdm as _tqdm
 from tqdm import tqdm
 
 from common.errors import InputError
+from common.peak_memory import track_peak_rss
 from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record
 from common.validation import load_scan
 
 _tqdm.tqdm.monitor_interval = 0  # no monitor thread: the official tool forks (see common/official.py)
 
-# run(scan path, mask path or None) -> (total seconds, stage seconds, labels array or None)
-RunFn = Callable[[Path, Path | None], tuple[float, dict[str, float], Any]]
+# run(scan path, mask path or None) -> (total seconds, stage seconds, labels array or None[, extra]);
+# the optional extra dict may hold "n_tiles" (int), and "peak_rss_bytes" (int) with "peak_rss_method" (str)
+# when the run measured its peak memory itself (e.g. in another process).
+RunFn = Callable[[Path, Path | None], tuple]
+
+
+def _unpack(out: tuple) -> tuple[float, dict[str, float], Any, dict[str, Any]]:
+    total, stages, labels, *rest = out
+    return total, stages, labels, (dict(rest[0] or {}) if rest else {})
 
 
 def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup: int = 1) -> dict:
@@ -35,8 +48,17 @@ def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup
             run(scan, mask_path)
         labels = None
         for _ in range(repeats):  # every timed run writes its mask: saving is part of the job
-            total, stages, labels = run(scan, mask_path)
-            add_repeat(record, total, stages)
+            out = labels = None  # the previous run's mask is not part of this run's memory
+            with track_peak_rss() as peak:
+                out = run(scan, mask_path)
+            total, stages, labels, extra = _unpack(out)
+            if extra.get("peak_rss_bytes") is not None:
+                rss, method = int(extra["peak_rss_bytes"]), extra.get("peak_rss_method")
+            else:
+                rss, method = peak.peak_bytes, peak.method
+            add_repeat(record, total, stages, peak_rss_bytes=rss, peak_rss_method=method)
+            if extra.get("n_tiles") is not None:
+                record["n_tiles"] = int(extra["n_tiles"])
         record["mask"] = str(mask_path)
         if labels is not None:
             record["labels_present"] = labels_present(labels)
@@ -60,8 +82,10 @@ def benchmark_scans(scans: list[Path], run: RunFn, out_dir: Path, repeats: int, 
             tqdm.write(f"FAILED {rec['error']}")
         else:
             m = rec["median"]
+            rss = rec.get("peak_rss_bytes")
             tqdm.write(f"{scan.name}: median {m['total_s']:.2f} s [{m['min_total_s']:.2f}–{m['max_total_s']:.2f}] "
-                       f"over {m['n']} runs")
+                       f"over {m['n']} runs" + (f", peak RSS {rss / 2**30:.2f} GiB" if rss else "")
+                       + (f", {rec['n_tiles']} tiles" if rec.get("n_tiles") else ""))
         records.append(rec)
     return records
 
@@ -74,6 +98,6 @@ def segment_runner(spec, predictor, options) -> RunFn:
 
     def run(scan: Path, mask_path: Path | None):
         r = run_scan(scan, spec, predictor, options, mask_path=mask_path)
-        return r.total_s, r.stages, np.asanyarray(r.result.labels.dataobj)
+        return r.total_s, r.stages, np.asanyarray(r.result.labels.dataobj), {"n_tiles": r.result.n_tiles}
 
     return run

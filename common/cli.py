@@ -63,17 +63,19 @@ def find_scans(input_path: Path, recursive: bool = False) -> list[Path]:
 def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=print) -> tuple[list[Path], str]:
     """Scans to process and a one-line description of where they came from.
 
-    --input wins; else ct_data/ (its top level: downloaded and imported scans, plus the realistic-size
-    variants in ct_data/realistic/ made by 01 --realistic); else the embedded synthetic phantom (written
-    once under benchmarks/embedded/).
+    --input wins; else ct_data/ (its top level: downloaded and imported scans, then the realistic-size
+    variants in ct_data/realistic/ made by 01 --realistic, then the clinical-size multi-tile scans in
+    ct_data/clinical/ made by 01 --clinical, last so that a sweep over the first scans stays on small ones);
+    else the embedded synthetic phantom (written once under benchmarks/embedded/).
     """
     if input_arg:
         scans = find_scans(Path(input_arg))
         source = f"--input {input_arg}"
     else:
-        folders = [CT_DATA, CT_DATA / "realistic"]
+        subfolders = ("realistic", "clinical")
+        folders = [CT_DATA, *(CT_DATA / name for name in subfolders)]
         scans = [p for f in folders if f.exists() for p in find_scans(f)
-                 if (is_nifti_path(p) or p.is_dir()) and p.name != "realistic"]
+                 if (is_nifti_path(p) or p.is_dir()) and not (f == CT_DATA and p.name in subfolders)]
         source = f"ct_data/ ({len(scans)} scans)"
         if not scans:
             scans = [embedded_phantom(log)]

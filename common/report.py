@@ -2,6 +2,8 @@
 
 Times are seconds; throughput is Mvoxel/s (scan voxels / median total / 1e6); Dice and voxel agreement are
 fractions 0..1 (agreement is shown in % in Markdown). Label maps are nibabel arrays, (x, y, z).
+Peak memory is each result's per-scan "peak_rss_bytes" (shown in GiB); the RSS ratio is method / reference on
+the same scan. Scans are grouped into size classes by their sliding-window tile count (common.tiles.TILE_BANDS).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from common.metrics import (
     voxel_agreement,
 )
 from common.results import STAGES, one_line, read_result, scan_voxels, summarize, utc_now
+from common.tiles import TILE_BANDS, tile_band, tiles_for_geometry
 from common.volume import check_declared_size
 
 COMPARISON_SCHEMA = "ts-bench-comparison"
@@ -45,6 +48,9 @@ PLOT_FILES = {
     "dice_ground_truth": "comparison_dice_ground_truth.png",
 }
 AFFINE_TOL_MM = 1e-3
+# Task 297 (3 mm fast model) geometry, for results that predate the recorded tile count
+TASK297_GEOMETRY = {"target_spacing_xyz": (3.0, 3.0, 3.0), "patch_size": (112, 112, 128),
+                    "transpose_forward": (0, 1, 2), "step": 0.8}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -331,6 +337,7 @@ def compare(entries: Sequence[Entry], reference: Entry, gt_dir: Path | None = No
         "scans": scan_ids,
         "rows": rows,
         "methods": methods,
+        "size_classes": size_classes(rows),
         "plots": {},
     }
     return doc
@@ -360,6 +367,7 @@ def _row(e: Entry, rec: dict, is_ref: bool, ref_rec: dict | None, ref_med: dict 
         "speedup": None, "voxel_agreement": None, "dice": None, "mean_dice": None,
         "n_classes_ref": None, "n_classes": None, "missing": None, "extra": None,
         "gt_dice": None, "gt_mean_dice": None, "pair_error": None, "gt_error": None,
+        **_size_and_memory(rec, ref_rec),
     }
     if med and ref_med and med["total_s"] > 0:
         row["speedup"] = ref_med["total_s"] / med["total_s"]
@@ -417,6 +425,71 @@ def _row(e: Entry, rec: dict, is_ref: bool, ref_rec: dict | None, ref_med: dict 
     return row
 
 
+def _rss(rec: dict | None) -> int | None:
+    if rec is None or rec.get("status") != "ok":
+        return None
+    v = rec.get("peak_rss_bytes")
+    return int(v) if isinstance(v, int | float) and v > 0 else None
+
+
+def _tiles(rec: dict | None, ref_rec: dict | None) -> tuple[int | None, str | None]:
+    """(tile count, where it came from): the method's record, the reference's, else estimated from the
+    header with the Task 297 geometry (results written before tile counts were recorded)."""
+    for r, source in ((rec, "result"), (ref_rec, "reference")):
+        if r is not None and isinstance(r.get("n_tiles"), int) and r["n_tiles"] > 0:
+            return int(r["n_tiles"]), source
+    for r in (rec, ref_rec):
+        if r is not None and r.get("status") == "ok" and all(int(v) > 0 for v in r.get("shape", [0])[:3]):
+            try:
+                geo = TASK297_GEOMETRY
+                n = tiles_for_geometry(r["shape"], r["spacing_mm"], target_spacing_xyz=geo["target_spacing_xyz"],
+                                       patch_size=geo["patch_size"], transpose_forward=geo["transpose_forward"],
+                                       orientation=r.get("orientation", "RAS"), step=geo["step"])
+                return n, "estimated"
+            except (ValueError, TypeError, KeyError):
+                return None, None
+    return None, None
+
+
+def _size_and_memory(rec: dict, ref_rec: dict | None) -> dict:
+    n_tiles, tiles_source = _tiles(rec, ref_rec)
+    # the size class is the scan's, at the reference's tiling (a method with a finer tile step runs more tiles)
+    class_tiles = _tiles(ref_rec, None)[0] if ref_rec is not None else None
+    own, ref = _rss(rec), _rss(ref_rec)
+    return {"n_tiles": n_tiles, "n_tiles_source": tiles_source,
+            "size_class": tile_band(class_tiles if class_tiles is not None else n_tiles),
+            "peak_rss_bytes": own, "peak_rss_method": rec.get("peak_rss_method") if own else None,
+            "ref_peak_rss_bytes": ref, "rss_ratio": (own / ref) if own and ref else None}
+
+
+def _median_of(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(vals)) if vals else None
+
+
+def size_classes(rows: Sequence[dict]) -> list[dict]:
+    """Per size class (tile band) and method: scans, median speedup, median peak RSS and median RSS ratio
+    vs the reference (over the scans of that class where the figure exists)."""
+    out = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for band in TILE_BANDS:
+        for m in methods:
+            sel = [r for r in rows if r["size_class"] == band and r["method"] == m]
+            if not sel:
+                continue
+            tiles = [r["n_tiles"] for r in sel if r["n_tiles"]]
+            out.append({
+                "size_class": band, "method": m, "is_reference": bool(sel[0]["is_reference"]),
+                "n_scans": len(sel), "n_ok": sum(r["status"] == "ok" for r in sel),
+                "tiles_min": min(tiles) if tiles else None, "tiles_max": max(tiles) if tiles else None,
+                "median_speedup": _median_of([r["speedup"] for r in sel]),
+                "median_total_s": _median_of([r["median_total_s"] for r in sel]),
+                "median_peak_rss_bytes": _median_of([r["peak_rss_bytes"] for r in sel]),
+                "median_rss_ratio": _median_of([r["rss_ratio"] for r in sel]),
+            })
+    return out
+
+
 def _method_summary(e: Entry, is_ref: bool, rows: list[dict], with_gt: bool) -> dict:
     res = e.result
     summ = summarize({"scans": res["scans"]})  # recomputed from the scans, never trusted from the file
@@ -448,6 +521,9 @@ def _method_summary(e: Entry, is_ref: bool, rows: list[dict], with_gt: bool) -> 
         "mean_dice": _mean([r["mean_dice"] for r in rows if not is_ref]),
         "dice_buckets": None if is_ref else dice_buckets(pooled),
         "n_dice": 0 if is_ref else len(pooled),
+        "median_peak_rss_bytes": _median_of([r["peak_rss_bytes"] for r in rows]),
+        "max_peak_rss_bytes": max((r["peak_rss_bytes"] for r in rows if r["peak_rss_bytes"]), default=None),
+        "median_rss_ratio": None if is_ref else _median_of([r["rss_ratio"] for r in rows]),
     }
     if with_gt:
         out["gt_dice_quantiles"] = quantiles(gt_pooled)
@@ -474,6 +550,16 @@ def fmt_rate(x: float | None) -> str:
 
 def fmt_speedup(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
+
+
+def fmt_gib(n_bytes: float | None) -> str:
+    """Bytes as GiB with 2 decimals."""
+    return "—" if n_bytes is None else f"{n_bytes / 2**30:.2f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    """A ratio such as the RSS of a method / the reference's, as a percentage without decimals."""
+    return "—" if x is None else f"{100 * x:.0f} %"
 
 
 def fmt_pct(frac: float | None) -> str:
@@ -579,6 +665,8 @@ def render_markdown(doc: dict) -> str:
                          "Mean Dice", "Classes ref / method", "Missing / extra"], rows, "llrrrrcl"))
     out.append("")
 
+    out += render_size_and_memory(doc)
+
     present = [s for s in STAGES if any(s in m["stages_mean_s"] for m in doc["methods"].values())]
     if present:
         out += ["## Stage times (s, mean over scans of the per-scan medians)", ""]
@@ -614,6 +702,46 @@ def render_markdown(doc: dict) -> str:
         out += [f"- {_esc(n)}" for n in doc["notes"]]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def render_size_and_memory(doc: dict) -> list[str]:
+    """Markdown lines: time, peak RSS and tile count per scan, then the summary by size class."""
+    rows_in = doc.get("rows") or []
+    if not rows_in:
+        return []
+    out = ["## Time, memory and size per scan", ""]
+    rows = []
+    for r in rows_in:
+        tiles = "—" if r.get("n_tiles") is None else str(r["n_tiles"]) + (
+            " (est.)" if r.get("n_tiles_source") == "estimated" else "")
+        lat = "failed" if r["status"] != "ok" else fmt_s(r["median_total_s"])
+        rows.append([r["scan_id"], tiles, r["method"], lat,
+                     "(reference)" if r["is_reference"] else fmt_speedup(r["speedup"]),
+                     fmt_gib(r.get("peak_rss_bytes")),
+                     "(reference)" if r["is_reference"] else fmt_ratio(r.get("rss_ratio"))])
+    out.append(md_table(["Scan", "Tiles", "Method", "Median latency (s)", "Speedup vs ref", "Peak RSS (GiB)",
+                         "RSS vs ref"], rows, "lrlrrrr"))
+    out += ["", "Tiles: sliding-window tiles (112x112x128 at 3 mm, step 0.8) of the scan; (est.) = computed from "
+            "the header for results that did not record it. Peak RSS: peak resident memory of the work on the "
+            "scan, max over its timed runs (ours: this process's VmHWM reset before each run; the official "
+            "tool: its isolated worker's, self + children). RSS vs ref = method / reference on the same scan.",
+            ""]
+    classes = doc.get("size_classes") or []
+    if classes:
+        out += ["## By size class", ""]
+        rows = []
+        for c in classes:
+            span = "—" if c["tiles_min"] is None else (
+                str(c["tiles_min"]) if c["tiles_min"] == c["tiles_max"] else f"{c['tiles_min']}–{c['tiles_max']}")
+            rows.append([c["size_class"], c["method"] + (" (reference)" if c["is_reference"] else ""),
+                         f"{c['n_ok']}/{c['n_scans']}", span, fmt_s(c["median_total_s"]),
+                         "—" if c["is_reference"] else fmt_speedup(c["median_speedup"]),
+                         fmt_gib(c["median_peak_rss_bytes"]),
+                         "—" if c["is_reference"] else fmt_ratio(c["median_rss_ratio"])])
+        out.append(md_table(["Size class", "Method", "Scans ok/total", "Tiles", "Median latency (s)",
+                             "Median speedup", "Median peak RSS (GiB)", "Median RSS vs ref"], rows, "llrrrrrr"))
+        out.append("")
+    return out
 
 
 # -------------------------------------------------------------------------------------------- plots

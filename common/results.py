@@ -10,8 +10,16 @@ tolerant of extra keys. Times are seconds; shapes are the scan's (x, y, z) voxel
                 "repeats": [{"total_s": 1.2, "stages": {"load": 0.1, ...}}, ...],
                 "median": {"total_s", "stages", "min_total_s", "max_total_s", "iqr_total_s", "n"} | None,
                 "labels_present": [1, 2, ...], "mask": "path/to/labels.nii.gz" | None,
-                "status": "ok" | "failed", "error": None | "one line"}, ...],
+                "status": "ok" | "failed", "error": None | "one line",
+                "n_tiles": 8 | None, "peak_rss_bytes": 5.1e9 | None, "peak_rss_method": "vmhwm_reset" | None},
+               ...],
      "summary": {...}}
+
+Optional within version 1 (files written before they existed still load): a scan's "n_tiles" (sliding-window
+tiles of 112x112x128 at 3 mm), "peak_rss_bytes" (peak resident memory in bytes of the work on the scan, the
+maximum over its timed runs; a repeat may hold its own "peak_rss_bytes") and "peak_rss_method" (how it was
+measured, see common.peak_memory: "vmhwm_reset", "ru_maxrss_lifetime" or, for the official tool,
+"official_worker_ru_maxrss_self_plus_children").
 """
 from __future__ import annotations
 
@@ -94,13 +102,19 @@ def new_scan_record(file: str | Path, *, shape, spacing_mm, orientation: str) ->
         "mask": None,
         "status": "ok",
         "error": None,
+        "n_tiles": None,
+        "peak_rss_bytes": None,
+        "peak_rss_method": None,
     }
 
 
-def add_repeat(record: dict, total_s: float, stages: dict[str, float]) -> dict:
-    """Append one timed run: ``total_s`` wall seconds and per-stage seconds (names from STAGES).
+def add_repeat(record: dict, total_s: float, stages: dict[str, float], *, peak_rss_bytes: int | None = None,
+               peak_rss_method: str | None = None) -> dict:
+    """Append one timed run: ``total_s`` wall seconds and per-stage seconds (names from STAGES), optionally
+    the run's peak RSS in bytes and how it was measured (the scan's peak_rss_bytes becomes the maximum).
 
-    Raises ValueError on an unknown stage name or a negative / non-finite time. Returns ``record``.
+    Raises ValueError on an unknown stage name, a negative / non-finite time or a bad byte count.
+    Returns ``record``.
     """
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -109,8 +123,24 @@ def add_repeat(record: dict, total_s: float, stages: dict[str, float]) -> dict:
     for name, value in times.items():
         if not _is_number(value) or value < 0:
             raise ValueError(f"time {name!r} must be a finite number of seconds >= 0, got {value!r}")
-    record["repeats"].append({"total_s": float(total_s),
-                              "stages": {k: float(stages[k]) for k in STAGES if k in stages}})
+    rep = {"total_s": float(total_s), "stages": {k: float(stages[k]) for k in STAGES if k in stages}}
+    if peak_rss_bytes is not None:
+        if not (_is_int(peak_rss_bytes) or isinstance(peak_rss_bytes, np.integer)) or peak_rss_bytes < 0:
+            raise ValueError(f"peak_rss_bytes must be an integer >= 0, got {peak_rss_bytes!r}")
+        rep["peak_rss_bytes"] = int(peak_rss_bytes)
+        record_peak_rss(record, int(peak_rss_bytes), peak_rss_method)
+    record["repeats"].append(rep)
+    return record
+
+
+def record_peak_rss(record: dict, peak_rss_bytes: int | None, method: str | None) -> dict:
+    """Raise the scan's ``peak_rss_bytes`` to ``peak_rss_bytes`` (max over calls) and note ``method``."""
+    if peak_rss_bytes is None:
+        return record
+    old = record.get("peak_rss_bytes")
+    record["peak_rss_bytes"] = int(peak_rss_bytes) if old is None else max(int(old), int(peak_rss_bytes))
+    if method:
+        record["peak_rss_method"] = str(method)
     return record
 
 
@@ -118,9 +148,13 @@ def finalize_scan(record: dict) -> dict:
     """Fill record["median"] from its repeats (None when there are none). Returns ``record``.
 
     median = {"total_s", "stages": {stage: median over repeats that timed it}, "min_total_s", "max_total_s",
-    "iqr_total_s" (75th - 25th percentile), "n" (repeats)}.
+    "iqr_total_s" (75th - 25th percentile), "n" (repeats)}. The scan's peak_rss_bytes becomes the maximum
+    over the repeats that measured one (when any did).
     """
     reps = record.get("repeats") or []
+    peaks = [r["peak_rss_bytes"] for r in reps if r.get("peak_rss_bytes") is not None]
+    if peaks:
+        record["peak_rss_bytes"] = max([*peaks, record.get("peak_rss_bytes") or 0])
     if not reps:
         record["median"] = None
         return record
@@ -274,10 +308,18 @@ def validate_result(obj: Any, path: str | Path | None = None) -> dict:
         labels = c.field(scan, "labels_present", w, (list,))
         if not all(_is_int(v) for v in labels):
             c.fail(f"field '{w}.labels_present' must be a list of integers")
+        for key in ("n_tiles", "peak_rss_bytes"):  # optional (added within version 1)
+            if scan.get(key) is not None and (not _is_int(scan[key]) or scan[key] < 0):
+                c.fail(f"field '{w}.{key}' must be an integer >= 0 or null")
+        if scan.get("peak_rss_method") is not None:
+            c.field(scan, "peak_rss_method", w, (str,))
         for j, rep in enumerate(c.field(scan, "repeats", w, (list,))):
             wr = f"{w}.repeats[{j}]"
             if not isinstance(rep, dict):
                 c.fail(f"'{wr}' must be an object")
+            if rep.get("peak_rss_bytes") is not None and (not _is_int(rep["peak_rss_bytes"])
+                                                          or rep["peak_rss_bytes"] < 0):
+                c.fail(f"field '{wr}.peak_rss_bytes' must be an integer >= 0 or null")
             c.number(rep, "total_s", wr)
             c.times(c.field(rep, "stages", wr, (dict,)), f"{wr}.stages")
         med = c.field(scan, "median", w, (dict,), nullable=True)

@@ -6,6 +6,7 @@ are preserved (a voxel centre's world coordinate still shows the same anatomy).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -123,3 +124,100 @@ def realistic_variant(img: nib.Nifti1Image,
 def write_variant(img: nib.Nifti1Image, path: str | Path) -> Path:
     """Save ``img`` atomically to ``path`` (.nii or .nii.gz); return the path."""
     return atomic_save_nifti(img, path)
+
+
+# ---- clinical-size multi-tile scans ------------------------------------------------------------------
+CLINICAL_SPACING_MM: tuple[float, float, float] = (0.98, 0.98, 2.0)
+CLINICAL_INPLANE = 512
+CLINICAL_SLICES: tuple[int, ...] = (200, 500)   # 8 and 16 tiles at 3 mm; 1000 (32 tiles) on request
+AIR_HU = -1024
+
+
+@dataclass(frozen=True)
+class ClinicalPlan:
+    """How ``clinical_variant`` turns a source scan (reoriented to RAS) into a clinical-size one.
+
+    ``resampled_shape``: the source at the target spacing (x, y, z); per axis ``(before, after)`` voxels
+    added (> 0: in-plane air padding, centred; along z mirrored copies of the scan, after its last slice)
+    or removed (< 0: centred crop); ``shape``/``affine``: the result's header.
+    """
+
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    resampled_shape: tuple[int, int, int]
+    pads: tuple[tuple[int, int], ...]
+    affine: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return clinical_name(self.shape)
+
+
+def clinical_name(shape: tuple[int, int, int]) -> str:
+    """File name of a clinical-size scan, e.g. ``clinical_512x512x200.nii.gz``."""
+    return "clinical_{}x{}x{}.nii.gz".format(*(int(s) for s in shape))
+
+
+def _resampled_shape_and_affine(shape, affine, spacing_mm) -> tuple[tuple[int, ...], np.ndarray]:
+    """What resample_to_spacing gives for this header, without the data."""
+    old = _spacing(affine)
+    zoom = old / np.asarray(spacing_mm, dtype=np.float64)
+    out_shape = tuple(max(1, int(round(n * z))) for n, z in zip(shape, zoom, strict=True))
+    new_affine = np.asarray(affine, dtype=np.float64).copy()
+    new_affine[:3, :3] = new_affine[:3, :3] / zoom[None, :]
+    return out_shape, new_affine
+
+
+def plan_clinical(src_shape, src_affine, shape: tuple[int, int, int] = (CLINICAL_INPLANE, CLINICAL_INPLANE, 200),
+                  spacing_mm: tuple[float, float, float] = CLINICAL_SPACING_MM) -> ClinicalPlan:
+    """Plan a clinical-size variant of a RAS source of ``src_shape`` voxels and affine ``src_affine``.
+
+    The source is resampled to ``spacing_mm`` (linear), then each in-plane axis is padded with air, centred
+    (or cropped, centred) to ``shape``; along z the volume is extended by mirroring (np.pad 'symmetric':
+    the scan, then it reversed, ...) after its last slice, or cropped, centred. The affine keeps every
+    voxel of the source at its world position (a centred pad or crop moves the origin).
+    Raises ValueError on a non-positive shape or spacing.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"clinical shape must be 3 positive voxel counts, got {shape}")
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ValueError(f"clinical spacing must be 3 positive numbers (mm), got {spacing_mm!r}")
+    res_shape, affine = _resampled_shape_and_affine(tuple(src_shape[:3]), np.asarray(src_affine), spacing)
+    pads = []
+    for axis, (have, want) in enumerate(zip(res_shape, shape, strict=True)):
+        diff = want - have
+        if diff >= 0:
+            before = 0 if axis == 2 else diff // 2  # z: mirrored copies after the last slice
+            pads.append((before, diff - before))
+        else:
+            before = -((-diff) // 2)  # crop: remove |before| first voxels, the rest at the end
+            pads.append((before, diff - before))
+    origin_shift = affine[:3, :3] @ np.asarray([-b for b, _ in pads], dtype=np.float64)
+    affine = affine.copy()
+    affine[:3, 3] += origin_shift
+    return ClinicalPlan(shape=shape, spacing_mm=spacing, resampled_shape=res_shape, pads=tuple(pads),
+                        affine=affine)
+
+
+def clinical_variant(img: nib.Nifti1Image, shape: tuple[int, int, int] = (CLINICAL_INPLANE, CLINICAL_INPLANE, 200),
+                     spacing_mm: tuple[float, float, float] = CLINICAL_SPACING_MM) -> nib.Nifti1Image:
+    """A clinical-size scan (default 512 x 512 x 200 at 0.98 x 0.98 x 2 mm, int16) made from real CT ``img``:
+    reoriented to RAS, resampled (linear), padded in-plane with air and extended along z by mirroring
+    (see ``plan_clinical``)."""
+    ras = reorient(img, "RAS") if nib.aff2axcodes(img.affine) != ("R", "A", "S") else img
+    plan = plan_clinical(ras.shape, ras.affine, shape, spacing_mm)
+    data = np.asanyarray(realistic_variant(ras, plan.spacing_mm).dataobj)
+    assert data.shape == plan.resampled_shape, (data.shape, plan.resampled_shape)
+    crop = tuple(slice(-min(b, 0), n + min(a, 0)) for (b, a), n in zip(plan.pads, data.shape, strict=True))
+    data = data[crop]
+    inplane = [(max(b, 0), max(a, 0)) for b, a in plan.pads[:2]] + [(0, 0)]
+    if any(sum(p) for p in inplane):
+        data = np.pad(data, inplane, mode="constant", constant_values=AIR_HU)
+    extend = max(plan.pads[2][1], 0)
+    if extend:
+        data = np.pad(data, [(0, 0), (0, 0), (0, extend)], mode="symmetric")
+    data = np.ascontiguousarray(data, dtype=np.int16)
+    assert data.shape == plan.shape, (data.shape, plan.shape)
+    return _new_image(data, plan.affine, ras)

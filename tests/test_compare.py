@@ -178,3 +178,70 @@ def test_reference_by_method_name(two_results):
     r = next(r for r in doc["rows"] if r["method"] == "official_pytorch")
     assert r["speedup"] == pytest.approx(0.25)
     assert load_script().main(["--results", str(ref), "--reference", "nonsense", "--out-dir", str(out)]) == 2
+
+
+GIB = 2**30
+# scan id -> (shape, spacing, recorded tiles, official s, official RSS GiB, ours s, ours RSS GiB)
+SIZED_SCANS = {
+    "one_tile": ((122, 101, 112), (3.0, 3.0, 3.0), 1, 12.0, 2.0, 3.0, 1.5),
+    "clinical_512x512x200": ((512, 512, 200), (0.98, 0.98, 2.0), 8, 80.0, 5.0, 40.0, 2.0),
+    "clinical_512x512x500": ((512, 512, 500), (0.98, 0.98, 2.0), 16, 160.0, 8.0, 64.0, 3.2),
+    "old_multi": ((512, 512, 200), (0.98, 0.98, 2.0), None, 90.0, None, 45.0, None),  # no tiles, no RSS
+}
+
+
+def make_sized_result(tmp_path: Path, name: str, method: str, official: bool) -> Path:
+    """Hand-made result over scans of several sizes, with tile counts and peak RSS (no masks)."""
+    res = new_result(f"{name}.py", method=method, settings={}, model=STANDIN)
+    for sid, (shape, spacing, tiles, t_off, rss_off, t_ours, rss_ours) in SIZED_SCANS.items():
+        rec = new_scan_record(f"ct_data/{sid}.nii.gz", shape=shape, spacing_mm=spacing, orientation="RAS")
+        t, rss = (t_off, rss_off) if official else (t_ours, rss_ours)
+        add_repeat(rec, t, {}, peak_rss_bytes=None if rss is None else int(rss * GIB),
+                   peak_rss_method=None if rss is None else "vmhwm_reset")
+        if tiles is not None and (official or sid != "clinical_512x512x200"):  # ours lacks one: from the reference
+            rec["n_tiles"] = tiles
+        res["scans"].append(finalize_scan(rec))
+    summarize(res)
+    return write_result(res, tmp_path / f"{name}.json")
+
+
+def test_report_shows_peak_rss_tiles_and_size_classes(tmp_path):
+    ref = make_sized_result(tmp_path, "03_vanilla", "official_pytorch", official=True)
+    ours = make_sized_result(tmp_path, "06_inference", "inference_passport", official=False)
+    out = tmp_path / "out"
+    assert load_script().main(["--results", str(ref), str(ours), "--out-dir", str(out)]) == 0
+    doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+    rows = {(r["scan_id"], r["method"]): r for r in doc["rows"]}
+    r = rows[("clinical_512x512x500", "inference_passport")]
+    assert r["n_tiles"] == 16 and r["size_class"] == "9-16 tiles" and r["n_tiles_source"] == "result"
+    assert r["speedup"] == pytest.approx(2.5)
+    assert r["peak_rss_bytes"] == int(3.2 * GIB) and r["ref_peak_rss_bytes"] == 8 * GIB
+    assert r["rss_ratio"] == pytest.approx(0.4, rel=1e-6)
+    assert rows[("clinical_512x512x200", "inference_passport")]["n_tiles_source"] == "reference"
+    old = rows[("old_multi", "inference_passport")]
+    assert old["n_tiles"] == 8 and old["n_tiles_source"] == "estimated" and old["rss_ratio"] is None
+
+    classes = {(c["size_class"], c["method"]): c for c in doc["size_classes"]}
+    multi = classes[("2-8 tiles", "inference_passport")]
+    assert multi["n_scans"] == 2 and multi["median_speedup"] == pytest.approx(2.0)
+    assert multi["median_rss_ratio"] == pytest.approx(0.4)  # only the scan with both figures
+    assert classes[("1 tile", "inference_passport")]["median_speedup"] == pytest.approx(4.0)
+    assert classes[("1 tile", "inference_passport")]["median_rss_ratio"] == pytest.approx(0.75)
+    assert classes[("9-16 tiles", "official_pytorch")]["median_peak_rss_bytes"] == 8 * GIB
+    m = doc["methods"]["inference_passport"]
+    assert m["median_rss_ratio"] == pytest.approx(0.4) and m["max_peak_rss_bytes"] == int(3.2 * GIB)
+
+    md = (out / "comparison.md").read_text(encoding="utf-8")
+    lines = md.splitlines()
+    assert "## Time, memory and size per scan" in md and "## By size class" in md
+    header = next(line for line in lines if line.startswith("| Scan | Tiles | Method |"))
+    assert "Peak RSS (GiB)" in header and "RSS vs ref" in header
+    row = next(line for line in lines if line.startswith("| clinical_512x512x500 | 16 | inference_passport |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:] == ["64.00", "2.50×", "3.20", "40 %"]
+    ref_row = next(line for line in lines if line.startswith("| clinical_512x512x500 | 16 | official_pytorch |"))
+    assert "8.00" in ref_row and "(reference)" in ref_row
+    assert any(line.startswith("| old_multi | 8 (est.) | inference_passport |") for line in lines)
+    cls = next(line for line in lines if line.startswith("| 2-8 tiles | inference_passport |"))
+    cells = [c.strip() for c in cls.strip("|").split("|")]
+    assert cells[2:] == ["2/2", "8", "42.50", "2.00×", "2.00", "40 %"]
