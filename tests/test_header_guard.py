@@ -67,7 +67,7 @@ print(json.dumps({{"outcome": outcome, "message": message, "load_s": load_s,
 def run_loader(loader: str, path: Path) -> dict:
     """Load ``path`` with ``loader`` in a fresh python; return what the child measured."""
     code = CHILD.format(root=str(ROOT), limit=CHILD_ADDRESS_SPACE, import_line=LOADERS[loader])
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=SCRIPT_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -182,7 +182,7 @@ def _limit_address_space() -> None:
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     """Run a numbered script with its command line (address space limited as for the loaders)."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=SCRIPT_TIMEOUT_S, preexec_fn=_limit_address_space)
 
 

@@ -401,6 +401,6 @@ def test_scripts_run_from_the_command_line(real_passport, tmp_path):
 
     out = tmp_path / "cli.png"
     done = subprocess.run([sys.executable, "09_visualize_spine.py", "--passport", str(real_passport), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 1000

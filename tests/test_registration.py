@@ -363,7 +363,7 @@ def test_label_warp_known_shift():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "registration/register.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_register_cli_help():

@@ -191,7 +191,7 @@ def test_register_run_in_process_small_budgets(ct_passports, tmp_path, capsys):
 
 def run_register(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "registration/register.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=SUBPROCESS_LIMIT_S)
+                          text=True, encoding="utf-8", errors="replace", timeout=SUBPROCESS_LIMIT_S)
 
 
 @pytest.mark.parametrize("which", range(6))
@@ -231,7 +231,7 @@ def test_evaluate_cli_refuses_bad_numbers(tmp_path):
     for option, value in [("--max-control-points", "-1"), ("--iterations", "-2"), ("--cases", "0"),
                           ("--seed", "-1"), ("--magnitudes", "nan")]:
         r = subprocess.run([sys.executable, "registration/evaluate.py", "--batch-only", "--out", str(tmp_path / "e.json"),
-                            option, value], cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
+                            option, value], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=SUBPROCESS_LIMIT_S)
         assert_one_line_error(r, option, repr(value))
     assert not (tmp_path / "e.json").exists()
 

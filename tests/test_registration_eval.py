@@ -104,7 +104,7 @@ def test_register_cli_end_to_end(ct_case, example_ct_sm, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "registration/register.py", "--fixed-passport", str(a),
                         "--moving-passport", str(b), "--fixed-scan", str(example_ct_sm), "--moving-scan",
-                        str(moving_scan), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        str(moving_scan), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr
     for name in ("transform.json", "registration.json", "overlay.png"):
         assert (out / name).is_file()
@@ -118,7 +118,7 @@ def test_register_cli_end_to_end(ct_case, example_ct_sm, tmp_path):
     # rigid only
     r = subprocess.run([sys.executable, "registration/register.py", "--fixed-passport", str(a),
                         "--moving-passport", str(b), "--out", str(tmp_path / "rigid"), "--no-deformable"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_transform(tmp_path / "rigid" / "transform.json").grid is None
     assert list(out.glob(".tmp-*")) == []
@@ -159,7 +159,7 @@ def test_batch_mode(tmp_path, ct_case):
 def test_evaluate_cli_batch_only_empty(tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "registration/evaluate.py", "--batch-only", "--batch", str(tmp_path / "none"),
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "no paired scans" in r.stdout
     assert json.loads(out.read_text(encoding="utf-8"))["batch"]["pairs"] == []

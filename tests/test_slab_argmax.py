@@ -86,7 +86,7 @@ def _peak_growth(z: int, whole: bool) -> int:
     # a fixed mmap threshold: glibc's adaptive one keeps freed blocks in the heap, so its peak would grow
     # with the number of alloc/free cycles (rows) whatever the algorithm holds; this measures what it holds
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
 

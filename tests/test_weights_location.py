@@ -154,14 +154,14 @@ def test_quickstart_steps_offline_leave_the_user_home_empty_and_official_api_dow
             [py, "03_vanilla_benchmark.py", "--input", str(tiny_scan), "--out", str(tmp_path / "m03"),
              "--result", str(tmp_path / "03.json"), "--repeats", "1", "--warmup", "0"]]
     for cmd in runs:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
         assert proc.returncode == 0, (cmd[1], proc.stderr[-2000:])
         assert "weights: STAND-IN" in proc.stdout or "standin" in proc.stdout, proc.stdout[-1000:]
     ts_home = home / ".totalsegmentator"
     assert not _ours_in(ts_home), _ours_in(ts_home)
     code = ("from totalsegmentator.python_api import totalsegmentator as t; "
             f"t({str(tiny_scan)!r}, {str(tmp_path / 'official_api.nii.gz')!r}, fast=True, ml=True, quiet=True)")
-    api = subprocess.run([py, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    api = subprocess.run([py, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert api.returncode != 0
     assert "Downloading model for Task 297" in api.stdout + api.stderr
     assert any(w in api.stderr for w in ("ConnectionError", "NameResolution", "Max retries", "ProxyError")), \
