@@ -111,7 +111,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str, *, onnx: bool
     """The options 03-06 share: --input, --out, --result (defaults benchmarks/<stage>[.json]), --onnx,
     --repeats/--warmup (timed stages), --max-samples and --weights."""
     parser.add_argument("--input", help="a scan (NIfTI file or DICOM folder) or a folder of scans "
-                                        "(default: ct_data/ and ct_data/realistic/, else the embedded phantom)")
+                                        "(default: ct_data/, ct_data/realistic/ and ct_data/clinical/, else the "
+                                        "embedded phantom)")
     parser.add_argument("--out", type=Path, default=BENCHMARKS / stage,
                         help=f"{out_help} (default: benchmarks/{stage})")
     parser.add_argument("--result", type=Path, default=BENCHMARKS / f"{stage}.json",
