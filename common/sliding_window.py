@@ -80,6 +80,43 @@ def _overlap(tile: tuple[slice, ...], keep: tuple[slice, ...]) -> tuple[tuple[sl
     return tuple(in_tile), tuple(in_keep)
 
 
+def _check_accumulate(accumulate: str) -> None:
+    if accumulate not in ("float16", "float32"):
+        raise ValueError("accumulate must be 'float16' or 'float32'")
+
+
+def _weighted_tiles(data: np.ndarray, predict: Predict, patch_size: tuple[int, ...], step: float, batch_size: int,
+                    accumulate: str, progress: Callable[[int], None] | None):
+    """Yield, tile by tile in nnU-Net's order (first axis outermost), (tile logits x Gaussian (K, *overlap),
+    the Gaussian (overlap), slices of the overlap in the unpadded (C, *spatial) volume). float32 torch
+    tensors (Gaussian float16) in float16 mode, whose sums are torch tensors as in nnU-Net; numpy otherwise."""
+    padded, keep = pad_to_patch(data, patch_size)
+    gauss16 = gaussian_importance(tuple(patch_size))
+    if accumulate == "float16":
+        import torch
+
+        gauss = torch.from_numpy(gauss16.copy())
+    else:
+        gauss = gauss16.astype(np.float32)
+    for group in _batches(tile_slices(padded.shape[1:], patch_size, step), batch_size):
+        batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
+        out = predict(batch)
+        for k, sl in enumerate(group):
+            ov = _overlap(sl, keep)
+            if ov is None:
+                continue
+            in_tile, in_keep = ov
+            tile = np.ascontiguousarray(out[(k, slice(None), *in_tile)])
+            if accumulate == "float16":
+                tile = torch.from_numpy(tile)
+            g = gauss[in_tile]
+            tile *= g                # float32 *= float16 Gaussian -> float32, as nnU-Net
+            yield tile, g, in_keep
+        del out
+        if progress is not None:
+            progress(len(group))
+
+
 def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, patch_size: tuple[int, ...],
                           step: float = 0.5, batch_size: int = 1, accumulate: str = "float16",
                           normalize: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -97,46 +134,26 @@ def sliding_window_logits(data: np.ndarray, predict: Predict, num_classes: int, 
     padding away; each voxel sees the same additions in the same order either way, so the result is
     identical while a scan much thinner than a patch (30 of 112 slices) costs a fraction of the work.
     """
-    if accumulate not in ("float16", "float32"):
-        raise ValueError("accumulate must be 'float16' or 'float32'")
-    padded, keep = pad_to_patch(data, patch_size)
-    slices = tile_slices(padded.shape[1:], patch_size, step)
+    _check_accumulate(accumulate)
     spatial = data.shape[1:]
-    gauss16 = gaussian_importance(tuple(patch_size))
     if accumulate == "float16":
         import torch
 
-        gauss = torch.from_numpy(gauss16.copy())
         logits = torch.zeros((num_classes, *spatial), dtype=torch.half)
         weights = torch.zeros(spatial, dtype=torch.half)
     else:
-        gauss = gauss16.astype(np.float32)
         logits = np.zeros((num_classes, *spatial), dtype=np.float32)
         weights = np.zeros(spatial, dtype=np.float32)
     first = True
-    for group in _batches(slices, batch_size):
-        batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
-        out = predict(batch)
-        for k, sl in enumerate(group):
-            ov = _overlap(sl, keep)
-            if ov is None:
-                continue
-            in_tile, in_keep = ov
-            tile = np.ascontiguousarray(out[(k, slice(None), *in_tile)])
-            g = gauss[in_tile]
-            if accumulate == "float16":
-                tile = torch.from_numpy(tile)
-            tile *= g                # float32 *= float16 Gaussian -> float32, as nnU-Net
-            region = (slice(None), *in_keep)
-            if first:  # nothing summed yet: 0 + x rounds exactly like x, so a (faster) converting copy
-                logits[region] = tile
-                weights[in_keep] = g
-                first = False
-            else:
-                logits[region] += tile  # float16 += float32 rounds once, as nnU-Net
-                weights[in_keep] += g
-        if progress is not None:
-            progress(len(group))
+    for tile, g, in_keep in _weighted_tiles(data, predict, patch_size, step, batch_size, accumulate, progress):
+        region = (slice(None), *in_keep)
+        if first:  # nothing summed yet: 0 + x rounds exactly like x, so a (faster) converting copy
+            logits[region] = tile
+            weights[in_keep] = g
+            first = False
+        else:
+            logits[region] += tile  # float16 += float32 rounds once, as nnU-Net
+            weights[in_keep] += g
     if normalize:
         if accumulate == "float16":
             torch.div(logits, weights, out=logits)
@@ -253,38 +270,13 @@ def sliding_window_labels(data: np.ndarray, predict: Predict, num_classes: int, 
     labels equal the whole-volume computation exactly, and the memory is (K x patch[0] x rest) instead of
     (K x volume), float16 plus the float32 copy of one finished slab for the argmax.
     """
-    if accumulate not in ("float16", "float32"):
-        raise ValueError("accumulate must be 'float16' or 'float32'")
+    _check_accumulate(accumulate)
     normalize = accumulate == "float16"  # float16 rounding after the division decides ties: keep it exact
-    padded, keep = pad_to_patch(data, patch_size)
-    slices = tile_slices(padded.shape[1:], patch_size, step)
-    gauss16 = gaussian_importance(tuple(patch_size))
-    if accumulate == "float16":
-        import torch
-
-        gauss = torch.from_numpy(gauss16.copy())
-    else:
-        gauss = gauss16.astype(np.float32)
     acc = _SlabSums(num_classes, data.shape[1:], patch_size[0], accumulate, normalize)
     first = True
-    for group in _batches(slices, batch_size):
-        batch = np.stack([padded[(slice(None), *sl)] for sl in group]).astype(np.float32, copy=False)
-        out = predict(batch)
-        for k, sl in enumerate(group):
-            ov = _overlap(sl, keep)
-            if ov is None:
-                continue
-            in_tile, in_keep = ov
-            acc.finalize_below(in_keep[0].start)
-            tile = np.ascontiguousarray(out[(k, slice(None), *in_tile)])
-            if accumulate == "float16":
-                tile = torch.from_numpy(tile)
-            g = gauss[in_tile]
-            tile *= g                # float32 *= float16 Gaussian -> float32, as nnU-Net
-            acc.add(tile, g, in_keep, first)
-            first = False
-        del out
-        if progress is not None:
-            progress(len(group))
+    for tile, g, in_keep in _weighted_tiles(data, predict, patch_size, step, batch_size, accumulate, progress):
+        acc.finalize_below(in_keep[0].start)
+        acc.add(tile, g, in_keep, first)
+        first = False
     acc.finalize_below(data.shape[1])
     return acc.labels
