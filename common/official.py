@@ -59,27 +59,20 @@ def register_trainer_class() -> None:
     ts_nnunet.custom_trainers.setdefault(TRAINER, getattr(m, TRAINER))
 
 
-def estimate_tiles(shape_xyz: tuple[int, ...], spacing_mm: tuple[float, ...], patch: tuple[int, int, int] =
-                   (128, 112, 112), target_mm: float = 3.0, step: float = 0.5) -> int:
-    """Upper estimate of the sliding-window tiles of one scan: voxels (x, y, z) with spacing (mm) resampled
-    to ``target_mm``, tiles of ``patch`` voxels (largest first, so any axis order is covered) at ``step``."""
-    sizes = sorted((math.ceil(n * s / target_mm) for n, s in zip(shape_xyz[:3], spacing_mm[:3], strict=True)),
-                   reverse=True)
-    tiles = 1
-    for n, p in zip(sizes, sorted(patch, reverse=True), strict=True):
-        tiles *= 1 if n <= p else math.ceil((n - p) / (step * p)) + 1
-    return tiles
-
-
 def time_limit_for(path: str | Path) -> float:
     """Seconds an official call on ``path`` may take before it counts as stuck: 300 s + 60 s per tile of the
-    scan's header size (NIfTI), or one hour where the size is not known cheaply (DICOM, unreadable)."""
+    scan's header size (NIfTI; Task 297's tiles at step 0.5, more than the official 0.8 runs), or one hour
+    where the size is not known cheaply (DICOM, unreadable)."""
+    from common.tiles import task297_geometry, tiles_for_geometry
+
     try:
-        hdr = nib.load(str(path)).header
-        shape, zooms = hdr.get_data_shape(), hdr.get_zooms()
+        img = nib.load(str(path))
+        shape, zooms = img.header.get_data_shape(), img.header.get_zooms()
         if len(shape) < 3 or not all(math.isfinite(z) and z > 0 for z in zooms[:3]):
             return UNKNOWN_SIZE_TIMEOUT_S
-        return BASE_TIMEOUT_S + PER_TILE_TIMEOUT_S * estimate_tiles(shape, zooms)
+        tiles = tiles_for_geometry(shape[:3], zooms[:3], orientation="".join(nib.aff2axcodes(img.affine)),
+                                   **task297_geometry(step=0.5))
+        return BASE_TIMEOUT_S + PER_TILE_TIMEOUT_S * tiles
     except Exception:  # a directory (DICOM) or a file the official tool will reject itself
         return UNKNOWN_SIZE_TIMEOUT_S
 

@@ -31,7 +31,7 @@ from common.metrics import (
     voxel_agreement,
 )
 from common.results import STAGES, one_line, read_result, scan_voxels, summarize, utc_now
-from common.tiles import TILE_BANDS, tile_band, tiles_for_geometry
+from common.tiles import TILE_BANDS, task297_geometry, tile_band, tiles_for_geometry
 from common.volume import check_declared_size
 
 COMPARISON_SCHEMA = "ts-bench-comparison"
@@ -48,9 +48,6 @@ PLOT_FILES = {
     "dice_ground_truth": "comparison_dice_ground_truth.png",
 }
 AFFINE_TOL_MM = 1e-3
-# Task 297 (3 mm fast model) geometry, for results that predate the recorded tile count
-TASK297_GEOMETRY = {"target_spacing_xyz": (3.0, 3.0, 3.0), "patch_size": (112, 112, 128),
-                    "transpose_forward": (0, 1, 2), "step": 0.8}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -441,10 +438,8 @@ def _tiles(rec: dict | None, ref_rec: dict | None) -> tuple[int | None, str | No
     for r in (rec, ref_rec):
         if r is not None and r.get("status") == "ok" and all(int(v) > 0 for v in r.get("shape", [0])[:3]):
             try:
-                geo = TASK297_GEOMETRY
-                n = tiles_for_geometry(r["shape"], r["spacing_mm"], target_spacing_xyz=geo["target_spacing_xyz"],
-                                       patch_size=geo["patch_size"], transpose_forward=geo["transpose_forward"],
-                                       orientation=r.get("orientation", "RAS"), step=geo["step"])
+                n = tiles_for_geometry(r["shape"], r["spacing_mm"], orientation=r.get("orientation", "RAS"),
+                                       **task297_geometry())
                 return n, "estimated"
             except (ValueError, TypeError, KeyError):
                 return None, None

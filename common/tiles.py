@@ -68,6 +68,16 @@ def tiles_for_scan(shape_xyz: Sequence[int], spacing_mm: Sequence[float], spec, 
                               orientation=orientation, step=step)
 
 
+def task297_geometry(step: float = 0.8) -> dict:
+    """Keyword arguments of ``tiles_for_geometry`` for the Task 297 model where no ModelSpec is at hand (old
+    result files, the official runner's time limit): read from the published plans the stand-in builder
+    keeps (common.weights), with tile ``step`` (official: 0.8)."""
+    from common.weights import TASK297_PLANS_3D_FULLRES as plans
+
+    return {"target_spacing_xyz": tuple(float(s) for s in reversed(plans["spacing"])),
+            "patch_size": tuple(plans["patch_size"]), "transpose_forward": (0, 1, 2), "step": step}
+
+
 def tile_band(n_tiles: int | None) -> str:
     """Size class of a scan by its tile count: "1 tile", "2-8 tiles", "9-16 tiles", ">16 tiles" or
     "unknown"."""

@@ -51,10 +51,10 @@ def cases(official_labels, example_ct_sm, example_ct, tmp_path_factory):
 
 
 def test_official_runs_offline_and_labels_many_classes(cases, model_spec):
-    from common.official import estimate_tiles
+    from common.tiles import tiles_for_scan
 
     img = nib.load(cases[-1][1])
-    assert estimate_tiles(img.shape, img.header.get_zooms(), step=0.8) >= 2  # the multi-tile case is one
+    assert tiles_for_scan(img.shape, img.header.get_zooms(), model_spec) >= 2  # the multi-tile case is one
     for name, path, ref in cases:
         img = nib.load(path)
         assert ref.shape == img.shape, name
