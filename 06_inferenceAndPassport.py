@@ -151,10 +151,12 @@ def main(argv=None) -> int:
                 stages = dict(run.stages)
                 t0 = time.perf_counter()
                 passport = None
+                # a file's run-key digest is its sha256 (a folder's also covers file names: hashed again)
+                file_digest = key["input_sha256"] if key is not None and scan.is_file() else None
                 if not args.no_passport:
                     lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
                     passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, names,
-                                              scan=scan_metadata(scan, vol.image),
+                                              scan=scan_metadata(scan, vol.image, sha256=file_digest),
                                               model=spec.provenance(), resolution=args.passport_resolution,
                                               max_points=args.max_points)
                 stages["passport"] = time.perf_counter() - t0

@@ -289,12 +289,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def scan_metadata(path: str | Path, image: nib.spatialimages.SpatialImage) -> dict[str, Any]:
-    """Identify a scan: file, sha256, shape (x, y, z), spacing in mm, 4x4 affine, orientation codes."""
+def scan_metadata(path: str | Path, image: nib.spatialimages.SpatialImage, sha256: str | None = None
+                  ) -> dict[str, Any]:
+    """Identify a scan: file, sha256, shape (x, y, z), spacing in mm, 4x4 affine, orientation codes.
+    ``sha256``: the file's digest when the caller has already computed it (``file_sha256`` otherwise)."""
     affine = np.asarray(image.affine, dtype=np.float64)
     return {
         "file": str(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256 or file_sha256(path),
         "shape": [int(s) for s in image.shape],
         "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "affine": affine.tolist(),

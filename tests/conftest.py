@@ -140,15 +140,14 @@ def official_runner(standin_home, model_spec):
 def official_labels(official_runner, tmp_path_factory):
     """official_labels(path) -> the official tool's label array for that scan, computed once per session
     (keyed on the file's content), so tests that only need the reference share one official run."""
-    import hashlib
-
     from common.official import run_official
+    from common.resume import input_digest
 
     cache: dict[str, object] = {}
     folder = tmp_path_factory.mktemp("official_cache")
 
     def get(path: Path):
-        key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        key = input_digest(path)
         if key not in cache:
             img, _ = run_official(path, folder / f"{key[:16]}.nii.gz", runner=official_runner)
             cache[key] = img
