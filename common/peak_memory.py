@@ -34,10 +34,6 @@ class PeakRss:
     peak_bytes: int | None = None
     start_bytes: int | None = None
 
-    @property
-    def peak_gib(self) -> float | None:
-        return None if self.peak_bytes is None else self.peak_bytes / 2**30
-
 
 def _status_kib(field: str) -> int | None:
     try:

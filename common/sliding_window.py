@@ -194,6 +194,7 @@ class _SlabSums:
         self.depth = min(depth, spatial[0])
         self.lo = 0
         self.labels = np.zeros(spatial, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+        self._buf = None  # float32 scratch for the float16 accumulation, grown on demand
         shape = (num_classes, self.depth, *spatial[1:])
         if accumulate == "float16":
             import torch
@@ -234,7 +235,7 @@ class _SlabSums:
         import torch
 
         n = int(np.prod(shape))
-        if getattr(self, "_buf", None) is None or self._buf.numel() < n:
+        if self._buf is None or self._buf.numel() < n:
             self._buf = torch.empty(n, dtype=torch.float32)
         return self._buf[:n].view(shape)
 

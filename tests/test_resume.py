@@ -126,46 +126,45 @@ def batch(tmp_path_factory, example_ct_sm, tiny_standin_home):
     scan is recomputed under another configuration, once interrupted by a failing passport write."""
     from common.weights import PROJECT_HOME_ENV
 
-    env = pytest.MonkeyPatch()
-    env.setenv(PROJECT_HOME_ENV, str(tiny_standin_home))  # the small-tile stand-in for every 06 run here
-    d = tmp_path_factory.mktemp("resume")
-    scans, out = d / "scans", d / "out"
-    scans.mkdir()
-    img = nib.load(example_ct_sm)
-    for i, name in enumerate(NAMES):
-        nib.save(img.slicer[45 + i:75, 35:65, 5:25], scans / f"{name}.nii.gz")  # ~30 x 30 x 20 voxels: one tile
-    # the pytorch backend: the real network without an ONNX export
-    cfg_a = save_config(RunConfig(backend="pytorch", name="A"), d / "config_a.json")
-    cfg_a2 = save_config(RunConfig(backend="pytorch", name="A under another name"), d / "config_a2.json")
-    cfg_b = save_config(RunConfig(backend="pytorch", name="B", segment=SegmentOptions(tile_step=0.5)),
-                        d / "config_b.json")
-    base = ["--out", str(out), "--onnx", str(d / "unused.onnx")]
-    one = ["--input", str(scans / "same.nii.gz"), *base]
+    with pytest.MonkeyPatch.context() as env:  # undone at module teardown, also when a run here fails
+        env.setenv(PROJECT_HOME_ENV, str(tiny_standin_home))  # the small-tile stand-in for every 06 run here
+        d = tmp_path_factory.mktemp("resume")
+        scans, out = d / "scans", d / "out"
+        scans.mkdir()
+        img = nib.load(example_ct_sm)
+        for i, name in enumerate(NAMES):
+            nib.save(img.slicer[45 + i:75, 35:65, 5:25], scans / f"{name}.nii.gz")  # ~30 x 30 x 20 voxels: one tile
+        # the pytorch backend: the real network without an ONNX export
+        cfg_a = save_config(RunConfig(backend="pytorch", name="A"), d / "config_a.json")
+        cfg_a2 = save_config(RunConfig(backend="pytorch", name="A under another name"), d / "config_a2.json")
+        cfg_b = save_config(RunConfig(backend="pytorch", name="B", segment=SegmentOptions(tile_step=0.5)),
+                            d / "config_b.json")
+        base = ["--out", str(out), "--onnx", str(d / "unused.onnx")]
+        one = ["--input", str(scans / "same.nii.gz"), *base]
 
-    runs = {"first": _run_06(["--input", str(scans), "--result", str(d / "1.json"), "--config", str(cfg_a), *base])}
-    mtimes_1 = _mtimes(out)
-    keys_1 = {n: json.loads((out / f"{n}_run.json").read_text(encoding="utf-8")) for n in NAMES}
-    sha_1 = {n: hashlib.sha256((scans / f"{n}.nii.gz").read_bytes()).hexdigest() for n in NAMES}
+        runs = {"first": _run_06(["--input", str(scans), "--result", str(d / "1.json"), "--config", str(cfg_a), *base])}
+        mtimes_1 = _mtimes(out)
+        keys_1 = {n: json.loads((out / f"{n}_run.json").read_text(encoding="utf-8")) for n in NAMES}
+        sha_1 = {n: hashlib.sha256((scans / f"{n}.nii.gz").read_bytes()).hexdigest() for n in NAMES}
 
-    rep = nib.load(scans / "replaced.nii.gz")  # same name, other content: the crop flipped left-right
-    flipped = nib.Nifti1Image(np.ascontiguousarray(np.asanyarray(rep.dataobj)[::-1]), rep.affine, rep.header)
-    nib.save(flipped, scans / "replaced.nii.gz")
-    (out / "nosidecar_run.json").unlink()  # outputs as an older version of 06 left them
-    (out / "weights_run.json").write_text(json.dumps({**keys_1["weights"], "weights_sha256": "0" * 64}),
-                                          encoding="utf-8")
-    runs["second"] = _run_06(["--input", str(scans), "--result", str(d / "2.json"), "--config", str(cfg_a2), *base])
-    mtimes_2 = _mtimes(out)
-    runs["third"] = _run_06([*one, "--result", str(d / "3.json"), "--config", str(cfg_b)])
-    runs["max_points"] = _run_06([*one, "--result", str(d / "4.json"), "--config", str(cfg_b), "--max-points", "50"])
-    # back to A, but the passport write fails after the mask was rewritten: the B record must not survive
-    runs["interrupted"] = _run_06([*one, "--result", str(d / "5.json"), "--config", str(cfg_a)],
-                                  save_passport=_failing_save)
-    record_after_failure = (out / "same_run.json").exists()
-    runs["after_failure"] = _run_06([*one, "--result", str(d / "6.json"), "--config", str(cfg_b),
-                                     "--max-points", "50"])
-    env.undo()
-    return {"scans": scans, "out": out, **runs, "mtimes": (mtimes_1, mtimes_2), "keys_1": keys_1,
-            "sha_1": sha_1, "record_after_failure": record_after_failure}
+        rep = nib.load(scans / "replaced.nii.gz")  # same name, other content: the crop flipped left-right
+        flipped = nib.Nifti1Image(np.ascontiguousarray(np.asanyarray(rep.dataobj)[::-1]), rep.affine, rep.header)
+        nib.save(flipped, scans / "replaced.nii.gz")
+        (out / "nosidecar_run.json").unlink()  # outputs as an older version of 06 left them
+        (out / "weights_run.json").write_text(json.dumps({**keys_1["weights"], "weights_sha256": "0" * 64}),
+                                              encoding="utf-8")
+        runs["second"] = _run_06(["--input", str(scans), "--result", str(d / "2.json"), "--config", str(cfg_a2), *base])
+        mtimes_2 = _mtimes(out)
+        runs["third"] = _run_06([*one, "--result", str(d / "3.json"), "--config", str(cfg_b)])
+        runs["max_points"] = _run_06([*one, "--result", str(d / "4.json"), "--config", str(cfg_b), "--max-points", "50"])
+        # back to A, but the passport write fails after the mask was rewritten: the B record must not survive
+        runs["interrupted"] = _run_06([*one, "--result", str(d / "5.json"), "--config", str(cfg_a)],
+                                      save_passport=_failing_save)
+        record_after_failure = (out / "same_run.json").exists()
+        runs["after_failure"] = _run_06([*one, "--result", str(d / "6.json"), "--config", str(cfg_b),
+                                         "--max-points", "50"])
+        yield {"scans": scans, "out": out, **runs, "mtimes": (mtimes_1, mtimes_2), "keys_1": keys_1,
+               "sha_1": sha_1, "record_after_failure": record_after_failure}
 
 
 def test_first_run_writes_the_run_record_last(batch):
