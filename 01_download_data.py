@@ -11,21 +11,29 @@ Examples:
 
 Downloads resume after an interruption (re-run the same command) and are verified before use.
 Existing outputs are never overwritten without --force, and no folder is ever wiped.
-Exit status: 0 success, 1 on any error (reported as one line), 130 when interrupted.
+--from names each scan after its path below DIR (DIR/p1/CT/ -> p1__CT.nii.gz), so that equal file or
+folder names in different folders never collide; sources that would still share a scan id are refused.
+Exit status: 0 success, 1 on any error or any scan not imported (one line each), 130 when interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
+
+import nibabel as nib
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common import download  # noqa: E402
+from common.args import OneLineParser, positive_int, run_script  # noqa: E402
 from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
 from common.cli import is_label_file  # noqa: E402
 from common.errors import DownloadError, InputError  # noqa: E402
@@ -60,7 +68,7 @@ def warn(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="01_download_data.py",
         description=__doc__.split("\n\n")[0],
         epilog="Sources: MSD Task09_Spleen (" + download.SPLEEN.url + ", md5-verified); Learn2Reg lung CT "
@@ -71,11 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("spleen", "learn2reg", "all"), default=None,
                    help="what to download (default: spleen, unless only --from/--realistic/--clinical is given). "
                         "spleen -> OUT/spleen_N.nii.gz; learn2reg -> OUT/learn2reg/case_XXX_{exp,insp}.nii.gz")
-    p.add_argument("--max-samples", type=int, default=5, metavar="N",
+    p.add_argument("--max-samples", type=positive_int, default=5, metavar="N",
                    help="number of spleen scans / learn2reg exp-insp pairs to extract (default: %(default)s)")
     p.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
                    help="import your own scans instead of downloading: NIfTI files (.nii/.nii.gz) are copied, "
-                        "DICOM series folders are converted to NIfTI (orientation preserved); searched recursively")
+                        "DICOM series folders are converted to NIfTI (orientation preserved); searched recursively. "
+                        "Each is named after its path below DIR, parts joined by '__' (DIR/p1/ct.nii.gz -> "
+                        "OUT/p1__ct.nii.gz, DICOM folder DIR/p1/CT/ -> OUT/p1__CT.nii.gz; directly in DIR: its own "
+                        "name; label maps p1/ct_seg.nii.gz follow their scan). Sources that would get the same scan "
+                        "id (a.nii and a.nii.gz, folder a/ beside a.nii.gz; case ignored) are refused after the "
+                        "first, one line each; an existing output with other content than its source is an error "
+                        "unless --force")
     p.add_argument("--realistic", action="store_true",
                    help="write clinical-resolution variants ({:g}x{:g}x{:g} mm, int16) of the scans in OUT "
                         "into OUT/realistic/".format(*REALISTIC_SPACING_MM))
@@ -95,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxel size of the clinical scans in mm (default: %(default)s)")
     p.add_argument("--clinical-source", type=Path, metavar="FILE",
                    help="the real CT the clinical scans are made from (default: see --clinical)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (without it an existing output is kept; with --from, "
+                        "one whose content differs from its source is reported as an error)")
     p.add_argument("--url", metavar="URL",
                    help="download the chosen data set's archive from this mirror instead (still verified)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -161,57 +177,170 @@ def run_download(name: str, out: Path, max_samples: int, force: bool, url: str |
 
 
 # ---- import -----------------------------------------------------------------------------------
-def _dicom_series_dirs(root: Path) -> list[Path]:
-    """Folders under ``root`` (itself included) that hold a DICOM series, per GDCM (any file names)."""
+NAME_JOIN = "__"  # p1/CT/ -> p1__CT.nii.gz: the path below --from, its parts joined
+MAX_SKIPPED_SHOWN = 10
+
+
+class ImportPlan(NamedTuple):
+    """What one --from import does: ``items`` (source, target name in OUT); ``refused`` one-line reasons for
+    sources that are not imported; ``skipped`` files that are neither NIfTI nor part of a DICOM series."""
+
+    items: list[tuple[Path, str]]
+    refused: list[str]
+    skipped: list[Path]
+
+
+def _dicom_series(root: Path, exclude: Path | None) -> dict[Path, list[str]]:
+    """Folders under ``root`` (itself included, ``exclude`` and below left out) that hold DICOM series, per GDCM
+    (any file names) -> their series UIDs."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    dirs = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
+    dirs = [root, *_entries(root, exclude, Path.is_dir)]
     dirs = [d for d in dirs if any(f.is_file() and not is_nifti_path(f) for f in d.iterdir())]
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" for every other folder
     try:
-        return [d for d in dirs if reader.GetGDCMSeriesIDs(str(d))]
+        found = {d: list(reader.GetGDCMSeriesIDs(str(d))) for d in dirs}
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    return {d: uids for d, uids in found.items() if uids}
 
 
-def find_importable(root: Path) -> tuple[list[Path], list[Path]]:
-    """(NIfTI files, DICOM series folders) under ``root`` (recursive); hidden files skipped."""
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+def _entries(root: Path, exclude: Path | None, kind) -> list[Path]:
+    """Sorted entries below ``root`` for which ``kind(path)`` holds; hidden ones (any part of the path below
+    ``root`` starting with ".") and ``exclude`` with everything below it are left out."""
+    return sorted(p for p in root.rglob("*") if kind(p) and not _inside(p, exclude)
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def import_name(item: Path, root: Path) -> str:
+    """The file name in OUT of ``item`` (a NIfTI file or DICOM series folder) found under ``root``: its path below
+    ``root`` with the parts joined by "__" (p1/ct.nii.gz -> p1__ct.nii.gz, DICOM folder p1/CT -> p1__CT.nii.gz);
+    an item directly in ``root`` (or ``root`` itself) keeps its own name. Label maps follow their scan
+    (p1/ct_seg.nii.gz -> p1__ct_seg.nii.gz)."""
+    parts = list(item.relative_to(root).parts) or [item.name]
+    if item.is_dir():
+        parts[-1] = scan_id(parts[-1]) + ".nii.gz"
+    return NAME_JOIN.join(parts)
+
+
+def plan_import(root: Path, exclude: Path | None = None) -> ImportPlan:
+    """Find the NIfTI files and DICOM series folders under ``root`` (recursive; hidden entries and ``exclude`` left
+    out) and give each a target name. Targets whose scan ids (name without .nii/.nii.gz) are equal ignoring case
+    (a.nii and a.nii.gz; folder a/ beside a.nii.gz) would overwrite each other or share one id later on: the first
+    (NIfTI files before DICOM folders, each sorted by path) is imported, every later one is refused."""
     if root.is_file():
-        return ([root] if is_nifti_path(root) else []), []
-    niftis = sorted(p for p in root.rglob("*") if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
-    return niftis, _dicom_series_dirs(root)
+        return ImportPlan([(root, root.name)], [], []) if is_nifti_path(root) else ImportPlan([], [], [root])
+    files = _entries(root, exclude, Path.is_file)
+    series = _dicom_series(root, exclude)
+    niftis = [p for p in files if is_nifti_path(p)]
+    skipped = [p for p in files if not is_nifti_path(p) and p.parent not in series]
+    items: list[tuple[Path, str]] = []
+    refused: list[str] = []
+    owner: dict[str, Path] = {}
+    for src in [*niftis, *series]:
+        name = import_name(src, root)
+        key = scan_id(name).casefold()
+        if key in owner:
+            refused.append(f"{src}: not imported: its name {name} gives the same scan id as {owner[key]} "
+                           f"({scan_id(name)}); rename or move one of them")
+            continue
+        owner[key] = src
+        items.append((src, name))
+    for folder, uids in series.items():
+        refused += [f"{folder}: DICOM series {uid} not imported: only the first series of a folder ({uids[0]}) is; "
+                    "put each series in its own folder" for uid in uids[1:]]
+    return ImportPlan(items, refused, skipped)
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    """True when the two files have the same size and sha256 (False when either cannot be read)."""
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        digests = []
+        for p in (a, b):
+            with open(p, "rb") as fh:
+                digests.append(hashlib.file_digest(fh, "sha256").hexdigest())
+    except OSError:
+        return False
+    return digests[0] == digests[1]
+
+
+def _same_image(img: nib.Nifti1Image, target: Path) -> bool:
+    """True when the NIfTI file ``target`` holds the voxel values (x, y, z) and affine (1e-4 mm) of ``img``."""
+    try:
+        other = nib.load(str(target))
+        if other.shape != img.shape or not np.allclose(other.affine, img.affine, atol=1e-4, rtol=0):
+            return False
+        return bool(np.array_equal(np.asanyarray(other.dataobj), np.asanyarray(img.dataobj)))
+    except Exception:  # an unreadable earlier output is not the same scan
+        return False
+
+
+def _differs(target: Path, src: Path) -> str:
+    return (f"{target}: exists and holds a different scan than {src} (an earlier import?); not overwritten: "
+            "use --force to replace it, or another --out")
+
+
+def _import_one(src: Path, target: Path, force: bool) -> bool:
+    """Import one scan or label map; print what happened in one line. False when it failed or was refused."""
+    is_dicom = src.is_dir()
+    if target.exists() and not force and not is_dicom:
+        if not _same_file_content(src, target):
+            print(f"error: {_differs(target, src)}", file=sys.stderr, flush=True)
+            return False
+        say(f"  kept existing {target} (same content as {src})")
+        return True
+    try:  # label maps beside the scans (*_seg, *_labels...) are copied too, without the CT check
+        vol, warnings = load_scan(src, modality="ANY" if is_label_file(src) else "CT")
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return False
+    if target.exists() and not force:  # a DICOM series converted earlier: compare the voxels
+        if not _same_image(vol.image, target):
+            print(f"error: {_differs(target, src)}", file=sys.stderr, flush=True)
+            return False
+        say(f"  kept existing {target} (same scan as {src})")
+        return True
+    for w in warnings:
+        warn(w)
+    if is_dicom:
+        atomic_save_nifti(vol.image, target)
+    else:
+        with atomic_path(target, suffix=".nii.gz" if target.name.endswith(".gz") else ".nii") as tmp:
+            shutil.copyfile(src, tmp)
+    say(f"  imported {src} -> {target} ({'x'.join(map(str, vol.shape))}, {vol.orientation})")
+    return True
 
 
 def run_import(src: Path, out: Path, force: bool) -> int:
+    """Import the scans under ``src`` into ``out``; returns the number of sources failed or refused."""
     if not src.exists():
         raise InputError(src, "folder not found (--from)")
-    niftis, dicoms = find_importable(src)
-    if not niftis and not dicoms:
+    root, out_dir = src.resolve(), out.resolve()
+    if root == out_dir:
+        raise InputError(src, "--from and --out are the same folder; import into another folder")
+    exclude = src / out_dir.relative_to(root) if _inside(out_dir, root) else None
+    if exclude is not None:
+        say(f"  not searching the output folder {out} (inside --from)")
+    plan = plan_import(src, exclude)
+    for path in plan.skipped[:MAX_SKIPPED_SHOWN]:
+        say(f"  skipped {path}: not a NIfTI file (.nii/.nii.gz) or part of a DICOM series")
+    if len(plan.skipped) > MAX_SKIPPED_SHOWN:
+        say(f"  skipped {len(plan.skipped) - MAX_SKIPPED_SHOWN} more files that are neither NIfTI nor DICOM")
+    if not plan.items:
         raise InputError(src, "no NIfTI files (.nii/.nii.gz) or DICOM series found (--from)")
-    failures = 0
-    for item in [*niftis, *dicoms]:
-        is_dicom = item.is_dir()
-        name = (scan_id(item) + ".nii.gz") if is_dicom else item.name
-        target = out / name
-        if target.exists() and not force:
-            say(f"  kept existing {target} (use --force to overwrite)")
-            continue
-        try:  # label maps beside the scans (*_seg, *_labels...) are copied too, without the CT check
-            vol, warnings = load_scan(item, modality="ANY" if is_label_file(item) else "CT")
-        except InputError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            failures += 1
-            continue
-        for w in warnings:
-            warn(w)
-        if is_dicom:
-            atomic_save_nifti(vol.image, target)
-        else:
-            with atomic_path(target, suffix=".nii.gz" if name.endswith(".gz") else ".nii") as tmp:
-                shutil.copyfile(item, tmp)
-        say(f"  imported {item} -> {target} ({'x'.join(map(str, vol.shape))}, {vol.orientation})")
+    for line in plan.refused:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    failures = len(plan.refused)
+    for item, name in plan.items:
+        failures += not _import_one(item, out / name, force)
     return failures
 
 
@@ -282,8 +411,6 @@ def run_clinical(out: Path, sizes: list[tuple[int, int, int]], spacing: tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_samples < 1:
-        build_parser().error("--max-samples must be at least 1")
     out: Path = args.out
     dataset = args.dataset
     if dataset is None and args.from_dir is None and not args.realistic and not args.clinical:
@@ -321,4 +448,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

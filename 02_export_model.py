@@ -13,17 +13,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.cli import DEFAULT_ONNX, add_weights_argument, fail, prepare_model  # noqa: E402
+from common.args import check_outputs, nonnegative_int, run_script, script_parser  # noqa: E402
+from common.cli import DEFAULT_ONNX, add_weights_argument, fail, onnx_variant_path, prepare_model  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fold_name(text: str) -> int | str:
+    """argparse type: an nnU-Net fold, an integer >= 0 (folder fold_N) or "all" (folder fold_all)."""
+    if text == "all":
+        return text
+    try:
+        return nonnegative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or 'all', not {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = script_parser(__doc__)
     p.add_argument("--model-dir", type=Path, default=None,
                    help="nnU-Net v2 results folder (trainer__plans__config, holding plans.json, dataset.json, "
                         "fold_N/). Default: the Task 297 folder where TotalSegmentator keeps its weights")
     add_weights_argument(p)
-    p.add_argument("--fold", default="0", help="fold to export (default 0)")
+    p.add_argument("--fold", type=fold_name, default=0, metavar="N|all",
+                   help="fold to export: an integer >= 0 or 'all' (default 0)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"ONNX file to write (default {DEFAULT_ONNX.relative_to(DEFAULT_ONNX.parents[1])} for "
                         "Task 297, models/<dataset>.onnx otherwise)")
@@ -34,12 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="export InstanceNorm as ONNX's fused InstanceNormalization (faster in ONNX Runtime but "
                         "less exact on large patches) instead of the default precise form; written to "
                         "<name>_nativenorm.onnx")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.out is not None and not args.standin_only:  # refused before the weights are touched
+            target = onnx_variant_path(args.out, not args.native_norm)
+            check_outputs(files=(target, target.with_suffix(".json")))
         if args.standin_only:
             from common.weights import build_standin
 
@@ -51,16 +70,13 @@ def main(argv=None) -> int:
         else:
             from common.model import load_model_spec
 
-            fold = int(args.fold) if args.fold.isdigit() else args.fold
-            spec = load_model_spec(args.model_dir, fold=fold)
+            spec = load_model_spec(args.model_dir, fold=args.fold)
             out = args.out or DEFAULT_ONNX.parent / f"{spec.folder.parent.name}.onnx"
         from common.cli import ensure_onnx
         from common.onnx_export import export_and_check
 
         precise = not args.native_norm
         if args.force or args.model_dir is not None:
-            from common.cli import onnx_variant_path
-
             out = onnx_variant_path(out, precise)
             print(f"exporting {spec.folder} -> {out}")
             report = export_and_check(spec, out, precise_norm=precise)
@@ -69,7 +85,7 @@ def main(argv=None) -> int:
             import json
 
             report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-    except (InputError, FileExistsError, RuntimeError) as exc:
+    except (InputError, OSError, RuntimeError) as exc:  # OSError includes FileExistsError
         return fail(exc)
     par = report["parity"]
     print(f"ONNX model: {out} ({report['onnx_bytes'] / 1e6:.1f} MB, opset {report['opset']}, checker passed, "
@@ -82,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

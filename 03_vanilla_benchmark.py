@@ -14,35 +14,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common.args import positive_float, run_script, script_parser  # noqa: E402
 from common.cli import add_run_arguments, fail, model_record, start_run  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
+DEVICE = re.compile(r"^(cpu|mps|(gpu|cuda)(:\d+)?)$")
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _device(text: str) -> str:
+    if not DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, gpu, gpu:N, cuda, cuda:N or mps, not {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = script_parser(__doc__)
     add_run_arguments(p, "03_vanilla", onnx=False, out_help="reference mask folder")
-    p.add_argument("--device", default="cpu", help="device for the official tool: cpu, gpu, cuda, mps (default cpu)")
-    p.add_argument("--official-timeout", type=_positive_seconds, default=None, metavar="S",
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="device for the official tool: cpu, gpu[:N], cuda[:N], mps (default cpu)")
+    p.add_argument("--official-timeout", type=positive_float, default=None, metavar="S",
                    help="time limit of one official call in seconds; a call past it is killed and its scan "
                         "recorded as failed (default: 300 s + 60 s per 112x112x128 tile of the scan)")
-    return p.parse_args(argv)
+    return p
 
 
-def _positive_seconds(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def official_runner(weights_folder: Path, device: str, timeout_s: float | None, spec=None):
@@ -95,13 +98,14 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.bench import benchmark_scans
-    from common.results import new_result, summarize, write_result
+    from common.bench import run_benchmark_batch
+    from common.results import new_result
 
     try:
-        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
-    except (InputError, FileExistsError, RuntimeError) as exc:
+        batch, spec = start_run(args)
+    except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
+    source = batch.source
     print(f"data: {source}")
     settings = {"task": "total", "fast": True, "device": args.device, "isolation": "one worker process per scan",
                 "official_timeout_s": args.official_timeout or "300 + 60 per tile", "repeats": args.repeats,
@@ -112,14 +116,10 @@ def main(argv=None) -> int:
                         model=model_record(spec))
     run = official_runner(spec.folder, args.device, args.official_timeout, spec=spec)
     try:
-        result["scans"] = benchmark_scans(scans, run, args.out, args.repeats, args.warmup, desc="03 official")
+        return run_benchmark_batch(result, batch, run, args, "03 official")
     finally:
         run.close()
-    summarize(result)
-    write_result(result, args.result)
-    print(f"result: {args.result} (weights: {spec.provenance()['weights']})")
-    return 1 if result["summary"]["n_failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common.args import run_script, script_parser  # noqa: E402
 from common.cli import (  # noqa: E402
     add_run_arguments,
     ensure_onnx,
@@ -24,36 +25,36 @@ from common.cli import (  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = script_parser(__doc__)
     add_run_arguments(p, "04_onnx")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from common.bench import benchmark_scans, segment_runner
-    from common.results import new_result, summarize, write_result
+    from common.bench import run_benchmark_batch, segment_runner
+    from common.results import new_result
     from common.runner import RunConfig, build_predictor
 
     try:
-        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
+        batch, spec = start_run(args)
         cfg = RunConfig(name="onnxruntime defaults")
         predictor = build_predictor(cfg, spec, ensure_onnx(spec, args.onnx))
-    except (InputError, FileExistsError, RuntimeError) as exc:
+    except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
+    source = batch.source
     print(f"data: {source}")
     result = new_result("04_onnx_benchmark.py", method="onnx_default",
                         settings={"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup,
                                   "session": predictor.describe(), "input": source},
                         model=model_record(spec))
-    result["scans"] = benchmark_scans(scans, segment_runner(spec, predictor, cfg.segment), args.out,
-                                      args.repeats, args.warmup, desc="04 onnx")
-    summarize(result)
-    write_result(result, args.result)
-    print(f"result: {args.result} (weights: {spec.provenance()['weights']})")
-    return 1 if result["summary"]["n_failed"] else 0
+    return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "04 onnx")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common.args import positive_int, run_script, script_parser, unit_fraction  # noqa: E402
 from common.cli import (  # noqa: E402
     BENCHMARKS,
     OPTIMIZED_CONFIG,
@@ -32,19 +33,24 @@ from common.cli import (  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = script_parser(__doc__)
     add_run_arguments(p, "05_optimized")
     p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
                    help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
     p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
-    p.add_argument("--sweep-scans", type=int, default=3, help="scans used for the sweep (default: first 3)")
-    p.add_argument("--finalist-runs", type=int, default=3,
+    p.add_argument("--sweep-scans", type=positive_int, default=3, help="scans used for the sweep (default: first 3)")
+    p.add_argument("--finalist-runs", type=positive_int, default=3,
                    help="timed runs per scan when re-timing the 3 fastest faithful configurations and the "
                         "baseline, which decides the choice (default 3)")
-    p.add_argument("--threshold", type=float, default=0.999, help="minimum voxel agreement (default 0.999)")
+    p.add_argument("--threshold", type=unit_fraction, default=0.999,
+                   help="minimum voxel agreement, a fraction in (0, 1] (default 0.999)")
     p.add_argument("--no-sweep", action="store_true", help="benchmark the configuration in --config-out as is")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def reference_masks(ref_json: Path, scans: list[Path], spec, log=print) -> tuple[dict, str]:
@@ -106,21 +112,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from common.bench import benchmark_scans, segment_runner
-    from common.results import new_result, summarize, write_result
+    from common.args import check_outputs
+    from common.bench import run_benchmark_batch, segment_runner
+    from common.results import new_result
     from common.runner import RunConfig, build_predictor, load_config, save_config
     from common.sweep import combine, factor_of, one_factor_configs, select_fastest
 
     try:
-        scans, source, spec = start_run(args.input, args.max_samples, args.weights)
+        if not args.no_sweep:
+            check_outputs(files=(args.config_out,))
+        batch, spec = start_run(args)
         onnx = ensure_onnx(spec, args.onnx)
-    except (InputError, FileExistsError, RuntimeError) as exc:
+    except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
+    source = batch.source
     print(f"data: {source}")
     from common.validation import load_scan
 
     sweep_scans = []
-    for s in scans:  # bad scans are reported by the final benchmark, not swept
+    for s in batch.scans:  # bad scans are reported by the final benchmark, not swept
         try:
             load_scan(s)
             sweep_scans.append(s)
@@ -188,13 +198,8 @@ def main(argv=None) -> int:
     result["sweep"] = rows
     result["finalists"] = retimed
     result["chosen"] = chosen_row["name"] if chosen_row else cfg.name
-    result["scans"] = benchmark_scans(scans, segment_runner(spec, predictor, cfg.segment), args.out,
-                                      args.repeats, args.warmup, desc="05 optimized")
-    summarize(result)
-    write_result(result, args.result)
-    print(f"result: {args.result} (weights: {spec.provenance()['weights']})")
-    return 1 if result["summary"]["n_failed"] else 0
+    return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "05 optimized")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

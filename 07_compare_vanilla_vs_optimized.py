@@ -4,6 +4,9 @@
 Reads ts-bench-result JSON files, and for every method and every scan also in the reference: speedup
 (reference median latency / method median latency), voxel agreement and per-class Dice of the method's mask
 against the reference's, structures missing or extra; optionally Dice against ground-truth label maps.
+Masks are compared in world space: a mask stored in another axis order or direction on the same voxel grid
+(a DICOM scan: the official tool's mask is LAS, ours LPS) is reoriented to the reference's first; masks on
+really different grids get no Dice and one line saying what differs (shape, spacing, origin or direction).
 Writes comparison.md, comparison.json and PNG plots into --out-dir.
 
 Example:
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.args import OneLineParser, check_outputs, run_script
 from common.errors import InputError
 from common.report import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths, run_comparison
 
@@ -28,7 +32,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit status: 0 report written, 2 bad input (the message names the file).",
@@ -53,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # the output folder is checked before the result files are read
+        check_outputs(folders=(args.out_dir,))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     notes: list[str] = []
     if args.results:
         paths = list(args.results)
@@ -83,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

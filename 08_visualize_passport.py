@@ -9,6 +9,7 @@ structures (by volume) get colours and a legend entry; the others are drawn in w
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,19 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 from matplotlib import colormaps
 
-from common.errors import InputError
-from common.passport import load_passport
-from common.plots_passport import (
-    VIEWS,
-    DisplayScan,
-    cli_parser,
-    load_display_scan,
-    project,
-    save_png,
-    scan_path_for,
-    view_figure,
-    weights_caption,
-)
+from common.args import run_script
+from common.plots_passport import VIEWS, DisplayScan, cli_parser, project, run_picture, view_figure, weights_caption
 from common.plots_passport import default_out as _default_out
 
 OUT_SUFFIX = "_passport"
@@ -84,29 +74,24 @@ def draw_passport(passport: dict, scan: DisplayScan, title: str):
     return fig
 
 
+def picture(passport: dict, passport_path: Path, scan_path: Path, scan: DisplayScan):
+    """The passport figure with its title (which files, grid, how the axes are drawn)."""
+    grid = passport["grid"]
+    title = (f"{passport_path.name}: {len(passport['structures'])} structures "
+             f"({grid['resolution']} grid {'x'.join(str(n) for n in grid['shape'])}) on {scan_path.name}; "
+             f"axes = ±{AXIS_SIGMAS:g}·sqrt(eigenvalue) mm")
+    return draw_passport(passport, scan, title)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (common.plots_passport.cli_parser: one-line errors, exit 2)."""
+    return cli_parser(__doc__, OUT_SUFFIX)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = cli_parser(__doc__, OUT_SUFFIX)
-    args = parser.parse_args(argv)
-    try:
-        passport = load_passport(args.passport)
-        scan_path = scan_path_for(passport, args.passport, args.scan)
-        scan = load_display_scan(scan_path)
-        out = Path(args.out) if args.out else default_out(args.passport)
-        grid = passport["grid"]
-        title = (f"{Path(args.passport).name}: {len(passport['structures'])} structures "
-                 f"({grid['resolution']} grid {'x'.join(str(n) for n in grid['shape'])}) on {scan_path.name}; "
-                 f"axes = ±{AXIS_SIGMAS:g}·sqrt(eigenvalue) mm")
-        fig = draw_passport(passport, scan, title)
-        save_png(fig, out)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_picture(args, OUT_SUFFIX, picture)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

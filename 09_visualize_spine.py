@@ -8,6 +8,7 @@ L1..L5, S1, followed by "sacrum" when present. Exits with code 2 if the passport
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -16,19 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
+from common.args import run_script
 from common.errors import InputError
-from common.passport import load_passport
-from common.plots_passport import (
-    VIEWS,
-    DisplayScan,
-    cli_parser,
-    load_display_scan,
-    project,
-    save_png,
-    scan_path_for,
-    view_figure,
-    weights_caption,
-)
+from common.plots_passport import VIEWS, DisplayScan, cli_parser, project, run_picture, view_figure, weights_caption
 from common.plots_passport import default_out as _default_out
 
 OUT_SUFFIX = "_spine"
@@ -78,30 +69,29 @@ def draw_spine(chain: list[dict], scan: DisplayScan, title: str):
     return fig
 
 
+def require_vertebrae(passport: dict, passport_path: Path) -> None:
+    """InputError (before the scan is read) when the passport has no vertebra."""
+    if not any(s["name"].startswith("vertebrae_") for s in spine_chain(passport)):
+        raise InputError(passport_path, "passport has no vertebrae (no structure named vertebrae_*)")
+
+
+def picture(passport: dict, passport_path: Path, scan_path: Path, scan: DisplayScan):
+    """The spine figure with its title (which files, which vertebrae, which weights)."""
+    chain = spine_chain(passport)
+    names = ", ".join(short_name(s["name"]) for s in chain)
+    return draw_spine(chain, scan, f"{passport_path.name}: spine ({names}) on {scan_path.name}"
+                      + weights_caption(passport))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (common.plots_passport.cli_parser: one-line errors, exit 2)."""
+    return cli_parser(__doc__, OUT_SUFFIX)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = cli_parser(__doc__, OUT_SUFFIX)
-    args = parser.parse_args(argv)
-    try:
-        passport = load_passport(args.passport)
-        chain = spine_chain(passport)
-        if not any(s["name"].startswith("vertebrae_") for s in chain):
-            raise InputError(args.passport, "passport has no vertebrae (no structure named vertebrae_*)")
-        scan_path = scan_path_for(passport, args.passport, args.scan)
-        scan = load_display_scan(scan_path)
-        out = Path(args.out) if args.out else default_out(args.passport)
-        names = ", ".join(short_name(s["name"]) for s in chain)
-        fig = draw_spine(chain, scan, f"{Path(args.passport).name}: spine ({names}) on {scan_path.name}"
-                         + weights_caption(passport))
-        save_png(fig, out)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_picture(args, OUT_SUFFIX, picture, check=require_vertebrae)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

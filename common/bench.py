@@ -13,9 +13,10 @@ from typing import Any
 import tqdm as _tqdm
 from tqdm import tqdm
 
+from common.discovery import Batch
 from common.errors import InputError
 from common.peak_memory import track_peak_rss
-from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record
+from common.results import BatchRecorder, add_repeat, finalize_scan, mark_failed, new_scan_record
 from common.validation import load_scan
 
 _tqdm.tqdm.monitor_interval = 0  # no monitor thread: the official tool forks (see common/official.py)
@@ -31,14 +32,15 @@ def _unpack(out: tuple) -> tuple[float, dict[str, float], Any, dict[str, Any]]:
     return total, stages, labels, (dict(rest[0] or {}) if rest else {})
 
 
-def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup: int = 1) -> dict:
+def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup: int = 1,
+                   scan_id: str | None = None) -> dict:
     """Validate ``scan``, run it ``warmup`` times untimed, then ``repeats`` timed runs, each writing the mask.
 
     Returns a scan record of the shared result schema (status 'failed' with a one-line error on failure).
     """
     from common.runner import labels_present
 
-    record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?")
+    record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=scan_id)
     try:
         vol, warnings = load_scan(scan)  # bad input is reported before any timing
         record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation,
@@ -69,15 +71,18 @@ def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup
     return finalize_scan(record)
 
 
-def benchmark_scans(scans: list[Path], run: RunFn, out_dir: Path, repeats: int, warmup: int = 1,
-                    desc: str = "benchmark") -> list[dict]:
+def benchmark_scans(batch: Batch, run: RunFn, out_dir: Path, repeats: int, warmup: int = 1,
+                    desc: str = "benchmark", recorder: BatchRecorder | None = None) -> list[dict]:
+    """Benchmark every scan of ``batch`` (masks named by its unique ids in ``out_dir``); each finished record
+    goes to ``recorder`` (written at once) when given. Returns the records."""
     from common.runner import mask_path_for
 
     records = []
-    bar = tqdm(scans, desc=desc, unit="scan")
+    bar = tqdm(batch.scans, desc=desc, unit="scan")
     for scan in bar:
         bar.set_postfix_str(scan.name)
-        rec = benchmark_scan(scan, run, mask_path_for(out_dir, scan), repeats, warmup)
+        sid = batch.ids[scan]
+        rec = benchmark_scan(scan, run, mask_path_for(out_dir, sid), repeats, warmup, scan_id=sid)
         if rec["status"] == "failed":
             tqdm.write(f"FAILED {rec['error']}")
         else:
@@ -87,7 +92,23 @@ def benchmark_scans(scans: list[Path], run: RunFn, out_dir: Path, repeats: int, 
                        f"over {m['n']} runs" + (f", peak RSS {rss / 2**30:.2f} GiB" if rss else "")
                        + (f", {rec['n_tiles']} tiles" if rec.get("n_tiles") else ""))
         records.append(rec)
+        if recorder is not None:
+            recorder.add(rec)
     return records
+
+
+def run_benchmark_batch(result: dict, batch: Batch, run: RunFn, args, desc: str) -> int:
+    """The batch of 03/04/05: every scan of ``batch`` benchmarked (``args``: out, result, repeats, warmup), the
+    result written after each scan (common.results.BatchRecorder) and marked complete at the end. Returns the
+    exit code: 0 all ok, 1 some failed, 130/143 interrupted by Ctrl-C/SIGTERM (the partial record is kept)."""
+    recorder = BatchRecorder(result, args.result, batch)
+    try:
+        benchmark_scans(batch, run, args.out, args.repeats, args.warmup, desc=desc, recorder=recorder)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return recorder.interrupt(exc)
+    recorder.finish()
+    print(f"result: {args.result} (weights: {result['model']['weights']})")
+    return 1 if recorder.n_failed else 0
 
 
 def segment_runner(spec, predictor, options) -> RunFn:

@@ -5,10 +5,11 @@ Scripts stay thin: argparse, progress, and calls into here and the rest of commo
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
+from common.args import check_outputs, nonnegative_int, positive_int
+from common.discovery import Batch, discover, is_label_file, merge  # noqa: F401 (is_label_file: 01 uses it)
 from common.errors import InputError
 from common.volume import is_nifti_path
 
@@ -24,65 +25,52 @@ MODELS = PROJECT_ROOT / "models"
 DEFAULT_ONNX = MODELS / "task297.onnx"
 OPTIMIZED_CONFIG = BENCHMARKS / "optimized_config.json"
 EMBEDDED_DIR = BENCHMARKS / "embedded"
-LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")
+DEFAULT_SUBFOLDERS = ("realistic", "clinical")  # searched after ct_data/'s own scans, in this order
 
 
-def is_label_file(path: Path) -> bool:
-    """Label maps beside scans (``x_seg``, ``x_labels``, ``x_seg_fast``, ``x_mask``, ``x_gt`` + .nii[.gz])."""
-    name = path.name.lower()
-    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
-    return bool(LABEL_FILE.search(stem))
+def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=print, *,
+                   output_dirs: tuple[Path, ...] = (), output_files: tuple[Path, ...] = ()) -> Batch:
+    """The batch to process (common.discovery.Batch: scans with unique ids, ignored and refused entries)
+    and a one-line description of where it came from (``batch.source``).
 
-
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
-
-
-def find_scans(input_path: Path, recursive: bool = False) -> list[Path]:
-    """Scans under ``input_path``: a file itself, or the NIfTI files (and DICOM series folders) of a folder,
-    sorted by name; label maps (``*_seg``/``*_labels``...) and hidden files are skipped. Files that are
-    neither NIfTI nor DICOM are still returned so that the batch reports them as bad input."""
-    if not input_path.exists():
-        raise InputError(input_path, "input not found")
-    if input_path.is_file() or _is_dicom_dir(input_path):
-        return [input_path]
-    found: list[Path] = []
-    for p in sorted(input_path.iterdir()):
-        if p.name.startswith(".") or p.name.lower() in ("readme.md", "license", "license.txt"):
-            continue
-        if p.is_file() and not is_label_file(p):
-            found.append(p)
-        elif p.is_dir():
-            if _is_dicom_dir(p):
-                found.append(p)
-            elif recursive:
-                found += find_scans(p, recursive=True)
-    return found
-
-
-def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=print) -> tuple[list[Path], str]:
-    """Scans to process and a one-line description of where they came from.
-
-    --input wins; else ct_data/ (its top level: downloaded and imported scans, then the realistic-size
-    variants in ct_data/realistic/ made by 01 --realistic, then the clinical-size multi-tile scans in
-    ct_data/clinical/ made by 01 --clinical, last so that a sweep over the first scans stays on small ones);
-    else the embedded synthetic phantom (written once under benchmarks/embedded/).
+    --input (a file, a DICOM series folder, or a folder searched recursively) wins; else ct_data/ (its own
+    NIfTI files and DICOM series folders, then the realistic-size variants in ct_data/realistic/ made by 01
+    --realistic, then the clinical-size multi-tile scans in ct_data/clinical/ made by 01 --clinical, last so
+    that a sweep over the first scans stays on small ones); else the embedded synthetic phantom (written once
+    under benchmarks/embedded/). ``output_dirs``/``output_files``: this run's outputs, never taken as inputs.
+    Raises InputError when --input does not exist or holds nothing to process.
     """
+    where = {"output_dirs": output_dirs, "output_files": output_files}
     if input_arg:
-        scans = find_scans(Path(input_arg))
-        source = f"--input {input_arg}"
+        root = Path(input_arg)
+        if not root.exists() and not root.is_symlink():
+            raise InputError(root, "input not found")
+        batch = discover(root, **where)
+        batch.source = f"--input {input_arg}"
+        if not batch.scans and not batch.refused:
+            why = "; ".join(f"{Path(i['file']).name}: {i['reason']}" for i in batch.ignored[:3])
+            raise InputError(root, "nothing to do: no scan found" + (f" ({len(batch.ignored)} ignored — {why})"
+                                                                     if batch.ignored else " (empty)"))
     else:
-        subfolders = ("realistic", "clinical")
-        folders = [CT_DATA, *(CT_DATA / name for name in subfolders)]
-        scans = [p for f in folders if f.exists() for p in find_scans(f)
-                 if (is_nifti_path(p) or p.is_dir()) and not (f == CT_DATA and p.name in subfolders)]
-        source = f"ct_data/ ({len(scans)} scans)"
-        if not scans:
-            scans = [embedded_phantom(log)]
-            source = "embedded synthetic CT phantom (ct_data/ is empty)"
-    if max_samples is not None:
-        scans = scans[:max_samples]
-    return scans, source
+        parts = []
+        for folder in (CT_DATA, *(CT_DATA / name for name in DEFAULT_SUBFOLDERS)):
+            if not folder.is_dir():
+                continue
+            part = discover(folder, recursive=False, **where)
+            part.ignored = [i for i in part.ignored if not (folder == CT_DATA and Path(i["file"]).name
+                                                             in (*DEFAULT_SUBFOLDERS, "downloads"))]
+            for scan in [p for p in part.scans if p.is_file() and not is_nifti_path(p)]:
+                part.scans.remove(scan)
+                part.ignored.append({"file": str(scan), "reason": "not a NIfTI file or DICOM series folder"})
+            parts.append(part)
+        batch = merge(parts)
+        batch.source = f"ct_data/ ({len(batch.scans)} scans)"
+        if not batch.scans:
+            batch = discover(embedded_phantom(log))
+            batch.source = "embedded synthetic CT phantom (ct_data/ holds no scans)"
+    for note in batch.notes:
+        log(f"note: {note}")
+    return batch.limit(max_samples)
 
 
 def embedded_phantom(log=print) -> Path:
@@ -120,9 +108,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str, *, onnx: bool
     if onnx:
         parser.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
     if timing:
-        parser.add_argument("--repeats", type=int, default=3, help="timed runs per scan (default 3)")
-        parser.add_argument("--warmup", type=int, default=1, help="untimed runs per scan first (default 1)")
-    parser.add_argument("--max-samples", type=int, default=None, help="process at most N scans")
+        parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per scan (default 3)")
+        parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs per scan first (default 1)")
+    parser.add_argument("--max-samples", type=positive_int, default=None, metavar="N",
+                        help="process at most N scans")
     add_weights_argument(parser)
 
 
@@ -170,12 +159,14 @@ def model_record(spec) -> dict:
     return {**spec.provenance(), "labels": {str(k): v for k, v in spec.labels.items()}}
 
 
-def start_run(input_arg: str | None, max_samples: int | None, weights: str):
-    """Common start of 03-06: clean exit on SIGTERM, the scans to process (and where they came from), and
-    the Task 297 ModelSpec. Raises InputError / FileExistsError / RuntimeError with one-line messages."""
+def start_run(args: argparse.Namespace) -> tuple[Batch, object]:
+    """Common start of 03-06 (options of add_run_arguments): clean exit on SIGTERM; --out and --result
+    checked writable before any work; the batch (common.discovery.Batch, with where it came from in
+    ``.source``); the Task 297 ModelSpec. Raises InputError / OSError / RuntimeError with one-line messages."""
     exit_cleanly_on_sigterm()
-    scans, source = resolve_inputs(input_arg, max_samples)
-    return scans, source, prepare_model(weights)
+    check_outputs(folders=(args.out,), files=(args.result,))
+    batch = resolve_inputs(args.input, args.max_samples, output_dirs=(args.out,), output_files=(args.result,))
+    return batch, prepare_model(args.weights)
 
 
 _FORK_HOOK_INSTALLED = False

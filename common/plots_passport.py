@@ -9,6 +9,9 @@ matplotlib's object API (Figure, no pyplot: no GUI backend, no global state) and
 from __future__ import annotations
 
 import argparse
+import reprlib
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +20,11 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from common.args import check_outputs, script_parser
 from common.atomic import atomic_path
 from common.errors import InputError
-from common.passport import world_to_voxel
-from common.volume import load_volume
+from common.passport import load_passport, world_to_voxel
+from common.validation import load_scan
 
 HU_WINDOW = (-200.0, 1000.0)
 
@@ -65,18 +69,13 @@ class DisplayScan:
 
 
 def load_display_scan(path: str | Path) -> DisplayScan:
-    """Load a scan (NIfTI or DICOM folder) reoriented to the closest canonical RAS+ grid."""
-    volume = load_volume(path)
+    """Load and check a scan (NIfTI or DICOM folder; common.validation.load_scan, any modality) and
+    reorient it to the closest canonical RAS+ grid. Bad scans raise InputError (one line)."""
+    path = Path(path)
+    volume = load_scan(path, modality="ANY")[0]  # 3-D, voxel size, truncated data, NaN, blank...
     canonical = nib.as_closest_canonical(volume.image)
-    if len(canonical.shape) != 3:
-        raise InputError(path, f"scan is not 3-D (shape {list(canonical.shape)})")
-    try:  # load_volume has checked the header's declared size; the data can still be corrupt
-        data = np.asarray(canonical.dataobj, dtype=np.float32)
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(path, f"truncated or corrupt image data ({type(exc).__name__}: {reason}); "
-                               "re-download or re-export the file") from exc
-    return DisplayScan(Path(path), data, np.asarray(canonical.affine, dtype=np.float64))
+    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    return DisplayScan(path, data, np.asarray(canonical.affine, dtype=np.float64))
 
 
 def mip(data: np.ndarray, axis: int, window: tuple[float, float] = HU_WINDOW) -> np.ndarray:
@@ -145,16 +144,19 @@ def default_out(passport_path: str | Path, suffix: str) -> Path:
     return passport_path.with_name(f"{passport_path.stem}{suffix}.png")
 
 
-def scan_path_for(passport: dict, passport_path: str | Path, scan_arg: str | None) -> Path:
+def scan_path_for(passport: dict, passport_path: str | Path, scan_arg: str | Path | None) -> Path:
     """The scan to draw on: ``--scan`` if given, else passport["scan"]["file"].
 
     A relative recorded path that does not exist from the current folder is tried next to the passport.
     """
     if scan_arg:
         return Path(scan_arg)
-    recorded = passport.get("scan", {}).get("file")
-    if not recorded:
+    recorded = passport["scan"].get("file")
+    if recorded is None or recorded == "":
         raise InputError(passport_path, "passport records no scan file; pass --scan")
+    if not isinstance(recorded, str) or "\0" in recorded:
+        raise InputError(passport_path, f"scan.file is not a file path ({type(recorded).__name__} "
+                                        f"{reprlib.repr(recorded)}); pass --scan")
     path = Path(recorded)
     if not path.is_absolute() and not path.exists() and (Path(passport_path).parent / path).exists():
         return Path(passport_path).parent / path
@@ -162,16 +164,50 @@ def scan_path_for(passport: dict, passport_path: str | Path, scan_arg: str | Non
 
 
 def cli_parser(description: str, out_suffix: str) -> argparse.ArgumentParser:
-    """The command-line interface shared by the passport picture scripts."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passport", required=True, metavar="P.json",
+    """The command-line interface shared by the passport picture scripts (errors: one line, exit 2)."""
+    parser = script_parser(description)
+    parser.add_argument("--passport", required=True, type=Path, metavar="P.json",
                         help="anatomical passport JSON (schema 'anatomical-passport' version 1)")
-    parser.add_argument("--scan", metavar="SCAN", default=None,
+    parser.add_argument("--scan", type=Path, metavar="SCAN", default=None,
                         help="CT scan (NIfTI file or DICOM folder) to draw on; default: the passport's scan.file")
-    parser.add_argument("--out", metavar="PNG", default=None,
+    parser.add_argument("--out", type=Path, metavar="PNG", default=None,
                         help=f"output PNG; default: next to the passport, <stem>{out_suffix}.png")
     return parser
+
+
+def _fail(err: Exception, code: int) -> int:
+    """Print ``err`` as one line on stderr (an OSError as '<file>: <reason>'); return ``code``."""
+    text = str(err)
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    print("error: " + " ".join(text.split()), file=sys.stderr)
+    return code
+
+
+def run_picture(args: argparse.Namespace, out_suffix: str,
+                draw: Callable[[dict, Path, Path, DisplayScan], Figure],
+                check: Callable[[dict, Path], None] | None = None) -> int:
+    """What 08 and 09 do with their parsed ``args``: refuse an unwritable --out before any work, load and
+    check the passport (``check(passport, passport_path)`` may raise InputError), load its scan, make the
+    figure with ``draw(passport, passport_path, scan_path, scan)`` and write the PNG; print its path.
+    Exit code 0, 2 for bad input or output, 1 for other OS errors."""
+    out = args.out or default_out(args.passport, out_suffix)
+    try:
+        check_outputs(files=(out,))
+    except OSError as err:
+        return _fail(err, 2)
+    try:
+        passport = load_passport(args.passport)
+        if check is not None:
+            check(passport, args.passport)
+        scan_path = scan_path_for(passport, args.passport, args.scan)
+        save_png(draw(passport, args.passport, scan_path, load_display_scan(scan_path)), out)
+    except InputError as err:
+        return _fail(err, 2)
+    except OSError as err:
+        return _fail(err, 1)
+    print(out)
+    return 0
 
 
 def weights_caption(passport: dict) -> str:

@@ -1,7 +1,9 @@
 """Compare benchmark results (ts-bench-result files) against a reference: JSON, Markdown tables and PNG plots.
 
 Times are seconds; throughput is Mvoxel/s (scan voxels / median total / 1e6); Dice and voxel agreement are
-fractions 0..1 (agreement is shown in % in Markdown). Label maps are nibabel arrays, (x, y, z).
+fractions 0..1 (agreement is shown in % in Markdown). Label maps are nibabel arrays, (x, y, z); two maps are
+compared voxel by voxel in world space, one reoriented (axes permuted/flipped) onto the other's grid when their
+grids differ only in axis order and direction (``align_to_grid``).
 Peak memory is each result's per-scan "peak_rss_bytes" (shown in GiB); the RSS ratio is method / reference on
 the same scan. Scans are grouped into size classes by their sliding-window tile count (common.tiles.TILE_BANDS).
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nibabel.orientations as nio
 import numpy as np
 
 from common.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -47,7 +50,8 @@ PLOT_FILES = {
     "dice": "comparison_dice.png",
     "dice_ground_truth": "comparison_dice_ground_truth.png",
 }
-AFFINE_TOL_MM = 1e-3
+AFFINE_TOL_MM = 1e-3  # grids are equal when their affines agree this well (mm)
+GRID_ANGLE_TOL_DEG = 1e-3
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -163,12 +167,57 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _geometry_problem(shape_a, aff_a, shape_b, aff_b, what: str) -> str | None:
+def _grid_difference(shape_a, aff_a: np.ndarray, shape_b, aff_b: np.ndarray) -> str:
+    """What differs between two voxel grids of the same axis order (one line): shape, spacing (mm), origin offset
+    (mm, world distance of the centres of voxel (0, 0, 0)), direction (degrees); else the largest voxel-centre
+    distance (mm)."""
+    parts = []
     if tuple(shape_a) != tuple(shape_b):
-        return f"mask shape {tuple(shape_b)} differs from the {what}'s {tuple(shape_a)}"
-    if not np.allclose(aff_a, aff_b, atol=AFFINE_TOL_MM):
-        return f"mask affine differs from the {what}'s (max difference {np.abs(aff_a - aff_b).max():.4g} mm)"
-    return None
+        parts.append(f"shape {_fmt_vec(shape_b, 'd')} vs {_fmt_vec(shape_a, 'd')}")
+    sp_a, sp_b = np.linalg.norm(aff_a[:3, :3], axis=0), np.linalg.norm(aff_b[:3, :3], axis=0)
+    if not np.allclose(sp_a, sp_b, atol=AFFINE_TOL_MM, rtol=0):
+        parts.append(f"spacing {_fmt_vec(sp_b)} vs {_fmt_vec(sp_a)} mm")
+    offset = float(np.linalg.norm(aff_b[:3, 3] - aff_a[:3, 3]))
+    if offset > AFFINE_TOL_MM:
+        parts.append(f"origin {offset:.4g} mm apart")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.sum((aff_a[:3, :3] / sp_a) * (aff_b[:3, :3] / sp_b), axis=0)
+    angle = float(np.degrees(np.arccos(np.clip(np.nan_to_num(cos), -1.0, 1.0))).max())
+    if angle > GRID_ANGLE_TOL_DEG:
+        parts.append(f"direction {angle:.3g}° apart")
+    if not parts:
+        corners = np.array(np.meshgrid(*[(0, max(int(s) - 1, 0)) for s in shape_a], indexing="ij")).reshape(3, -1)
+        far = np.abs((aff_b[:3, :3] - aff_a[:3, :3]) @ corners + (aff_b[:3, 3:] - aff_a[:3, 3:])).max()
+        parts.append(f"voxel centres up to {far:.4g} mm apart")
+    return "; ".join(parts)
+
+
+def _fmt_vec(values, fmt: str = ".4g") -> str:
+    return "x".join(format(float(v) if fmt != "d" else int(v), fmt) for v in values)
+
+
+def align_to_grid(ref_shape, ref_aff: np.ndarray, data: np.ndarray, aff: np.ndarray,
+                  what: str) -> tuple[np.ndarray | None, str | None, str | None]:
+    """``data`` (x, y, z, affine ``aff``) on the grid of the ``what``'s (``ref_shape``, ``ref_aff``) for a
+    voxel-by-voxel comparison in world space: (array, None, None) when the grids are equal (affines within
+    AFFINE_TOL_MM); (contiguous copy with axes permuted/flipped, None, "LAS -> LPS") when they are equal up to axis
+    order and direction (nibabel.orientations); else (None, one-line problem naming what differs, None). The
+    array's dtype is kept (no float copy)."""
+    if tuple(data.shape) == tuple(ref_shape) and np.allclose(aff, ref_aff, atol=AFFINE_TOL_MM, rtol=0):
+        return data, None, None
+    try:
+        own, ref = nio.io_orientation(aff), nio.io_orientation(ref_aff)
+        transform = nio.ornt_transform(own, ref)
+    except (ValueError, np.linalg.LinAlgError):  # an axis that maps to no world axis, NaN in an affine
+        return None, f"mask grid cannot be matched to the {what}'s: singular or non-finite affine", None
+    own_codes, ref_codes = ("".join(nio.ornt2axcodes(o)) for o in (own, ref))
+    view = nio.apply_orientation(data, transform)  # flips and a transpose: views, nothing copied yet
+    new_aff = aff @ nio.inv_ornt_aff(transform, data.shape)
+    if view.shape == tuple(ref_shape) and np.allclose(new_aff, ref_aff, atol=AFFINE_TOL_MM, rtol=0):
+        return np.ascontiguousarray(view), None, f"{own_codes} -> {ref_codes}"
+    reoriented = f"; mask reoriented {own_codes} -> {ref_codes}" if own_codes != ref_codes else ""
+    return None, (f"mask grid differs from the {what}'s (mask vs {what}, in the {what}'s axis order{reoriented}): "
+                  + _grid_difference(ref_shape, ref_aff, view.shape, new_aff)), None
 
 
 def structure_names(entries: Sequence[Entry], reference: Entry) -> dict[int, str]:
@@ -307,6 +356,9 @@ def compare(entries: Sequence[Entry], reference: Entry, gt_dir: Path | None = No
     for r in rows:
         if r["pair_error"]:
             notes.append(f"{r['scan_id']} / {r['method']}: {r['pair_error']}")
+        if r["reoriented"]:
+            notes.append(f"{r['scan_id']} / {r['method']}: mask stored in another axis order than the reference's, "
+                         f"compared voxel by voxel in world space after reorienting it ({r['reoriented']})")
         if r.get("gt_error"):
             notes.append(f"{r['scan_id']} / {r['method']} vs ground truth: {r['gt_error']}")
     methods = {e.label: _method_summary(e, e is reference, [r for r in rows if r["method"] == e.label],
@@ -364,6 +416,7 @@ def _row(e: Entry, rec: dict, is_ref: bool, ref_rec: dict | None, ref_med: dict 
         "speedup": None, "voxel_agreement": None, "dice": None, "mean_dice": None,
         "n_classes_ref": None, "n_classes": None, "missing": None, "extra": None,
         "gt_dice": None, "gt_mean_dice": None, "pair_error": None, "gt_error": None,
+        "reoriented": None, "gt_reoriented": None,
         **_size_and_memory(rec, ref_rec),
     }
     if med and ref_med and med["total_s"] > 0:
@@ -390,14 +443,13 @@ def _row(e: Entry, rec: dict, is_ref: bool, ref_rec: dict | None, ref_med: dict 
     elif isinstance(ref_mask, str):
         row["pair_error"] = f"reference mask: {ref_mask}"
     else:
-        problem = _geometry_problem(ref_mask[0].shape, ref_mask[1], mask[0].shape, mask[1], "reference")
-        if problem:
-            row["pair_error"] = problem
-        else:
-            dice = dice_per_class(ref_mask[0], mask[0])
+        aligned, row["pair_error"], row["reoriented"] = align_to_grid(ref_mask[0].shape, ref_mask[1], *mask,
+                                                                      "reference")
+        if aligned is not None:
+            dice = dice_per_class(ref_mask[0], aligned)
             row["dice"] = {str(k): v for k, v in dice.items()}
             row["mean_dice"] = _mean(list(dice.values()))
-            row["voxel_agreement"] = voxel_agreement(ref_mask[0], mask[0])
+            row["voxel_agreement"] = voxel_agreement(ref_mask[0], aligned)
     ref_labels = _labels_of(ref_mask, ref_rec)
     own_labels = _labels_of(mask, rec)
     if ref_labels is not None:
@@ -410,11 +462,9 @@ def _row(e: Entry, rec: dict, is_ref: bool, ref_rec: dict | None, ref_med: dict 
     # ground truth
     if gt is not None and not isinstance(gt, str) and rec["status"] == "ok":
         if isinstance(mask, tuple):
-            problem = _geometry_problem(gt[0].shape, gt[1], mask[0].shape, mask[1], "ground truth")
-            if problem:
-                row["gt_error"] = problem
-            else:
-                gd = dice_per_class(gt[0], mask[0])
+            aligned, row["gt_error"], row["gt_reoriented"] = align_to_grid(gt[0].shape, gt[1], *mask, "ground truth")
+            if aligned is not None:
+                gd = dice_per_class(gt[0], aligned)
                 row["gt_dice"] = {str(k): v for k, v in gd.items()}
                 row["gt_mean_dice"] = _mean(list(gd.values()))
         else:

@@ -15,7 +15,10 @@ tolerant of extra keys. Times are seconds; shapes are the scan's (x, y, z) voxel
                ...],
      "summary": {...}}
 
-Optional within version 1 (files written before they existed still load): a scan's "n_tiles" (sliding-window
+Optional within version 1 (files written before they existed still load): "complete" (false while a batch
+is running or after it was interrupted: written after every scan by BatchRecorder), "interrupted" (the
+signal that ended it, e.g. "SIGINT"), "ignored" ([{"file", "reason"}]: inputs found that are not scans),
+"notes" (one-line remarks such as renamed scan ids); a scan's "n_tiles" (sliding-window
 tiles of 112x112x128 at 3 mm), "peak_rss_bytes" (peak resident memory in bytes of the work on the scan, the
 maximum over its timed runs; a repeat may hold its own "peak_rss_bytes") and "peak_rss_method" (how it was
 measured, see common.peak_memory: "vmhwm_reset", "ru_maxrss_lifetime" or, for the official tool,
@@ -88,11 +91,12 @@ def new_result(script: str, *, method: str, settings: dict, model: dict) -> dict
     }
 
 
-def new_scan_record(file: str | Path, *, shape, spacing_mm, orientation: str) -> dict:
-    """A scan record: ``shape`` (x, y, z) voxels, ``spacing_mm`` (x, y, z) mm, ``orientation`` axis codes ("RAS")."""
+def new_scan_record(file: str | Path, *, shape, spacing_mm, orientation: str, scan_id: str | None = None) -> dict:
+    """A scan record: ``shape`` (x, y, z) voxels, ``spacing_mm`` (x, y, z) mm, ``orientation`` axis codes ("RAS");
+    ``scan_id`` is the batch's unique id for it (common.discovery; default: the file name without .nii.gz)."""
     return {
         "file": str(file),
-        "scan_id": _scan_id(file),
+        "scan_id": scan_id if scan_id is not None else _scan_id(file),
         "shape": [int(s) for s in shape],
         "spacing_mm": [float(s) for s in spacing_mm],
         "orientation": str(orientation),
@@ -178,7 +182,9 @@ def finalize_scan(record: dict) -> dict:
 
 def mark_failed(record: dict, error: str | BaseException) -> dict:
     """Mark the scan failed with a one-line ``error`` (exceptions become "TypeName: message"). Returns ``record``."""
-    if isinstance(error, BaseException):
+    if isinstance(error, InputError):  # already "<file>: <problem>"
+        error = str(error)
+    elif isinstance(error, BaseException):
         error = f"{type(error).__name__}: {error}"
     record["status"] = "failed"
     record["error"] = one_line(error) or "failed"
@@ -289,6 +295,11 @@ def validate_result(obj: Any, path: str | Path | None = None) -> dict:
     c.field(model, "sha256", "model", (str,), nullable=True)
     if "labels" in model and not isinstance(model["labels"], dict):
         c.fail("field 'model.labels' must be an object {label id: name}")
+    if obj.get("complete") is not None and not isinstance(obj["complete"], bool):
+        c.fail("field 'complete' must be true or false")
+    for i, item in enumerate(obj.get("ignored") or []):
+        if not isinstance(item, dict) or not isinstance(item.get("file"), str) or not isinstance(item.get("reason"), str):
+            c.fail(f"'ignored[{i}]' must be an object with 'file' and 'reason' strings")
     scans = c.field(obj, "scans", "", (list,))
     for i, scan in enumerate(scans):
         w = f"scans[{i}]"
@@ -330,6 +341,67 @@ def validate_result(obj: Any, path: str | Path | None = None) -> dict:
             c.field(med, "n", wm, (int,))
             c.times(c.field(med, "stages", wm, (dict,)), f"{wm}.stages")
     return obj
+
+
+class BatchRecorder:
+    """A batch's result, written atomically to ``path`` at the start and after every scan with
+    ``"complete": false``, and with ``true`` at the end: an interrupted or killed batch leaves a valid record
+    of the scans that finished. Inputs the batch refused (common.discovery) are recorded as failed scans."""
+
+    def __init__(self, result: dict, path: str | Path, batch=None):
+        self.result, self.path = result, Path(path)
+        self.summary_extra: dict = {}  # kept in result["summary"] beside what summarize() computes
+        result["complete"] = False
+        if batch is not None:
+            result["ignored"] = list(batch.ignored)
+            result["notes"] = list(batch.notes)
+            for ref in batch.refused:
+                result["scans"].append(finalize_scan(mark_failed(new_scan_record(
+                    ref["file"], shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=ref["scan_id"]),
+                    ref["error"])))
+        self.write()
+
+    @property
+    def n_failed(self) -> int:
+        return sum(s["status"] == "failed" for s in self.result["scans"])
+
+    def add(self, record: dict) -> None:
+        """Append a finished scan record and write the result."""
+        self.result["scans"].append(record)
+        self.write()
+
+    def write(self) -> Path:
+        summarize(self.result)
+        self.result["summary"].update(self.summary_extra)
+        return write_result(self.result, self.path)
+
+    def finish(self) -> Path:
+        """The batch is done: write it marked complete."""
+        self.result["complete"] = True
+        self.result.pop("interrupted", None)
+        return self.write()
+
+    def interrupt(self, exc: BaseException) -> int:
+        """Record an interruption (KeyboardInterrupt, or the SystemExit of common.cli's SIGTERM handler) and
+        return the exit code (130 for Ctrl-C, 128 + signal number otherwise); prints one line to stderr."""
+        import signal
+        import sys
+
+        code = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc, SystemExit)
+                                                                 and isinstance(exc.code, int) else 1)
+        try:
+            name = signal.Signals(code - 128).name if code > 128 else f"exit {code}"
+        except ValueError:
+            name = f"exit {code}"
+        self.result["interrupted"] = name
+        n_ok = sum(s["status"] == "ok" for s in self.result["scans"])
+        try:
+            self.write()
+            where = f"partial result (complete: false) in {self.path}"
+        except Exception as err:  # noqa: BLE001 - the interruption is what must be reported
+            where = f"the partial result could not be written ({type(err).__name__}: {err})"
+        print(" ".join(f"interrupted ({name}) after {n_ok} scan(s) done; {where}".split()), file=sys.stderr)
+        return code
 
 
 def write_result(result: dict, path: str | Path) -> Path:

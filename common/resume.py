@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_json
-from common.volume import scan_id
 
 SCHEMA = "ts-bench-run-key"
 SCHEMA_VERSION = 1
@@ -68,9 +67,9 @@ def run_key(input_sha256: str, weights_sha256: str, config: dict[str, Any]) -> d
             "weights_sha256": str(weights_sha256), "config": json.loads(json.dumps(config))}
 
 
-def sidecar_path(out_dir: str | Path, scan: str | Path) -> Path:
-    """Where the run key of ``scan`` lives: ``<out_dir>/<scan id>_run.json``."""
-    return Path(out_dir) / f"{scan_id(scan)}_run.json"
+def sidecar_path(out_dir: str | Path, scan_id: str) -> Path:
+    """Where the run key of the scan with batch id ``scan_id`` (common.discovery) lives: ``<out_dir>/<id>_run.json``."""
+    return Path(out_dir) / f"{scan_id}_run.json"
 
 
 def write_key(path: str | Path, key: dict[str, Any], **info: Any) -> Path:

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write_json
+from common.errors import InputError
 from common.pipeline import SegmentOptions, SegmentResult, segment
 from common.session import OnnxPredictor, OrtSettings, TorchPredictor
 from common.validation import load_scan
-from common.volume import Volume, save_labels, scan_id
+from common.volume import Volume, save_labels
 
 CONFIG_SCHEMA = "ts-bench-run-config"
 
@@ -99,6 +100,7 @@ def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Pa
     """Load + validate, segment, save the mask (atomically) — each stage timed in seconds."""
     t0 = time.perf_counter()
     vol, warnings = load_scan(path)
+    check_extent_for(vol, spec)
     check_memory_for(vol, spec)
     t1 = time.perf_counter()
     res = segment(vol.image, spec, predictor, options, progress=progress)
@@ -108,6 +110,17 @@ def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Pa
     t3 = time.perf_counter()
     stages = {"load": t1 - t0, **res.timings, "save": t3 - t2}
     return ScanRun(stages=stages, total_s=t3 - t0, result=res, volume=vol, warnings=warnings)
+
+
+def check_extent_for(vol: Volume, spec) -> None:
+    """Refuse (InputError, one line) a scan that covers less than one model voxel (3 mm) along an axis: the
+    resampled grid would be empty (typically a header whose voxel size is in the wrong unit, e.g. 0.001 mm)."""
+    from common.validation import AXES
+
+    for axis, n, mm, target in zip(AXES, vol.shape[:3], vol.spacing[:3], spec.spacing_xyz, strict=True):
+        if n * mm < target:
+            raise InputError(vol.path, f"scan covers only {n * mm:.4g} mm along {axis} ({n} voxels of {mm:.4g} mm), "
+                                       f"less than one {target:g} mm model voxel; check the voxel size in the header")
 
 
 def check_memory_for(vol: Volume, spec) -> None:
@@ -125,5 +138,6 @@ def labels_present(labels: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(np.bincount(labels.ravel().astype(np.int64))) if i != 0]
 
 
-def mask_path_for(out_dir: Path, scan: Path) -> Path:
-    return out_dir / f"{scan_id(scan)}_seg.nii.gz"
+def mask_path_for(out_dir: Path, scan_id: str) -> Path:
+    """The mask of the scan whose batch id is ``scan_id`` (common.discovery)."""
+    return Path(out_dir) / f"{scan_id}_seg.nii.gz"

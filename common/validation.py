@@ -310,13 +310,18 @@ def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]
     check_raw_header(path)
     vol = load_volume(path)
     img = vol.image
+    dtype = img.get_data_dtype()  # from the header: refuse RGB/complex before reading any voxel
+    if dtype.names is not None or dtype.kind not in "biuf":
+        what = "/".join(dtype.names) if dtype.names else str(dtype)
+        raise InputError(path, f"voxels hold {what} values, not one grey value each (an RGB or complex image); "
+                               "a grayscale scan is needed")
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError (mmap too short), ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(path, f"truncated or corrupt image data ({type(exc).__name__}: {reason}); "
                                "re-download or re-export the file") from exc
-    warnings = validate_image(img, path, modality=modality, data=data)
+    warnings = list(img.extra.get("warnings", [])) + validate_image(img, path, modality=modality, data=data)
     if data.ndim > 3 or data is not img.dataobj:
         img = squeeze_to_3d(img, data)
     return Volume(path, img), warnings

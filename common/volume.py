@@ -62,20 +62,31 @@ class Volume:
 
 
 def _load_dicom_series(folder: Path) -> nib.Nifti1Image:
-    """Read the first DICOM series in ``folder`` with SimpleITK; return a RAS+ NIfTI image."""
+    """Read the DICOM series in ``folder`` with SimpleITK (GDCM: any file names); return a RAS+ NIfTI image.
+
+    A folder holding several series (a scout beside the CT, say) gives the one with the most files; the
+    others are named in ``image.extra["warnings"]`` (load_scan reports them), never dropped silently.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(folder, "folder holds no DICOM series (and is not a NIfTI file)")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader.SetFileNames(files)
+    files_of = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    chosen = max(series, key=lambda uid: len(files_of[uid]))
+    reader.SetFileNames(files_of[chosen])
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(folder, f"unreadable DICOM series ({str(exc).splitlines()[0]})") from exc
-    return sitk_to_nifti(img)
+    out = sitk_to_nifti(img)
+    if len(series) > 1:
+        others = ", ".join(f"{uid} ({len(files_of[uid])} files)" for uid in series if uid != chosen)
+        out.extra["warnings"] = [f"{folder} holds {len(series)} DICOM series: segmented {chosen} "
+                                 f"({len(files_of[chosen])} files), not {others}; put each series in its own folder "
+                                 "to segment it"]
+    return out
 
 
 def sitk_to_nifti(img) -> nib.Nifti1Image:

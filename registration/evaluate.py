@@ -41,16 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from common.args import (  # noqa: E402
+    OneLineParser,
+    check_outputs,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    run_script,
+)
 from common.atomic import atomic_write_json  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from common.passport import compute_structures  # noqa: E402
-from common.volume import check_declared_size  # noqa: E402
 from registration.deformable import DeformableResult, jacobian_stats, register_deformable, to_transform  # noqa: E402
-from registration.register import FLOOR_HELP, OneLineParser, number  # noqa: E402
+from registration.register import FLOOR_HELP, load_checked_passport, load_checked_scan  # noqa: E402
 from registration.rigid import RigidResult, register_rigid, rotation_angle_deg  # noqa: E402
 from registration.transform import Transform, warp_labels  # noqa: E402
 
@@ -411,10 +417,10 @@ def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.nd
 
     Bad files and a label map whose shape or affine differs from the scan's raise InputError (one line).
     """
-    from common.validation import check_label_map_matches, load_scan
+    from common.validation import check_label_map_matches
 
-    ct = load_scan(ct_path)[0].image
-    seg = load_scan(seg_path, modality="ANY")[0].image
+    ct = load_checked_scan(ct_path).image
+    seg = load_checked_scan(seg_path, modality="ANY").image
     check_label_map_matches(ct, seg, ct_path, seg_path)
     img = np.asarray(ct.dataobj, dtype=np.float32)
     lab = np.asarray(seg.dataobj)
@@ -541,20 +547,42 @@ def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | Non
         for ext in (".nii.gz", ".nii"):
             p = scan.parent / f"{stem}{suffix}{ext}"
             if p.is_file():
-                img = nib.load(str(p))
-                check_declared_size(p, img)  # before the data are read
+                img = load_checked_scan(p, modality="ANY").image  # header size, RGB, 4-D, NaN... : InputError
                 lab = np.rint(np.asarray(img.dataobj)).astype(np.int32)
                 return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine,
                                                                                    total_class_names())
     p = scan.parent / f"{stem}.passport.json"
     if p.is_file():
-        from common.passport import load_passport
-        return None, None, load_passport(p)
+        return None, None, load_checked_passport(p)
     return None, None, None
 
 
+def register_pair(pid: str, exp: Path, insp: Path, deformable_kwargs: dict | None = None) -> dict[str, Any]:
+    """Register one exp/insp pair (fixed = insp, moving = exp): runtime, label Dice, folding (InputError if bad)."""
+    f_lab, f_aff, fp = _labels_or_passport(insp)
+    m_lab, m_aff, mp = _labels_or_passport(exp)
+    if fp is None or mp is None:
+        return {"pair": pid, "skipped": "no label map (<scan>_seg.nii.gz) or passport for both scans"}
+    try:
+        rigid, defo, T = register_passports(fp, mp, deformable_kwargs=deformable_kwargs)
+    except np.linalg.LinAlgError as exc:  # e.g. all control points in one plane
+        raise InputError(insp, f"the thin-plate spline cannot be fitted ({exc})") from None
+    r: dict[str, Any] = {"pair": pid, "fixed": str(insp), "moving": str(exp),
+                         "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"]},
+                         "rigid": {"rotation_deg": rotation_angle_deg(rigid.rotation),
+                                   "translation_mm": rigid.translation.tolist(),
+                                   "outliers": rigid.outliers},
+                         "jacobian": jacobian_stats(defo.grid), "n_control_points": defo.n_control_points}
+    if f_lab is not None and m_lab is not None:
+        labels = np.unique(f_lab[f_lab > 0])
+        r["dice"] = {name: dice_scores(warp_labels(m_lab, m_aff, f_lab.shape, f_aff, est), f_lab, labels)
+                     for name, est in (("none", Transform.identity()), ("rigid", T.rigid_only()),
+                                       ("rigid_tps", T))}
+    return r
+
+
 def run_batch(folder: Path, *, deformable_kwargs: dict | None = None) -> dict[str, Any]:
-    """Register every exp/insp pair (fixed = insp, moving = exp); runtime, label Dice, folding."""
+    """Register every exp/insp pair under ``folder``; a pair with a bad file is recorded with its one-line error."""
     if not folder.is_dir():
         return {"folder": str(folder), "message": f"no paired scans: {folder} does not exist", "pairs": []}
     pairs = find_pairs(folder)
@@ -562,25 +590,13 @@ def run_batch(folder: Path, *, deformable_kwargs: dict | None = None) -> dict[st
         return {"folder": str(folder), "message": f"no *_exp/*_insp scan pairs found under {folder}", "pairs": []}
     results = []
     for pid, exp, insp in pairs:
-        f_lab, f_aff, fp = _labels_or_passport(insp)
-        m_lab, m_aff, mp = _labels_or_passport(exp)
-        if fp is None or mp is None:
-            results.append({"pair": pid, "skipped": "no label map (<scan>_seg.nii.gz) or passport for both scans"})
-            continue
-        rigid, defo, T = register_passports(fp, mp, deformable_kwargs=deformable_kwargs)
-        r: dict[str, Any] = {"pair": pid, "fixed": str(insp), "moving": str(exp),
-                             "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"]},
-                             "rigid": {"rotation_deg": rotation_angle_deg(rigid.rotation),
-                                       "translation_mm": rigid.translation.tolist(),
-                                       "outliers": rigid.outliers},
-                             "jacobian": jacobian_stats(defo.grid), "n_control_points": defo.n_control_points}
-        if f_lab is not None and m_lab is not None:
-            labels = np.unique(f_lab[f_lab > 0])
-            r["dice"] = {name: dice_scores(warp_labels(m_lab, m_aff, f_lab.shape, f_aff, est), f_lab, labels)
-                         for name, est in (("none", Transform.identity()), ("rigid", T.rigid_only()),
-                                           ("rigid_tps", T))}
-        results.append(r)
-    return {"folder": str(folder), "message": f"{len(pairs)} pair(s) found", "pairs": results}
+        try:
+            results.append(register_pair(pid, exp, insp, deformable_kwargs))
+        except InputError as exc:  # one bad pair: recorded, the batch goes on
+            results.append({"pair": pid, "error": str(exc)})
+    failed = sum("error" in r for r in results)
+    return {"folder": str(folder), "message": f"{len(pairs)} pair(s) found" + (f", {failed} failed" if failed else ""),
+            "pairs": results}
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -601,6 +617,7 @@ def _fmt_line(key: str, s: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (errors: one line, exit 2)."""
     p = OneLineParser(
         prog="python registration/evaluate.py",
         description="Measure passport registration (rigid + TPS) against known transforms of a real CT "
@@ -610,18 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None,
                    help="label map on the CT's grid (default: example_seg.nii.gz next to the default CT)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON. Default: %(default)s")
-    p.add_argument("--magnitudes", type=number(float, 0.0), nargs="+", default=[5.0, 10.0, 20.0],
+    p.add_argument("--magnitudes", type=nonnegative_float, nargs="+", default=[5.0, 10.0, 20.0], metavar="MM",
                    help="peak deformation displacements in mm (default: 5 10 20)")
-    p.add_argument("--cases", type=number(int, 1), default=3, help="random cases per magnitude (default: 3)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="random seed (default: 0)")
-    p.add_argument("--points", type=number(int, 1), default=20000, help="evaluation points per point set (default: 20000)")
-    p.add_argument("--max-angle", type=number(float, 0.0), default=15.0, help="max rotation in degrees (default: 15)")
-    p.add_argument("--max-shift", type=number(float, 0.0), default=30.0, help="max shift in mm (default: 30)")
-    p.add_argument("--smoothing", type=number(float, 0.0), default=None, help="TPS smoothing (default: the library default)")
-    p.add_argument("--iterations", type=number(int, 0), default=None, help="ICP rounds of the TPS tier")
+    p.add_argument("--cases", type=positive_int, default=3, metavar="N", help="random cases per magnitude (default: 3)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    p.add_argument("--points", type=positive_int, default=20000, metavar="N",
+                   help="evaluation points per point set (default: 20000)")
+    p.add_argument("--max-angle", type=nonnegative_float, default=15.0, metavar="DEG",
+                   help="max rotation in degrees (default: 15)")
+    p.add_argument("--max-shift", type=nonnegative_float, default=30.0, metavar="MM", help="max shift in mm (default: 30)")
+    p.add_argument("--smoothing", type=nonnegative_float, default=None,
+                   help="TPS smoothing (default: the library default)")
+    p.add_argument("--iterations", type=nonnegative_int, default=None, metavar="N", help="ICP rounds of the TPS tier")
     p.add_argument("--mode", choices=("plane", "point"), default=None, help="TPS correspondence mode")
     p.add_argument("--no-mutual", action="store_true", help="use one-way nearest neighbours")
-    p.add_argument("--max-control-points", type=number(int, 0), default=None,
+    p.add_argument("--max-control-points", type=nonnegative_int, default=None, metavar="N",
                    help=f"TPS control-point budget; {FLOOR_HELP}")
     p.add_argument("--no-dice", action="store_true", help="skip the Dice computation (faster)")
     p.add_argument("--no-timing", action="store_true", help="skip the full-passport timing (117 x 500 points)")
@@ -648,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                            "deformable_settings": dkw}
     t0 = time.perf_counter()
     try:
+        check_outputs(files=(args.out,))  # before any work
         if not args.batch_only:
             labels = args.labels
             if labels is None:
@@ -667,16 +688,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch is not None or args.batch_only:
             out["batch"] = run_batch(args.batch or DEFAULT_BATCH, deformable_kwargs=dkw)
             print(f"batch: {out['batch']['message']}")
-    except InputError as exc:
+        out["wall_s"] = time.perf_counter() - t0
+        out["machine"] = {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+                          "note": "timings are wall clock on this machine; other jobs running at the same time "
+                                  "inflate them"}
+        atomic_write_json(args.out, out)
+    except (InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out["wall_s"] = time.perf_counter() - t0
-    out["machine"] = {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
-                      "note": "timings are wall clock on this machine; other jobs running at the same time inflate them"}
-    atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
-    return 0
+    failed = [r for r in out.get("batch", {}).get("pairs", []) if "error" in r]
+    for r in failed:  # recorded in the JSON too; one line each
+        print(f"error: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

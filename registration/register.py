@@ -12,12 +12,10 @@ Bad input: one line naming the file on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -25,40 +23,26 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from common.args import (  # noqa: E402
+    OneLineParser,
+    check_outputs,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    run_script,
+)
 from common.atomic import atomic_path, atomic_write_json  # noqa: E402
 from common.errors import InputError  # noqa: E402
+
+if TYPE_CHECKING:
+    from common.volume import Volume
 
 DEFAULT_SMOOTHING = 3e4
 FLOOR_HELP = "0 or any value below the floor means the floor: one control point per structure plus the centroids"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number(kind: type = float, minimum: float = 0.0, *, strict: bool = False) -> Callable[[str], Any]:
-    """argparse ``type=``: an int or a finite float >= ``minimum`` (> with ``strict``); anything else is
-    refused with one line naming the value."""
-    what = "an integer" if kind is int else "a finite number"
-    bound = f"{'>' if strict else '>='} {minimum:g}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (errors: one line, exit 2)."""
     p = OneLineParser(
         prog="python registration/register.py",
         description="Register a MOVING scan to a FIXED scan from their anatomical passports (JSON made by "
@@ -74,19 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-scan", type=Path, metavar="B.nii.gz", help="moving scan, warped onto the fixed grid")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--no-deformable", action="store_true", help="rigid only (skip the thin-plate spline)")
-    p.add_argument("--smoothing", type=number(float, 0.0), default=DEFAULT_SMOOTHING,
+    p.add_argument("--smoothing", type=nonnegative_float, default=DEFAULT_SMOOTHING,
                    help="thin-plate spline smoothing (RBFInterpolator units; larger = smoother). Default: %(default)g")
-    p.add_argument("--residual-threshold", type=number(float, 0.0, strict=True), default=15.0, metavar="MM",
+    p.add_argument("--residual-threshold", type=positive_float, default=15.0, metavar="MM",
                    help="rigid: centroid residual (mm) above which a structure is an outlier. Default: %(default)g")
-    p.add_argument("--max-control-points", type=number(int, 0), default=1000,
+    p.add_argument("--max-control-points", type=nonnegative_int, default=1000, metavar="N",
                    help=f"thin-plate spline control points (cells + centroids); {FLOOR_HELP}. "
                         "Default: %(default)d")
     return p
 
 
-def _load_passport(path: Path) -> dict:
+def load_checked_passport(path: Path) -> dict:
+    """A valid passport whose points can anchor a registration, else InputError naming ``path``."""
     from common.passport import load_passport
-    return load_passport(path)
+    from registration.structures import geometry_problem
+
+    passport = load_passport(path)
+    problem = geometry_problem(passport)
+    if problem:
+        raise InputError(path, f"{problem}: the passport is corrupt; rebuild it from its label map")
+    return passport
+
+
+def load_checked_scan(path: Path, modality: str = "CT") -> Volume:
+    """The scan (or label map, modality "ANY") as a checked common.volume.Volume: RGB, 2-D/4-D, voxel size,
+    NaN, truncated data, a header that claims more than the file holds...: InputError naming ``path``."""
+    from common.validation import load_scan
+
+    return load_scan(path, modality)[0]
 
 
 def _fov_bbox(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -139,14 +138,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if (args.fixed_scan is None) != (args.moving_scan is None):
         missing = "--moving-scan" if args.moving_scan is None else "--fixed-scan"
         raise InputError(args.fixed_scan or args.moving_scan, f"an overlay needs both scans: {missing} is missing")
-    fixed_p = _load_passport(args.fixed_passport)
-    moving_p = _load_passport(args.moving_passport)
+    fixed_p = load_checked_passport(args.fixed_passport)
+    moving_p = load_checked_passport(args.moving_passport)
     fixed_vol = moving_vol = None
     if args.fixed_scan is not None:
-        from common.validation import load_scan  # the suite's checks: 2D/4D, spacing, NaN, truncated...
-
-        fixed_vol = load_scan(args.fixed_scan)[0]
-        moving_vol = load_scan(args.moving_scan)[0]
+        fixed_vol = load_checked_scan(args.fixed_scan)
+        moving_vol = load_checked_scan(args.moving_scan)
 
     bbox = None
     if fixed_vol is not None:
@@ -161,15 +158,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(args.moving_passport, f"{exc} (fixed passport {args.fixed_passport})") from None
     defo = None
     if not args.no_deformable:
-        defo = register_deformable(fixed_p, moving_p, rigid, smoothing=args.smoothing,
-                                   max_control_points=args.max_control_points, bbox_mm=bbox)
+        try:
+            defo = register_deformable(fixed_p, moving_p, rigid, smoothing=args.smoothing,
+                                       max_control_points=args.max_control_points, bbox_mm=bbox)
+        except (np.linalg.LinAlgError, ValueError) as exc:  # e.g. all control points in one plane
+            reason = " ".join(str(exc).split(". ")[0].split())
+            raise InputError(args.fixed_passport, f"the thin-plate spline cannot be fitted on this passport's "
+                                                  f"points ({reason}; do they all lie in one plane?); "
+                                                  "use --no-deformable for a rigid registration") from None
     transform = to_transform(rigid, defo, meta={
         "fixed_passport": str(args.fixed_passport), "moving_passport": str(args.moving_passport),
         "fixed_scan": str(args.fixed_scan) if args.fixed_scan else None,
         "moving_scan": str(args.moving_scan) if args.moving_scan else None,
     })
     total_ms = (time.perf_counter() - t0) * 1000.0
-    args.out.mkdir(parents=True, exist_ok=True)
     transform.save(args.out / "transform.json")
     report: dict[str, Any] = {
         "fixed_passport": str(args.fixed_passport),
@@ -202,8 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(folders=(args.out,))  # before any work (creates the folder)
         report = run(args)
-    except InputError as exc:
+    except (InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     r = report["rigid"]
@@ -221,4 +224,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -75,3 +75,21 @@ def even_indices(n: int, k: int) -> np.ndarray:
     if n <= k:
         return np.arange(n, dtype=np.int64)
     return (np.arange(max(k, 0), dtype=np.int64) * n) // max(k, 1)
+
+
+def geometry_problem(passport: PassportLike, tol_mm: float = 1e-6) -> str | None:
+    """Why a passport's points cannot anchor a registration (None if they can): all structure centroids at
+    one point or on one line, or all boundary points at one point. Real passports never look like that;
+    a corrupt or hand-edited one does, and the spline would then face a singular system. ``tol_mm``: mm."""
+    table = structure_table(passport)
+    centres = np.array([centroid(s) for s in table.values()]).reshape(-1, 3)
+    points = np.concatenate([boundary_points(s) for s in table.values()] or [np.zeros((0, 3))])
+    if len(centres) >= 2 and np.ptp(centres, axis=0).max() <= tol_mm:
+        return f"all {len(centres)} structure centroids are the same point {np.round(centres[0], 3).tolist()} mm"
+    if len(centres) >= 3:
+        spread = np.linalg.svd(centres - centres.mean(axis=0), compute_uv=False)
+        if spread[1] <= tol_mm * max(1.0, spread[0]):
+            return f"all {len(centres)} structure centroids lie on one line"
+    if len(points) >= 2 and np.ptp(points, axis=0).max() <= tol_mm:
+        return f"all {len(points)} boundary points are the same point {np.round(points[0], 3).tolist()} mm"
+    return None

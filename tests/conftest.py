@@ -1,6 +1,7 @@
 """Shared test fixtures: paths to the real CT data in ../shared (never copied into the project)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -125,6 +126,41 @@ def tiny_standin_home(tmp_path_factory) -> Path:
     home = prepare_project_home(tmp_path_factory.mktemp("tiny_home"))
     build_standin(standin_folder(home), patch_size=(32, 32, 32))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(tiny_standin_home, tmp_path_factory) -> Path:
+    """The small-tile stand-in exported to ONNX (its checkpoint, which embeds the plans, has its own sha256)."""
+    from common.model import load_model_spec
+    from common.onnx_export import export_and_check
+    from common.weights import standin_folder
+
+    path = tmp_path_factory.mktemp("tiny_models") / "task297.onnx"
+    export_and_check(load_model_spec(standin_folder(tiny_standin_home)), path)
+    return path
+
+
+@contextlib.contextmanager
+def _project_home(home: Path):
+    """While the block runs, the suite's own TotalSegmentator home ($TS_BENCH_TOTALSEG_HOME) is ``home``."""
+    from common.weights import PROJECT_HOME_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PROJECT_HOME_ENV, str(home))
+        yield home
+
+
+@pytest.fixture(scope="session")
+def project_home():
+    """project_home(home): a context manager for module-scoped fixtures (see _project_home)."""
+    return _project_home
+
+
+@pytest.fixture
+def in_tiny_home(tiny_standin_home) -> Path:
+    """For one test: the scripts' stand-in is the small-tile one (pass --weights standin to them)."""
+    with _project_home(tiny_standin_home):
+        yield tiny_standin_home
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def _raw_with(img: nib.Nifti1Image, path, mutate) -> None:
 def batch(tmp_path_factory, example_ct, example_mr_sm):
     d = tmp_path_factory.mktemp("bad_batch")
     ct = nib.load(example_ct)
-    good = ct.slicer[20:100, 20:90, 30:70]
+    good = ct.slicer[40:80, 30:70, 40:64]
     data = np.asanyarray(good.dataobj).astype(np.float32)
     nib.save(good, d / "a_good.nii.gz")
     (d / "garbage.nii.gz").write_bytes(b"not a nifti")
@@ -54,6 +54,11 @@ def batch(tmp_path_factory, example_ct, example_mr_sm):
     nib.save(nib.Nifti1Image(nanvox, good.affine), d / "nan_voxels.nii.gz")
     nib.save(nib.Nifti1Image(np.full(data.shape, -1000, np.int16), good.affine), d / "constant.nii.gz")
     nib.save(nib.Nifti1Image(data[:, :, :1], good.affine), d / "one_slice.nii.gz")
+    rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, good.affine), d / "rgb.nii.gz")
+    micro = good.affine.copy()
+    micro[:3, :3] /= 3000  # voxel sizes of 0.001 mm: a header in the wrong unit
+    nib.save(nib.Nifti1Image(data, micro), d / "micro_voxels.nii.gz")
     nib.save(nib.load(example_mr_sm), d / "mr_as_ct.nii.gz")
     return d
 
@@ -70,16 +75,18 @@ EXPECTED_ERRORS = {
     "nan_voxels": "NaN",
     "constant": "constant",
     "one_slice": "voxel",
+    "rgb": "RGB",
+    "micro_voxels": "less than one 3 mm model voxel",
 }
 
 
-def test_06_reports_every_bad_input_and_finishes_the_good_scans(batch, tmp_path, onnx_model, standin_home):
+def test_06_reports_every_bad_input_and_finishes_the_good_scans(batch, tmp_path, tiny_onnx_model, in_tiny_home):
     from common.runner import RunConfig, save_config
 
     cfg = save_config(RunConfig(), tmp_path / "config.json")  # independent of any local 05 result
     mod = importlib.import_module("06_inferenceAndPassport")
     code = mod.main(["--input", str(batch), "--out", str(tmp_path / "out"), "--result", str(tmp_path / "r.json"),
-                     "--onnx", str(onnx_model), "--config", str(cfg)])
+                     "--onnx", str(tiny_onnx_model), "--config", str(cfg), "--weights", "standin"])
     assert code == 1
     res = read_result(tmp_path / "r.json")
     by_name = {s["file"].split("/")[-1].replace(".nii.gz", ""): s for s in res["scans"]}

@@ -137,10 +137,11 @@ def test_default_inputs_include_clinical_scans_last(tmp_path, monkeypatch):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     monkeypatch.setattr(cli, "CT_DATA", tmp_path)
-    scans, source = cli.resolve_inputs(None)
-    assert [p.relative_to(tmp_path).as_posix() for p in scans] == [
+    batch = cli.resolve_inputs(None)
+    assert [p.relative_to(tmp_path).as_posix() for p in batch.scans] == [
         "a.nii.gz", "realistic/a_realistic.nii.gz", "clinical/clinical_512x512x200.nii.gz"]
-    assert "3 scans" in source
+    assert list(batch.ids.values()) == ["a", "a_realistic", "clinical_512x512x200"]  # the ids of earlier runs
+    assert "3 scans" in batch.source
 
 
 # ------------------------------------------------------------------------------------------- tile counts

@@ -360,7 +360,7 @@ def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     assert (out / "patient_a.nii.gz").read_bytes() == nifti.read_bytes()  # copied as is
     assert (out / "patient_a_seg.nii.gz").is_file()  # label map beside it: copied, no "not CT" warning
     assert "warning" not in capsys.readouterr().err
-    got = nib.load(str(out / "patient_b.nii.gz"))
+    got = nib.load(str(out / "nested__patient_b.nii.gz"))
     ref = crops["spleen_3"]
     assert got.shape == ref.shape
     assert nib.aff2axcodes(got.affine) == nib.aff2axcodes(ref.affine)
@@ -370,11 +370,11 @@ def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     assert not (out / "downloads").exists()  # --from alone downloads nothing
 
     # re-run keeps existing outputs; --force rewrites them
-    mtime = (out / "patient_b.nii.gz").stat().st_mtime_ns
+    mtime = (out / "nested__patient_b.nii.gz").stat().st_mtime_ns
     assert cli.main(["--from", str(src), "--out", str(out)]) == 0
-    assert (out / "patient_b.nii.gz").stat().st_mtime_ns == mtime
+    assert (out / "nested__patient_b.nii.gz").stat().st_mtime_ns == mtime
     assert cli.main(["--from", str(src), "--out", str(out), "--force"]) == 0
-    assert (out / "patient_b.nii.gz").stat().st_mtime_ns != mtime
+    assert (out / "nested__patient_b.nii.gz").stat().st_mtime_ns != mtime
 
 
 def test_import_reports_bad_files_in_one_line(tmp_path, crops, capsys):

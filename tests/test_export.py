@@ -75,8 +75,12 @@ def test_standin_never_overwrites_official_weights(tmp_path):
     assert not (folder / STANDIN_MARKER).exists()
 
 
-def test_export_script_on_any_results_folder(model_spec, tmp_path, capsys):
-    """02 exports any nnU-Net v2 results folder given with --model-dir (here: the stand-in folder)."""
+def test_export_script_on_any_results_folder(tiny_standin_home, tmp_path, capsys):
+    """02 exports any nnU-Net v2 results folder given with --model-dir (here: the small-tile stand-in folder;
+    the check runs on one patch of the plans' size)."""
+    from common.weights import standin_folder
+
+    model_spec = load_model_spec(standin_folder(tiny_standin_home))
     mod = importlib.import_module("02_export_model")
     out = tmp_path / "mine.onnx"
     assert mod.main(["--model-dir", str(model_spec.folder), "--out", str(out)]) == 0

@@ -1,4 +1,5 @@
-"""A run killed midway (SIGKILL or SIGTERM) leaves no partial mask, passport or result JSON."""
+"""A run killed midway (SIGKILL or SIGTERM) leaves no partial mask or passport, and a valid result JSON
+marked incomplete (written after every scan)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import pytest
 from common.atomic import leftover_temp_files
 from common.passport import load_passport
 from common.results import read_result
+from common.weights import PROJECT_HOME_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -24,7 +26,7 @@ def scan_folder(tmp_path_factory, example_ct):
     d = tmp_path_factory.mktemp("kill_scans")
     img = nib.load(example_ct)
     for i in range(3):
-        nib.save(img.slicer[10 + i:110, 10:95, 20:80], d / f"scan_{i}.nii.gz")
+        nib.save(img.slicer[30 + i:80, 30:75, 40:70], d / f"scan_{i}.nii.gz")
     return d
 
 
@@ -32,9 +34,11 @@ def _start_06(scan_folder: Path, out: Path, onnx: Path, home: Path) -> subproces
     from common.runner import RunConfig, save_config
 
     cfg = save_config(RunConfig(), out.parent / "config.json")  # independent of any local 05 result
-    env = dict(os.environ)  # the test session's (temporary) user home; the stand-in is the project's
+    # the test session's (temporary) user home; the small-tile stand-in (32^3 tiles) in its own project home
+    env = {**os.environ, PROJECT_HOME_ENV: str(home)}
     cmd = [sys.executable, str(ROOT / "06_inferenceAndPassport.py"), "--input", str(scan_folder), "--out",
-           str(out), "--result", str(out / "06.json"), "--onnx", str(onnx), "--max-points", "20000", "--config", str(cfg)]
+           str(out), "--result", str(out / "06.json"), "--onnx", str(onnx), "--max-points", "20000", "--config", str(cfg),
+           "--weights", "standin"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -59,20 +63,20 @@ def _assert_outputs_complete(out: Path) -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_leaves_no_partial_output(sig, scan_folder, tmp_path, onnx_model, standin_home):
+def test_killed_run_leaves_no_partial_output(sig, scan_folder, tmp_path, tiny_onnx_model, tiny_standin_home):
     out = tmp_path / "out"
     out.mkdir()
-    proc = _start_06(scan_folder, out, onnx_model, standin_home)
+    proc = _start_06(scan_folder, out, tiny_onnx_model, tiny_standin_home)
     _wait_for_first_output(out, proc)
     time.sleep(0.3)  # somewhere inside the first scan's writes or the second scan
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0
-    assert not (out / "06.json").exists()  # the result is written once, at the end
+    assert read_result(out / "06.json")["complete"] is False  # written after every scan, complete at the end
     _assert_outputs_complete(out)
     if sig == signal.SIGTERM:
         assert leftover_temp_files(out) == []  # a caught signal cleans its temporary files
     # a resumed run completes the batch and skips what was complete
-    proc = _start_06(scan_folder, out, onnx_model, standin_home)
+    proc = _start_06(scan_folder, out, tiny_onnx_model, tiny_standin_home)
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()
     assert _assert_outputs_complete(out) == 3

@@ -1,7 +1,9 @@
 """The numbered scripts end to end on small real CT (stand-in weights): 03 -> 05 -> 06 -> 07, plus 04.
 
-Inputs are made here from ../shared: a crop of example_ct (one tile), a garbage file and a truncated
-.nii.gz in the same folder. Bad files are reported in the result JSON, the others still finish.
+Inputs are made here from ../shared: a crop of example_ct, a garbage file and a truncated .nii.gz in the
+same folder. Bad files are reported in the result JSON, the others still finish. To keep the suite's time
+flat, every script here runs on the small-tile stand-in (32^3-voxel tiles, the same network and code paths;
+conftest.tiny_standin_home), so 05's whole sweep costs seconds, not minutes.
 """
 from __future__ import annotations
 
@@ -24,17 +26,23 @@ def _script(name: str):
     return importlib.import_module(name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _small_tiles(tiny_standin_home, project_home):
+    with project_home(tiny_standin_home):
+        yield
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, example_ct, standin_home, onnx_model):
+def workdir(tmp_path_factory, example_ct, tiny_onnx_model):
     d = tmp_path_factory.mktemp("scripts")
     scans = d / "scans"
     scans.mkdir()
     img = nib.load(example_ct)
-    nib.save(img.slicer[20:100, 20:90, 30:70], scans / "crop_ct.nii.gz")
+    nib.save(img.slicer[40:80, 30:70, 40:64], scans / "crop_ct.nii.gz")
     (scans / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file")
     raw = gzip.compress(nib.load(example_ct).to_bytes())
     (scans / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
-    return {"dir": d, "scans": scans, "onnx": onnx_model}
+    return {"dir": d, "scans": scans, "onnx": tiny_onnx_model}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,7 @@ def ran_03(workdir):
     out = workdir["dir"]
     code = _script("03_vanilla_benchmark").main(["--input", str(workdir["scans"]), "--out", str(out / "m03"),
                                                  "--result", str(out / "03.json"), "--repeats", "1",
-                                                 "--warmup", "0"])
+                                                 "--warmup", "0", "--weights", "standin"])
     return code, read_result(out / "03.json")
 
 
@@ -65,7 +73,8 @@ def test_04_onnx_defaults(workdir, ran_03):
     out = workdir["dir"]
     code = _script("04_onnx_benchmark").main(["--input", str(workdir["scans"] / "crop_ct.nii.gz"),
                                               "--out", str(out / "m04"), "--result", str(out / "04.json"),
-                                              "--onnx", str(workdir["onnx"]), "--repeats", "2", "--warmup", "1"])
+                                              "--onnx", str(workdir["onnx"]), "--repeats", "2", "--warmup", "1",
+                                              "--weights", "standin"])
     assert code == 0
     rec = read_result(out / "04.json")["scans"][0]
     assert len(rec["repeats"]) == 2
@@ -82,7 +91,7 @@ def ran_05(workdir, ran_03):
         "--input", str(workdir["scans"]), "--out", str(out / "m05"), "--result", str(out / "05.json"),
         "--reference", str(out / "03.json"), "--config-out", str(out / "optimized_config.json"),
         "--onnx", str(workdir["onnx"]), "--repeats", "1", "--warmup", "0", "--sweep-scans", "1",
-        "--finalist-runs", "1"])
+        "--finalist-runs", "1", "--weights", "standin"])
     return code, read_result(out / "05.json")
 
 
@@ -110,7 +119,7 @@ def test_05_sweeps_and_picks_a_faithful_configuration(ran_05, workdir):
 def ran_06(workdir, ran_05):
     out = workdir["dir"]
     argv = ["--input", str(workdir["scans"]), "--out", str(out / "m06"), "--result", str(out / "06.json"),
-            "--config", str(out / "optimized_config.json"), "--onnx", str(workdir["onnx"])]
+            "--config", str(out / "optimized_config.json"), "--onnx", str(workdir["onnx"]), "--weights", "standin"]
     code = _script("06_inferenceAndPassport").main(argv)
     return code, read_result(out / "06.json"), argv
 
