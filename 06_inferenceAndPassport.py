@@ -227,7 +227,10 @@ def main(argv=None) -> int:
         tot = sum(s["median"]["total_s"] for s in ok)
         pp = sum(s["median"]["stages"].get("passport", 0.0) for s in ok)
         recorder.summary_extra["passport_share_of_total"] = pp / tot if tot else None
-    recorder.finish()
+    try:
+        recorder.finish()
+    except OSError as exc:
+        return fail(exc, 1)
     for s in ok:
         st = s["median"]["stages"]
         rss = s.get("peak_rss_bytes")

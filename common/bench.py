@@ -6,6 +6,7 @@ keeps the maximum over its timed runs and the tile count a run reports.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,11 @@ def run_benchmark_batch(result: dict, batch: Batch, run: RunFn, args, desc: str)
         benchmark_scans(batch, run, args.out, args.repeats, args.warmup, desc=desc, recorder=recorder)
     except (KeyboardInterrupt, SystemExit) as exc:
         return recorder.interrupt(exc)
-    recorder.finish()
+    try:
+        recorder.finish()
+    except OSError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"result: {args.result} (weights: {result['model']['weights']})")
     return 1 if recorder.n_failed else 0
 

@@ -340,6 +340,9 @@ def validate_result(obj: Any, path: str | Path | None = None) -> dict:
                 c.number(med, key, wm)
             c.field(med, "n", wm, (int,))
             c.times(c.field(med, "stages", wm, (dict,)), f"{wm}.stages")
+            if not (0 <= med["min_total_s"] <= med["total_s"] <= med["max_total_s"]) or med["iqr_total_s"] < 0:
+                c.fail(f"'{wm}' is inconsistent: total_s {med['total_s']:g} must lie within min_total_s "
+                       f"{med['min_total_s']:g} .. max_total_s {med['max_total_s']:g} (and iqr_total_s >= 0)")
     return obj
 
 
@@ -370,16 +373,28 @@ class BatchRecorder:
         self.result["scans"].append(record)
         self.write()
 
-    def write(self) -> Path:
+    def write(self, *, strict: bool = False) -> Path | None:
+        """Write the result now. A failing write (disk full, folder removed) is said in one line and retried
+        after the next scan, so the batch goes on; with ``strict`` it raises OSError instead."""
+        import sys
+
         summarize(self.result)
         self.result["summary"].update(self.summary_extra)
-        return write_result(self.result, self.path)
+        try:
+            path = write_result(self.result, self.path)
+        except OSError as exc:
+            if strict:
+                raise OSError(f"{self.path}: the result could not be written ({exc.strerror or exc})") from exc
+            print(f"warning: {self.path}: the result could not be written ({exc.strerror or exc}); "
+                  "retrying after the next scan", file=sys.stderr)
+            return None
+        return path
 
     def finish(self) -> Path:
-        """The batch is done: write it marked complete."""
+        """The batch is done: write it marked complete (OSError, one line, if that fails)."""
         self.result["complete"] = True
         self.result.pop("interrupted", None)
-        return self.write()
+        return self.write(strict=True)
 
     def interrupt(self, exc: BaseException) -> int:
         """Record an interruption (KeyboardInterrupt, or the SystemExit of common.cli's SIGTERM handler) and
@@ -396,10 +411,10 @@ class BatchRecorder:
         self.result["interrupted"] = name
         n_ok = sum(s["status"] == "ok" for s in self.result["scans"])
         try:
-            self.write()
+            self.write(strict=True)
             where = f"partial result (complete: false) in {self.path}"
         except Exception as err:  # noqa: BLE001 - the interruption is what must be reported
-            where = f"the partial result could not be written ({type(err).__name__}: {err})"
+            where = f"the partial result could not be written ({err})"
         print(" ".join(f"interrupted ({name}) after {n_ok} scan(s) done; {where}".split()), file=sys.stderr)
         return code
 

@@ -229,3 +229,28 @@ def test_a_folder_with_two_dicom_series_names_the_one_not_segmented(tmp_path, ex
     assert vol.shape == _crop(ct, 0).shape  # the CT (most files), not the scout
     (w,) = [w for w in warnings if "DICOM series" in w]
     assert "2 DICOM series" in w and "(4 files)" in w and "\n" not in w
+
+
+def test_a_result_write_that_fails_midway_is_said_and_the_batch_goes_on(four_scans, tmp_path, args06, capsys,
+                                                                       monkeypatch):
+    """A full disk while the result JSON is rewritten after a scan (simulated: ENOSPC from the writer for two
+    writes): one warning line each, the batch goes on, and the final write records everything, complete."""
+    import errno
+
+    import common.results as results
+
+    real, calls = results.atomic_write_json, []
+
+    def flaky(path, obj):
+        calls.append(path)
+        if len(calls) in (2, 3):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(results, "atomic_write_json", flaky)
+    code, err = _run06(["--input", str(four_scans), "--out", str(tmp_path / "out"), "--result",
+                        str(tmp_path / "r.json"), *args06], capsys)
+    warned = [line for line in err.splitlines() if "could not be written" in line]
+    assert code == 0 and len(warned) == 2 and "No space left" in warned[0] and "Traceback" not in err
+    res = read_result(tmp_path / "r.json")
+    assert res["complete"] is True and [s["status"] for s in res["scans"]] == ["ok"] * 4

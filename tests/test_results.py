@@ -130,6 +130,9 @@ def test_reject_unknown_schema_version(tmp_path):
     (lambda r: r["scans"][0].update(shape=[1, "2", 3]), "'scans[0].shape'"),
     (lambda r: r["model"].update(weights="mine"), "'model.weights'"),
     (lambda r: r.update(method=3), "'method'"),
+    (lambda r: r["scans"][0]["median"].update(total_s=r["scans"][0]["median"]["max_total_s"] + 1), "inconsistent"),
+    (lambda r: r.update(complete="yes"), "'complete'"),
+    (lambda r: r.update(ignored=[{"file": 1}]), "'ignored[0]'"),
 ])
 def test_reject_missing_or_mistyped_field(tmp_path, mutate, fragment):
     res = make_result()
