@@ -10,5 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
+# the project itself, editable and without dependencies (all pinned above): puts totalseg-fast on the venv's PATH
+.venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/python 02_export_model.py
 .venv/bin/python 06_inferenceAndPassport.py

@@ -64,9 +64,10 @@ def _handle(req: dict[str, Any], totalsegmentator) -> dict[str, Any]:
     if hang and hang in Path(req["input"]).name:
         time.sleep(10 ** 6)
     t0 = time.perf_counter()
-    totalsegmentator(req["input"], req["output"], ml=True, fast=True, task="total", device=req.get("device", "cpu"),
-                     quiet=True, nr_thr_resamp=int(req.get("nr_thr_resamp", 1)),
-                     nr_thr_saving=int(req.get("nr_thr_saving", 6)))
+    totalsegmentator(req["input"], req["output"], ml=bool(req.get("ml", True)), fast=True, task="total",
+                     device=req.get("device", "cpu"), quiet=True, nr_thr_resamp=int(req.get("nr_thr_resamp", 1)),
+                     nr_thr_saving=int(req.get("nr_thr_saving", 6)), statistics=bool(req.get("statistics", False)),
+                     roi_subset=req.get("roi_subset"), preview=bool(req.get("preview", False)))
     return {"ok": True, "total_s": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()}
 
 
