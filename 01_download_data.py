@@ -4,7 +4,7 @@
 Examples:
   python 01_download_data.py                         # 5 spleen CTs (MSD Task09) -> ct_data/spleen_*.nii.gz
   python 01_download_data.py --dataset all --max-samples 3
-  python 01_download_data.py --from /path/to/scans   # NIfTI files and DICOM series folders, no network
+  python 01_download_data.py --from /path/to/scans   # NIfTI files, DICOM series folders and zips, no network
   python 01_download_data.py --realistic             # 0.8x0.8x1.5 mm variants -> ct_data/realistic/
   python 01_download_data.py --clinical              # 512x512x200 and x500 (8 and 16 tiles) -> ct_data/clinical/
   python 01_download_data.py --clinical --clinical-sizes 200,500,1000   # + a whole-body size (32 tiles)
@@ -36,6 +36,7 @@ from common import download  # noqa: E402
 from common.args import OneLineParser, positive_int, run_script  # noqa: E402
 from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
 from common.cli import is_label_file  # noqa: E402
+from common.dicom import is_zip_path  # noqa: E402
 from common.errors import DownloadError, InputError  # noqa: E402
 from common.validation import load_scan  # noqa: E402
 from common.variants import (  # noqa: E402
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of spleen scans / learn2reg exp-insp pairs to extract (default: %(default)s)")
     p.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
                    help="import your own scans instead of downloading: NIfTI files (.nii/.nii.gz) are copied, "
-                        "DICOM series folders are converted to NIfTI (orientation preserved); searched recursively. "
+                        "DICOM series folders and zips of them are converted to NIfTI on the grid the official tool's dicom2nifti "
+                        "conversion gives (LAS for an axial series), so masks line up with its masks; searched "
+                        "recursively. "
                         "Each is named after its path below DIR, parts joined by '__' (DIR/p1/ct.nii.gz -> "
                         "OUT/p1__ct.nii.gz, DICOM folder DIR/p1/CT/ -> OUT/p1__CT.nii.gz; directly in DIR: its own "
                         "name; label maps p1/ct_seg.nii.gz follow their scan). Sources that would get the same scan "
@@ -224,7 +227,7 @@ def import_name(item: Path, root: Path) -> str:
     an item directly in ``root`` (or ``root`` itself) keeps its own name. Label maps follow their scan
     (p1/ct_seg.nii.gz -> p1__ct_seg.nii.gz)."""
     parts = list(item.relative_to(root).parts) or [item.name]
-    if item.is_dir():
+    if item.is_dir() or is_zip_path(item):
         parts[-1] = scan_id(parts[-1]) + ".nii.gz"
     return NAME_JOIN.join(parts)
 
@@ -235,15 +238,18 @@ def plan_import(root: Path, exclude: Path | None = None) -> ImportPlan:
     (a.nii and a.nii.gz; folder a/ beside a.nii.gz) would overwrite each other or share one id later on: the first
     (NIfTI files before DICOM folders, each sorted by path) is imported, every later one is refused."""
     if root.is_file():
+        if is_zip_path(root):
+            return ImportPlan([(root, import_name(root, root.parent))], [], [])
         return ImportPlan([(root, root.name)], [], []) if is_nifti_path(root) else ImportPlan([], [], [root])
     files = _entries(root, exclude, Path.is_file)
     series = _dicom_series(root, exclude)
     niftis = [p for p in files if is_nifti_path(p)]
-    skipped = [p for p in files if not is_nifti_path(p) and p.parent not in series]
+    zips = [p for p in files if is_zip_path(p)]  # a zipped DICOM series (common.dicom reads it)
+    skipped = [p for p in files if not is_nifti_path(p) and not is_zip_path(p) and p.parent not in series]
     items: list[tuple[Path, str]] = []
     refused: list[str] = []
     owner: dict[str, Path] = {}
-    for src in [*niftis, *series]:
+    for src in [*niftis, *series, *zips]:
         name = import_name(src, root)
         key = scan_id(name).casefold()
         if key in owner:
@@ -290,7 +296,7 @@ def _differs(target: Path, src: Path) -> str:
 
 def _import_one(src: Path, target: Path, force: bool) -> bool:
     """Import one scan or label map; print what happened in one line. False when it failed or was refused."""
-    is_dicom = src.is_dir()
+    is_dicom = src.is_dir() or is_zip_path(src)
     if target.exists() and not force and not is_dicom:
         if not _same_file_content(src, target):
             print(f"error: {_differs(target, src)}", file=sys.stderr, flush=True)

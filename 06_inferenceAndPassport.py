@@ -92,6 +92,7 @@ def _segment_one(scan: Path, scan_id: str, args, spec, predictor, cfg, key_confi
     from tqdm import tqdm
 
     from common import resume
+    from common.official_output import official_header
     from common.passport import build_passport, save_passport, scan_metadata
     from common.peak_memory import track_peak_rss
     from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record
@@ -142,7 +143,7 @@ def _segment_one(scan: Path, scan_id: str, args, spec, predictor, cfg, key_confi
                                                               args.passport_repeats)
             t0 = time.perf_counter()
             labels = np.asanyarray(run.result.labels.dataobj)
-            save_labels(labels, vol.affine, mask_path)
+            save_labels(labels, vol.affine, mask_path, header=official_header(vol.image))  # as the official tool
             if passport is not None:
                 save_passport(passport, passport_path)
             if key is not None:  # last: only a scan whose outputs are all written looks complete

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from common.args import check_outputs, nonnegative_int, positive_int
+from common.dicom import is_zip_path
 from common.discovery import Batch, discover, is_label_file, merge  # noqa: F401 (is_label_file: 01 uses it)
 from common.errors import InputError
 from common.volume import is_nifti_path
@@ -34,7 +35,7 @@ def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=pr
     and a one-line description of where it came from (``batch.source``).
 
     --input (a file, a DICOM series folder, or a folder searched recursively) wins; else ct_data/ (its own
-    NIfTI files and DICOM series folders, then the realistic-size variants in ct_data/realistic/ made by 01
+    NIfTI files, DICOM series folders and zips of them, then the realistic-size variants in ct_data/realistic/ made by 01
     --realistic, then the clinical-size multi-tile scans in ct_data/clinical/ made by 01 --clinical, last so
     that a sweep over the first scans stays on small ones); else the embedded synthetic phantom (written once
     under benchmarks/embedded/). ``output_dirs``/``output_files``: this run's outputs, never taken as inputs.
@@ -59,9 +60,9 @@ def resolve_inputs(input_arg: str | None, max_samples: int | None = None, log=pr
             part = discover(folder, recursive=False, **where)
             part.ignored = [i for i in part.ignored if not (folder == CT_DATA and Path(i["file"]).name
                                                              in (*DEFAULT_SUBFOLDERS, "downloads"))]
-            for scan in [p for p in part.scans if p.is_file() and not is_nifti_path(p)]:
+            for scan in [p for p in part.scans if p.is_file() and not is_nifti_path(p) and not is_zip_path(p)]:
                 part.scans.remove(scan)
-                part.ignored.append({"file": str(scan), "reason": "not a NIfTI file or DICOM series folder"})
+                part.ignored.append({"file": str(scan), "reason": "not a NIfTI file, DICOM series folder or zip"})
             parts.append(part)
         batch = merge(parts)
         batch.source = f"ct_data/ ({len(batch.scans)} scans)"

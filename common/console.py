@@ -184,9 +184,14 @@ def _segment_one(scan: Path, targets: dict[str, Path], args, spec, predictor, cf
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    from tqdm import tqdm
+
     def say(msg: str, *, always: bool = False, verbose: bool = False) -> None:
+        """One line, on its own line even while the progress bar is drawn (tqdm.write clears and redraws it)."""
         if always or (not args.quiet and (args.verbose or not verbose)):
-            print(msg, file=sys.stderr if always else sys.stdout, flush=True)
+            file = sys.stderr if always else sys.stdout
+            tqdm.write(msg, file=file)
+            file.flush()
 
     from common.cli import (
         DEFAULT_ONNX,
@@ -227,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         say(f"FAILED {ref['error']}", always=True)
     for item in batch.ignored:
         say(f"ignored {item['file']}: {item['reason']}")
-    from tqdm import tqdm
-
     scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
     for scan in scans:
         targets = _targets(args, batch, scan)

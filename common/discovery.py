@@ -1,8 +1,9 @@
 """Finding the scans of a batch. Every entry found is a scan, reported as ignored, or refused; none vanishes.
 
-- A scan is a NIfTI file, any other regular file (it then fails to load with its own one-line error, e.g.
-  "not a NIfTI file"), or a DICOM series folder (a folder holding a file named ``*.dcm`` or a file with the
-  DICOM Part 10 preamble, as PACS exports without extensions have).
+- A scan is a NIfTI file, a zip archive (``*.zip``: a DICOM series, possibly in a sub-folder of the zip; its id
+  is the name without .zip), any other regular file (it then fails to load with its own one-line error, e.g.
+  "not a NIfTI file"), or a DICOM series folder (a folder holding a DICOM file, recognised by its content:
+  common.dicom.is_dicom_file, whatever the name, as PACS exports without extensions have).
 - Folders are searched recursively; symbolic links are followed once (a loop is refused, not followed).
 - Ignored, with the reason in the result: files named like label maps (``*_seg``, ``*_labels``, ``*_mask``,
   ``*_gt``), README/LICENSE files, files inside a DICOM series folder that are neither DICOM nor NIfTI.
@@ -10,8 +11,8 @@
   input (``*_seg.nii.gz``, ``*_passport.json``, ``*_run.json`` and the result file).
 - Scan ids (the stem of every output file) come from the path relative to the input root, parts joined
   with ``__`` (``p1/ct.nii.gz`` -> ``p1__ct``; a scan at the root keeps its plain stem). Ids that would still
-  be equal (``a.nii`` beside ``a.nii.gz``, a DICOM folder ``a/`` beside ``a.nii.gz``; compared ignoring case,
-  as on case-insensitive file systems) get the kind of input appended (``a_nii``, ``a_niigz``, ``a_dicom``),
+  be equal (``a.nii`` beside ``a.nii.gz``, a DICOM folder ``a/`` beside ``a.zip``; compared ignoring case,
+  as on case-insensitive file systems) get the kind of input appended (``a_nii``, ``a_niigz``, ``a_dicom``, ``a_zip``),
   said in one note; ids still equal after that are refused, each with one line naming the other input.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.dicom import is_dicom_file, is_zip_path
 from common.volume import is_nifti_path
 
 LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")
@@ -39,21 +41,14 @@ def nifti_stem(name: str) -> str:
     return name
 
 
+def zip_stem(name: str) -> str:
+    """``name`` without .zip (any case)."""
+    return name[:-4] if name.lower().endswith(".zip") else name
+
+
 def is_label_file(path: Path) -> bool:
     """Label maps beside scans (``x_seg``, ``x_labels``, ``x_seg_fast``, ``x_mask``, ``x_gt`` + .nii[.gz])."""
     return bool(LABEL_FILE.search(nifti_stem(path.name).lower()))
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True for ``*.dcm`` or a file with the DICOM Part 10 preamble ("DICM" at byte 128), per pydicom."""
-    from pydicom.misc import is_dicom
-
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        return path.is_file() and is_dicom(str(path))
-    except OSError:
-        return False
 
 
 def is_dicom_dir(path: Path) -> bool:
@@ -89,8 +84,8 @@ class Batch:
 @dataclass
 class _Found:
     path: Path
-    rel_parts: tuple[str, ...]  # path relative to the input root, last part without .nii/.nii.gz
-    kind: str  # "nifti", "dicom" or "other"
+    rel_parts: tuple[str, ...]  # path relative to the input root, last part without .nii/.nii.gz/.zip
+    kind: str  # "nifti", "dicom", "zip" or "other"
 
 
 class _Walker:
@@ -152,11 +147,10 @@ class _Walker:
         elif is_nifti_path(p) and is_label_file(p):
             self.ignore(p, "named like a label map (*_seg, *_labels, *_mask, *_gt); not segmented (pass the file "
                            "itself with --input to segment it)")
+        elif is_zip_path(p):  # a zipped series is a scan, even inside a series folder
+            self.found.append(_Found(p, (*parts[:-1], zip_stem(p.name)), "zip"))
         elif in_series is not None and not is_nifti_path(p):
             self.ignore(p, f"not a DICOM file, inside the DICOM series folder {in_series}")
-        elif name.endswith(".zip"):
-            self.refused.append({"file": str(p), "scan_id": ID_SEPARATOR.join(parts), "error": f"{p}: zip archive; "
-                                 "unpack it first (NIfTI files and DICOM series folders are read)"})
         else:
             self.found.append(_Found(p, parts, "nifti" if is_nifti_path(p) else "other"))
 
@@ -179,8 +173,8 @@ def _is_broken_link(p: Path) -> bool:
 
 
 def _kind_tag(found: _Found) -> str:
-    if found.kind == "dicom":
-        return "dicom"
+    if found.kind in ("dicom", "zip"):
+        return found.kind
     name = found.path.name.lower()
     if name.endswith(".nii.gz"):
         return "niigz"
@@ -228,7 +222,10 @@ def discover(root: Path, *, output_dirs: Iterable[Path] = (), output_files: Iter
     walker = _Walker(output_dirs, output_files)
     batch = Batch()
     if root.is_file():
-        walker.found.append(_Found(root, (nifti_stem(root.name),), "other"))
+        if is_zip_path(root):
+            walker.found.append(_Found(root, (zip_stem(root.name),), "zip"))
+        else:
+            walker.found.append(_Found(root, (nifti_stem(root.name),), "other"))
     else:
         if is_dicom_dir(root):  # the series itself; NIfTI files kept beside it are scans of their own
             walker.found.append(_Found(root, (root.name,), "dicom"))
@@ -241,7 +238,8 @@ def discover(root: Path, *, output_dirs: Iterable[Path] = (), output_files: Iter
 
 def merge(batches: list[Batch]) -> Batch:
     """One batch from several roots (in order); ids made unique across them as within one."""
-    found = [_Found(p, (b.ids[p],), "dicom" if p.is_dir() else "other") for b in batches for p in b.scans]
+    found = [_Found(p, (b.ids[p],), "dicom" if p.is_dir() else "zip" if is_zip_path(p) else "other")
+             for b in batches for p in b.scans]
     out = Batch()
     assign_ids(found, out)
     for b in batches:

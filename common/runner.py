@@ -11,6 +11,7 @@ import numpy as np
 
 from common.atomic import atomic_write_json
 from common.errors import InputError
+from common.official_output import official_header
 from common.pipeline import SegmentOptions, SegmentResult, segment
 from common.session import OnnxPredictor, OrtSettings, TorchPredictor
 from common.validation import load_scan
@@ -155,7 +156,7 @@ def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Pa
     res = segment(vol.image, spec, predictor, options, progress=progress)
     t2 = time.perf_counter()
     if mask_path is not None:
-        save_labels(np.asanyarray(res.labels.dataobj), vol.affine, mask_path)
+        save_labels(np.asanyarray(res.labels.dataobj), vol.affine, mask_path, header=official_header(vol.image))
     t3 = time.perf_counter()
     stages = {"load": t1 - t0, **res.timings, "save": t3 - t2}
     return ScanRun(stages=stages, total_s=t3 - t0, result=res, volume=vol, warnings=warnings)

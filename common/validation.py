@@ -298,7 +298,7 @@ def squeeze_to_3d(img: nib.Nifti1Image, data: np.ndarray | None = None) -> nib.N
 
 
 def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]]:
-    """Load a NIfTI file or DICOM series folder and validate it; return (Volume, warnings).
+    """Load a NIfTI file, DICOM series folder or zip of one (common.dicom) and validate it; return (Volume, warnings).
 
     The voxel data are read exactly once here (a truncated or corrupt .nii.gz, which nibabel only
     notices when reading data, becomes an InputError); the returned Volume's image holds that

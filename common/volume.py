@@ -1,4 +1,4 @@
-"""Scan I/O at the edge of the pipeline: NIfTI files and DICOM series folders -> nibabel images.
+"""Scan I/O at the edge of the pipeline: NIfTI files, DICOM series folders and zips of them -> nibabel images.
 
 Arrays are nibabel-ordered (x, y, z) voxel axes; affines map voxel indices to world mm, RAS+.
 """
@@ -28,9 +28,9 @@ def is_nifti_path(path: str | Path) -> bool:
 
 
 def scan_id(path: str | Path) -> str:
-    """File name without .nii/.nii.gz (or the folder name of a DICOM series)."""
+    """File name without .nii/.nii.gz/.zip (or the folder name of a DICOM series)."""
     name = Path(path).name
-    for suf in (".nii.gz", ".nii"):
+    for suf in (".nii.gz", ".nii", ".zip"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
@@ -61,49 +61,17 @@ class Volume:
         return "".join(nib.aff2axcodes(self.affine))
 
 
-def _load_dicom_series(folder: Path) -> nib.Nifti1Image:
-    """Read the DICOM series in ``folder`` with SimpleITK (GDCM: any file names); return a RAS+ NIfTI image.
+def _load_dicom_series(path: Path) -> nib.Nifti1Image:
+    """The DICOM series in a folder (its files, any names) or a zip (common.dicom): the image the official
+    tool's dicom2nifti conversion gives, (x, y, z) array in HU, RAS+ affine in mm (LAS for an axial series).
 
-    A folder holding several series (a scout beside the CT, say) gives the one with the most files; the
-    others are named in ``image.extra["warnings"]`` (load_scan reports them), never dropped silently.
+    Several series: the CT series with the most slices, the others named in ``image.extra["warnings"]``
+    (load_scan reports them). A missing/duplicated/unevenly spaced slice, gantry tilt or a truncated file is
+    an InputError (one line), never a silently wrong grid.
     """
-    import SimpleITK as sitk
+    from common.dicom import is_zip_path, load_dicom_folder, load_dicom_zip
 
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(folder, "folder holds no DICOM series (and is not a NIfTI file)")
-    files_of = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    chosen = max(series, key=lambda uid: len(files_of[uid]))
-    reader.SetFileNames(files_of[chosen])
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(folder, f"unreadable DICOM series ({str(exc).splitlines()[0]})") from exc
-    out = sitk_to_nifti(img)
-    if len(series) > 1:
-        others = ", ".join(f"{uid} ({len(files_of[uid])} files)" for uid in series if uid != chosen)
-        out.extra["warnings"] = [f"{folder} holds {len(series)} DICOM series: segmented {chosen} "
-                                 f"({len(files_of[chosen])} files), not {others}; put each series in its own folder "
-                                 "to segment it"]
-    return out
-
-
-def sitk_to_nifti(img) -> nib.Nifti1Image:
-    """Convert a SimpleITK image (LPS world, array (z, y, x)) to a nibabel image (RAS+, array (x, y, z))."""
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayFromImage(img)  # (z, y, x)
-    data = np.ascontiguousarray(arr.transpose(2, 1, 0)) if arr.ndim == 3 else arr.T
-    ndim = img.GetDimension()
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
-    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
-    affine = np.eye(4)
-    affine[:ndim, :ndim] = direction * spacing[None, :]
-    affine[:ndim, 3] = origin
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return nib.Nifti1Image(data, lps_to_ras @ affine)
+    return load_dicom_zip(path) if path.is_file() and is_zip_path(path) else load_dicom_folder(path)
 
 
 def available_memory_bytes() -> int | None:
@@ -216,14 +184,14 @@ def check_declared_size(path: str | Path, img: nib.spatialimages.SpatialImage, a
 
 
 def load_volume(path: str | Path) -> Volume:
-    """Load a NIfTI file or a DICOM series folder. Raises InputError (one line) on failure."""
+    """Load a NIfTI file, a DICOM series folder or a zip of one. Raises InputError (one line) on failure."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
-    if path.is_dir():
+    if path.is_dir() or str(path).lower().endswith(".zip"):
         return Volume(path, _load_dicom_series(path))
     if not is_nifti_path(path):
-        raise InputError(path, "not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+        raise InputError(path, "not a NIfTI file (.nii/.nii.gz), a DICOM series folder or a zip of one")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files

@@ -151,3 +151,53 @@ def test_the_installed_command_runs_a_folder_of_scans(work, tmp_path, example_ct
     assert len(lines) == 1 and "broken.nii.gz" in lines[0] and "Traceback" not in proc.stderr
     version = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
     assert importlib.metadata.version("TotalSegmentator") in version.stdout
+
+
+def test_dicom_as_users_have_it_gives_the_masks_of_the_nifti_route(work, tmp_path, example_ct_sm, capsys):
+    """One folder run (one model session): a series of .dcm files, the same series extension-less, zipped (in a
+    sub-folder of the zip), beside a 3-slice scout series, and broken (a missing slice); plus the NIfTI the
+    official tool's dicom2nifti conversion makes of it (the NIfTI route). Every DICOM form gives that NIfTI's
+    masks voxel for voxel on its grid; the two-series folder says which series it took; the broken one is one
+    line naming its folder, and the batch goes on (exit 1)."""
+    import shutil
+
+    import dicom2nifti
+    from test_dicom_input import _extensionless, _write_series, _zip
+
+    from common.console import main
+
+    crop = nib.load(example_ct_sm).slicer[40:80, 30:70, 0:16]
+    crop = nib.Nifti1Image(np.asanyarray(crop.dataobj), crop.affine)
+    series = tmp_path / "series"
+    _write_series(crop, series, SeriesDescription="abdomen 3mm")
+    src = tmp_path / "in"
+    src.mkdir()
+    dicom2nifti.dicom_series_to_nifti(str(series), str(src / "nifti_route.nii.gz"), reorient_nifti=True)
+    shutil.copytree(series, src / "dcm")
+    _extensionless(series, src, "pacs")
+    _zip(_extensionless(series, tmp_path, "zipped"), src / "export.zip", "DICOM/S0001/")
+    shutil.copytree(series, src / "study")
+    _write_series(crop.slicer[:, :, 4:7], tmp_path / "scout", ".7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                  SeriesDescription="topogram")
+    for f in (tmp_path / "scout").iterdir():
+        f.rename(src / "study" / f"scout_{f.name}")
+    shutil.copytree(series, src / "broken")
+    sorted((src / "broken").iterdir())[5].unlink()
+    out = tmp_path / "out"
+    code = main(["-i", str(src), "-o", str(out), "--weights", "standin", "--onnx", str(work["onnx"]), "--ml"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    print(err)
+    broken = [line for line in err.splitlines() if str(src / "broken") in line]
+    assert len(broken) == 1 and "slice spacing varies" in broken[0], err
+    assert any(line.startswith("warning: ") and "holds 2 DICOM series: segmented CT series" in line
+               and "abdomen 3mm" in line and "topogram" in line for line in err.splitlines()), err
+    assert "Traceback" not in err
+    ref = nib.load(out / "nifti_route" / "segmentations.nii.gz")
+    assert nib.aff2axcodes(ref.affine) == ("L", "A", "S") and np.any(_data(out / "nifti_route" /
+                                                                         "segmentations.nii.gz"))
+    for scan_id in ("dcm", "pacs", "export", "study"):
+        got = nib.load(out / scan_id / "segmentations.nii.gz")
+        assert got.shape == ref.shape and np.allclose(got.affine, ref.affine, atol=1e-5), scan_id
+        assert np.array_equal(_data(out / scan_id / "segmentations.nii.gz"), np.asanyarray(ref.dataobj)), scan_id
+    assert not (out / "broken").exists() or not list((out / "broken").iterdir())

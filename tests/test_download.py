@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import io
 import re
+import shutil
 import socket
 import tarfile
 import threading
@@ -351,6 +352,8 @@ def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     nifti = src / "patient_a.nii.gz"
     nib.save(crops["spleen_2"], str(nifti))
     _write_dicom_series(crops["spleen_3"], src / "nested" / "patient_b")
+    _write_dicom_series(crops["spleen_10"], tmp_path / "c")
+    shutil.make_archive(str(src / "patient_c"), "zip", tmp_path / "c")
     (src / "notes.txt").write_text("not a scan", encoding="utf-8")
     labels = np.zeros(crops["spleen_2"].shape, np.uint8)
     labels[5:10, 5:10, 3:6] = 1
@@ -360,12 +363,14 @@ def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     assert (out / "patient_a.nii.gz").read_bytes() == nifti.read_bytes()  # copied as is
     assert (out / "patient_a_seg.nii.gz").is_file()  # label map beside it: copied, no "not CT" warning
     assert "warning" not in capsys.readouterr().err
-    got = nib.load(str(out / "nested__patient_b.nii.gz"))
-    ref = crops["spleen_3"]
-    assert got.shape == ref.shape
-    assert nib.aff2axcodes(got.affine) == nib.aff2axcodes(ref.affine)
-    assert np.allclose(got.affine, ref.affine, atol=1e-3)
-    assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(ref.dataobj))
+    nested = nib.load(str(out / "nested__patient_b.nii.gz"))
+    assert nib.aff2axcodes(nested.affine) == ("L", "A", "S")  # the official tool's dicom2nifti grid
+    zipped = nib.load(str(out / "patient_c.nii.gz"))  # the same kind of series, zipped
+    for got, ref in [(nested, crops["spleen_3"]), (zipped, crops["spleen_10"])]:
+        got, ref = nib.as_closest_canonical(got), nib.as_closest_canonical(ref)
+        assert got.shape == ref.shape
+        assert np.allclose(got.affine, ref.affine, atol=1e-3)
+        assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(ref.dataobj))
     assert leftover_temp_files(out) == []
     assert not (out / "downloads").exists()  # --from alone downloads nothing
 
