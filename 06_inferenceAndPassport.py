@@ -38,6 +38,7 @@ from common.cli import (  # noqa: E402
     model_record,
     start_run,
 )
+from common.cluster_args import add_cluster_arguments  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for benchmarking: time the passport computation this many times per scan and record "
                         "median/min/max in the result (default 1: the single timed run of the batch)")
     p.add_argument("--force", action="store_true", help="recompute scans whose outputs already exist")
+    add_cluster_arguments(p)
     return p
 
 
@@ -63,107 +65,73 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _outputs(out_dir: Path, scan_id: str) -> tuple[Path, Path]:
-    from common.runner import mask_path_for
+def _job_options(args, key_config: dict):
+    from common.inference_job import JobOptions
 
-    return mask_path_for(out_dir, scan_id), out_dir / f"{scan_id}_passport.json"
-
-
-def _time_passport(lab_img, names: dict, max_points: int, repeats: int) -> dict:
-    """Median/min/max milliseconds of compute_structures on one label map over ``repeats`` runs."""
-    import numpy as np
-
-    from common.passport import compute_structures
-
-    labels = np.asanyarray(lab_img.dataobj)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        compute_structures(labels, lab_img.affine, names, max_points=max_points)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"median": float(np.median(times)), "min": min(times), "max": max(times), "n": repeats,
-            "grid_shape": list(labels.shape), "labels": int(len(np.unique(labels)) - 1)}
+    return JobOptions(out=args.out, no_passport=args.no_passport, force=args.force,
+                      passport_resolution=args.passport_resolution, max_points=args.max_points,
+                      passport_repeats=args.passport_repeats, key_config=key_config)
 
 
-def _segment_one(scan: Path, scan_id: str, args, spec, predictor, cfg, key_config: dict) -> dict | None:
-    """Segment one scan and write its outputs (mask, passport, run record last); return its scan record, or
-    None when it is up to date (resume) — the caller records the skip."""
-    import numpy as np
+def _take(outcome, scan: Path, scan_id: str, result: dict, recorder, say) -> None:
+    """Record one scan's JobOutcome (skipped or a scan record) and print its messages."""
+    for line in outcome.messages:
+        say(line)
+    if outcome.record is None:
+        result["skipped"].append({"file": str(scan), "scan_id": scan_id, "reason": outcome.skipped})
+        recorder.write()
+    else:
+        recorder.add(outcome.record)
+
+
+def _run_here(batch, opts, spec, predictor, cfg, result, recorder) -> None:
+    """The single-process batch: one predictor, scans in order."""
     from tqdm import tqdm
 
-    from common import resume
-    from common.official_output import official_header
-    from common.passport import build_passport, save_passport, scan_metadata
-    from common.peak_memory import track_peak_rss
-    from common.results import add_repeat, finalize_scan, mark_failed, new_scan_record
-    from common.runner import labels_present, run_scan
-    from common.volume import save_labels
+    from common.inference_job import segment_and_passport
 
-    mask_path, passport_path = _outputs(args.out, scan_id)
-    run_path = resume.sidecar_path(args.out, scan_id)
-    outputs = [mask_path] if args.no_passport else [mask_path, passport_path]
-    try:  # hashed before loading: a file changed meanwhile leaves a key that no longer matches
-        key = resume.run_key(resume.input_digest(scan), spec.checkpoint_sha256, key_config)
-    except OSError:
-        key = None  # unreadable input: the scan fails below with its own error
-    if not any(p.exists() for p in (mask_path, passport_path, run_path)):
-        reasons = []  # first run for this scan
-    elif args.force:
-        reasons = ["--force"]
-    elif key is None:
-        reasons = ["input could not be hashed"]
-    else:
-        reasons = resume.recompute_reasons(run_path, key, outputs)
-        if not reasons:
-            return None
-        tqdm.write(f"recomputing {scan_id}: {'; '.join(reasons)}")
-    record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=scan_id)
-    if reasons:
-        record["recomputed_because"] = reasons
+    bar = tqdm(batch.scans, desc="06 segment+passport", unit="scan")
     try:
-        with track_peak_rss() as peak:  # the whole work on this scan: load .. outputs written
-            run_path.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
-            run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
-            vol = run.volume
-            record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
-            stages = dict(run.stages)
-            t0 = time.perf_counter()
-            passport = lab_img = None
-            # a file's run-key digest is its sha256 (a folder's also covers file names: hashed again)
-            file_digest = key["input_sha256"] if key is not None and scan.is_file() else None
-            if not args.no_passport:
-                lab_img = run.result.labels_model_res if args.passport_resolution == "model" else run.result.labels
-                passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, spec.labels,
-                                          scan=scan_metadata(scan, vol.image, sha256=file_digest),
-                                          model=spec.provenance(), resolution=args.passport_resolution,
-                                          max_points=args.max_points)
-            stages["passport"] = time.perf_counter() - t0
-            if passport is not None and args.passport_repeats > 1:
-                record["passport_timing_ms"] = _time_passport(lab_img, spec.labels, args.max_points,
-                                                              args.passport_repeats)
-            t0 = time.perf_counter()
-            labels = np.asanyarray(run.result.labels.dataobj)
-            save_labels(labels, vol.affine, mask_path, header=official_header(vol.image))  # as the official tool
-            if passport is not None:
-                save_passport(passport, passport_path)
-            if key is not None:  # last: only a scan whose outputs are all written looks complete
-                resume.write_key(run_path, key, scan=str(scan), mask=mask_path.name,
-                                 passport=passport_path.name if passport is not None else None)
-            stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
-        add_repeat(record, sum(stages.values()), stages, peak_rss_bytes=peak.peak_bytes,
-                   peak_rss_method=peak.method)
-        record["n_tiles"] = run.result.n_tiles
-        record["labels_present"] = labels_present(labels)
-        record["mask"] = str(mask_path)
-        record["passport"] = str(passport_path) if passport is not None else None
-        record["warnings"] = run.warnings
-        for w in run.warnings:
-            tqdm.write(f"warning: {scan_id}: {w}")
-    except InputError as exc:
-        mark_failed(record, exc)
-    except Exception as exc:  # record and go on: one bad scan must not stop the batch
-        mark_failed(record, f"{scan}: {type(exc).__name__}: {exc}")
-    return finalize_scan(record)
+        for scan in bar:
+            scan_id = batch.ids[scan]
+            bar.set_postfix_str(scan_id)
+            outcome = segment_and_passport(scan, scan_id, opts, spec, predictor, cfg)
+            _take(outcome, scan, scan_id, result, recorder, tqdm.write)
+    finally:
+        bar.close()
+
+
+def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
+    """The batch as Dask tasks (common.cluster): each worker builds its predictor once; the client records."""
+    from tqdm import tqdm
+
+    from common.cluster import ModelRecipe, open_client, run_tasks
+    from common.inference_job import JobOutcome, segment_and_passport
+    from common.results import finalize_scan, mark_failed, new_scan_record
+
+    recipe = ModelRecipe(cfg.to_dict(), args.weights, str(onnx) if onnx else None)
+    with open_client(args, recipe, log=print) as run:
+        result["machine"]["cluster"] = run.record()
+        items = [(scan, batch.ids[scan], (opts,)) for scan in batch.scans]
+        try:
+            for task in run_tasks(run, segment_and_passport, items, scan_timeout_s=args.scan_timeout,
+                                  desc="06 segment+passport (cluster)"):
+                outcome = task.value
+                if task.error is not None:
+                    record = new_scan_record(task.scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?",
+                                             scan_id=task.scan_id)
+                    outcome = JobOutcome(record=finalize_scan(mark_failed(record, task.error)),
+                                         messages=[f"FAILED {task.error}"])
+                if outcome.record is not None and len(task.attempts) > 1:
+                    outcome.record["attempts"] = len(task.attempts)
+                    outcome.record["retried_because"] = (f"its Dask worker died while segmenting it (workers: "
+                                                         f"{', '.join(task.attempts)})")
+                    outcome.messages.append(f"note: {task.scan_id} was retried: "
+                                            f"{outcome.record['retried_because']}")
+                _take(outcome, task.scan, task.scan_id, result, recorder, tqdm.write)
+                result["machine"]["cluster"] = run.record()
+        finally:
+            result["machine"]["cluster"] = run.record()
 
 
 def main(argv=None) -> int:
@@ -171,16 +139,19 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from common import resume
-    from common.locks import ScanLock
+    from common.cluster_args import cluster_problem, usable_cores, wants_cluster
     from common.results import BatchRecorder, new_result
     from common.runner import RunConfig, build_predictor, load_config
 
     try:
+        problem = cluster_problem(args)
+        if problem:
+            raise InputError(None, problem)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()  # bad config: before any work
         batch, spec = start_run(args)
         onnx = ensure_onnx(spec, args.onnx) if cfg.backend == "onnxruntime" else None
-        predictor = build_predictor(cfg, spec, onnx)
+        predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)  # before any scan
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
     print(f"data: {batch.source}; configuration: {cfg.name} ({cfg_path or 'built-in defaults'}), backend {cfg.backend}")
@@ -198,32 +169,27 @@ def main(argv=None) -> int:
     recorder = BatchRecorder(result, args.result, batch)
     for ref in batch.refused:
         tqdm.write(f"FAILED {ref['error']}")
-    bar = tqdm(batch.scans, desc="06 segment+passport", unit="scan")
+    opts = _job_options(args, key_config)
+    t0 = time.perf_counter()
     try:
-        for scan in bar:
-            scan_id = batch.ids[scan]
-            bar.set_postfix_str(scan_id)
-            with ScanLock(args.out, scan_id) as lock:
-                if not lock.acquired:
-                    result["skipped"].append({"file": str(scan), "scan_id": scan_id,
-                                              "reason": f"being segmented by another run ({lock.holder})"})
-                    tqdm.write(f"skipped {scan_id}: being segmented by another run ({lock.holder})")
-                    recorder.write()
-                    continue
-                record = _segment_one(scan, scan_id, args, spec, predictor, cfg, key_config)
-            if record is None:
-                result["skipped"].append({"file": str(scan), "scan_id": scan_id,
-                                          "reason": "up to date: same input content, weights and configuration "
-                                                    "(--force recomputes)"})
-                recorder.write()
-                continue
-            if record["status"] == "failed":
-                tqdm.write(f"FAILED {record['error']}")
-            recorder.add(record)
+        if wants_cluster(args):
+            _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder)
+        else:
+            _run_here(batch, opts, spec, predictor, cfg, result, recorder)
     except (KeyboardInterrupt, SystemExit) as exc:
-        bar.close()
         return recorder.interrupt(exc)
+    except RuntimeError as exc:  # the cluster could not be started or reached: one line, the record kept
+        recorder.write()
+        return fail(exc)
+    wall = time.perf_counter() - t0
+    order = {str(p): i for i, p in enumerate(batch.scans)}  # batch order, whatever order tasks finished in
+    result["scans"].sort(key=lambda s: order.get(s["file"], -1))
     ok = [s for s in result["scans"] if s["status"] == "ok"]
+    cores = result["machine"].get("cluster", {}).get("cores") or usable_cores()
+    recorder.summary_extra["throughput"] = {
+        "wall_s": wall, "scans_ok": len(ok), "cores": cores,
+        "scans_per_hour": len(ok) / wall * 3600 if wall > 0 else None,
+        "scans_per_core_hour": len(ok) / wall * 3600 / cores if wall > 0 else None}
     if ok:
         tot = sum(s["median"]["total_s"] for s in ok)
         pp = sum(s["median"]["stages"].get("passport", 0.0) for s in ok)
@@ -239,8 +205,12 @@ def main(argv=None) -> int:
               ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures"
               + (f"; {s['n_tiles']} tiles" if s.get("n_tiles") else "")
               + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else ""))
+    tp = recorder.summary_extra["throughput"]
     print(f"{len(ok)} done, {len(result['skipped'])} skipped, {recorder.n_failed} failed, "
-          f"{len(batch.ignored)} ignored; weights: {spec.provenance()['weights']}; result: {args.result}")
+          f"{len(batch.ignored)} ignored in {wall:.1f} s"
+          + (f" ({tp['scans_per_hour']:.0f} scans/h, {tp['scans_per_core_hour']:.1f} per core-hour on {cores} "
+             "cores)" if ok else "")
+          + f"; weights: {spec.provenance()['weights']}; result: {args.result}")
     return 1 if recorder.n_failed else 0
 
 

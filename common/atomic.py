@@ -84,3 +84,14 @@ def atomic_save_nifti(img: nib.Nifti1Image, target: str | Path) -> Path:
 def leftover_temp_files(folder: str | Path) -> list[Path]:
     """Temporary files of interrupted atomic writes under ``folder`` (recursive)."""
     return sorted(Path(folder).rglob(TMP_PREFIX + "*"))
+
+
+def remove_stale_temp_files(target: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes of ``target`` left beside it (a process
+    killed mid-write); return them. Call it only where no other process can be writing ``target`` (e.g.
+    under the scan's lock), since a live write's temporary file looks the same."""
+    target = Path(target)
+    stale = sorted(target.parent.glob(TMP_PREFIX + target.name + ".*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

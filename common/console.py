@@ -43,6 +43,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from common.cli import add_weights_argument
+    from common.cluster_args import add_cluster_arguments
 
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", dest="input", metavar="filepath", required=True,
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=None, help="ONNX model file (default models/task297.onnx, exported "
                                                              "from the weights on first use)")
     add_weights_argument(p)
+    add_cluster_arguments(p)
     return p
 
 
@@ -132,8 +134,11 @@ def _targets(args, batch, scan: Path) -> dict[str, Path]:
             "preview": folder / "preview_total.png", "passport": folder / "passport.json"}
 
 
-def _segment_one(scan: Path, targets: dict[str, Path], args, spec, predictor, cfg, label_map: dict[int, str],
-                 roi: list[str] | None, say) -> None:
+def segment_scan(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
+                 label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list[tuple[str, str]]:
+    """Segment one scan and write its outputs (``targets``); runs in-process or on a Dask worker
+    (common.cluster). Returns the messages to print, as (kind, line): kind "warning" (always shown) or
+    "verbose" (-v). Raises InputError (one line) for a bad scan."""
     import numpy as np
 
     from common import official_output as out
@@ -141,8 +146,7 @@ def _segment_one(scan: Path, targets: dict[str, Path], args, spec, predictor, cf
 
     t0 = time.perf_counter()
     run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
-    for w in run.warnings:
-        say(f"warning: {w}", always=True)
+    messages = [("warning", f"warning: {w}") for w in run.warnings]
     labels = np.asanyarray(run.result.labels.dataobj)
     selected = out.subset_map(label_map, roi)
     t1 = time.perf_counter()
@@ -177,8 +181,9 @@ def _segment_one(scan: Path, targets: dict[str, Path], args, spec, predictor, cf
                                      resolution="model"), targets["passport"])
     t3 = time.perf_counter()
     stages = ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items())
-    say(f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
-        + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else ""), verbose=True)
+    messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
+                     + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
+    return messages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare_model,
         resolve_inputs,
     )
+    from common.cluster_args import cluster_problem, wants_cluster
     from common.runner import RunConfig, build_predictor, load_config
 
     exit_cleanly_on_sigterm()
     try:
+        problem = cluster_problem(args)
+        if problem:
+            raise InputError(None, problem)
         providers = _check_device(args.device)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{cfg.backend}")
         onnx = ensure_onnx(spec, args.onnx or DEFAULT_ONNX, log=lambda m: say(m)) if cfg.backend == "onnxruntime" \
             else None
-        predictor = build_predictor(cfg, spec, onnx)
+        predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
     failed = [f"{r['error']}" for r in batch.refused]
@@ -232,23 +241,63 @@ def main(argv: list[str] | None = None) -> int:
         say(f"FAILED {ref['error']}", always=True)
     for item in batch.ignored:
         say(f"ignored {item['file']}: {item['reason']}")
-    scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
-    for scan in scans:
-        targets = _targets(args, batch, scan)
+
+    def show(messages: list[tuple[str, str]]) -> None:
+        for kind, line in messages:
+            say(line, always=kind == "warning", verbose=kind == "verbose")
+
+    def failed_scan(line: str) -> None:
+        failed.append(line)
+        say(f"FAILED {line}", always=True)
+
+    if wants_cluster(args):
+        from common.cluster import ModelRecipe, open_client, run_tasks
+
+        recipe = ModelRecipe(cfg.to_dict(), args.weights, str(onnx) if onnx else None)
+        items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, label_map, roi)) for scan in batch.scans]
         try:
-            _segment_one(scan, targets, args, spec, predictor, cfg, label_map, roi, say)
-        except InputError as exc:
-            failed.append(str(exc))
-            say(f"FAILED {exc}", always=True)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # one bad scan must not stop a folder run
-            failed.append(f"{scan}: {type(exc).__name__}: {exc}")
-            say(f"FAILED {scan}: {type(exc).__name__}: {' '.join(str(exc).split())}", always=True)
+            with open_client(args, recipe, log=lambda m: say(m)) as run:
+                for task in run_tasks(run, _cluster_task, items, scan_timeout_s=args.scan_timeout, desc=PROG,
+                                      quiet=args.quiet):
+                    if task.error is not None:
+                        failed_scan(task.error)
+                    elif isinstance(task.value, str):
+                        failed_scan(task.value)
+                    else:
+                        show(task.value)
+                    if len(task.attempts) > 1:
+                        say(f"note: {task.scan_id} was retried: its Dask worker died while segmenting it "
+                            f"(workers: {', '.join(task.attempts)})", always=True)
+        except RuntimeError as exc:
+            return fail(exc)
+    else:
+        scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
+        for scan in scans:
+            try:
+                show(segment_scan(scan, batch.ids[scan], _targets(args, batch, scan), args, label_map, roi, spec,
+                                  predictor, cfg))
+            except InputError as exc:
+                failed_scan(str(exc))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # one bad scan must not stop a folder run
+                failed_scan(f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}")
     n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
     say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {spec.provenance()['weights']}; output: "
         f"{args.output}")
     return 1 if failed else 0
+
+
+def _cluster_task(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
+                  label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
+    """segment_scan on a Dask worker: its messages, or the one-line error of a bad scan (as a string, so that
+    the client tells a bad scan from a failure of the cluster)."""
+    try:
+        return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
+    except InputError as exc:
+        return str(exc)
+    except Exception as exc:  # one bad scan must not stop a folder run
+        return f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def console_main() -> int:

@@ -206,6 +206,6 @@ def save_labels(labels: np.ndarray, affine: np.ndarray, target: str | Path,
                 header: nib.Nifti1Header | None = None) -> Path:
     """Save an (x, y, z) label map as uint8 (uint16 if needed) NIfTI atomically."""
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    img = nib.Nifti1Image(np.asarray(labels, dtype=dtype), affine, header)
+    img = nib.Nifti1Image(np.asfortranarray(labels, dtype=dtype), affine, header)  # NIfTI order: no reordering on save
     img.set_data_dtype(dtype)
     return atomic_save_nifti(img, target)

@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from processes import live_processes
 
 from common.official import OfficialCallError, OfficialRunner
 from common.official_worker import INJECT_HANG_ENV
@@ -116,19 +117,7 @@ def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads
 
 def _live_workers_of(home: Path) -> list[int]:
     """Live (not zombie) processes started for the official worker with ``home`` as project home."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"{PROJECT_HOME_ENV}={home}".encode() in env and b"common.official_worker" in (proc / "cmdline").read_bytes() \
-                and state != "Z":
-            found.append(int(proc.name))
-    return found
+    return live_processes(f"{PROJECT_HOME_ENV}={home}", "common.official_worker")
 
 
 def test_a_stuck_official_call_fails_its_scan_and_the_batch_goes_on(tiny_home, tiny_scans, tmp_path, monkeypatch):
