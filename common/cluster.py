@@ -106,7 +106,7 @@ class ClusterRun:
     kind: str  # "local" or "scheduler"
     address: str
     dashboard: str | None = None
-    started: float = field(default_factory=time.perf_counter)
+    start_s: float | None = None  # starting/joining the cluster and building every worker's session
     per_worker: dict[str, dict] = field(default_factory=dict)
 
     def worker_seconds(self, info: dict) -> None:
@@ -142,7 +142,7 @@ class ClusterRun:
                                       "session_build_s": None, "scans": 0, "busy_s": 0.0})
             workers[addr]["scans"] = w["scans"]
             workers[addr]["busy_s"] = round(w["busy_s"], 3)
-        return {"kind": self.kind, "scheduler": self.address, "dashboard": self.dashboard,
+        return {"kind": self.kind, "scheduler": self.address, "dashboard": self.dashboard, "start_s": self.start_s,
                 "workers": [{"address": a, **w} for a, w in sorted(workers.items())],
                 "cores": sum(w["nthreads"] or 0 for w in workers.values())}
 
@@ -155,6 +155,7 @@ def open_client(args: argparse.Namespace, recipe: ModelRecipe, log: Callable[[st
     from distributed import Client, LocalCluster
 
     cluster = None
+    t0 = time.perf_counter()
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         try:
             if args.workers:
@@ -187,6 +188,7 @@ def open_client(args: argparse.Namespace, recipe: ModelRecipe, log: Callable[[st
         log(f"Dask cluster: {kind} scheduler {run.address}, {n} worker(s)"
             + (f"; dashboard {run.dashboard}" if run.dashboard else ""))
         _register(client, recipe)
+        run.start_s = time.perf_counter() - t0
         yield run
     finally:
         try:

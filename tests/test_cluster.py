@@ -79,7 +79,7 @@ def test_a_cluster_batch_gives_the_single_process_masks_and_records(scans, confi
         assert load_passport(one / f"{scan_id}_passport.json")["structures"] == \
             load_passport(dask / f"{scan_id}_passport.json")["structures"]
     cluster = r2["machine"]["cluster"]
-    assert cluster["kind"] == "local" and cluster["cores"] == 2
+    assert cluster["kind"] == "local" and cluster["cores"] == 2 and cluster["start_s"] > 0
     assert len(cluster["workers"]) == 2
     assert [w["sessions_built"] for w in cluster["workers"]] == [1, 1]  # once per worker, not per scan
     assert sum(w["scans"] for w in cluster["workers"]) == 5 and all(w["host"] for w in cluster["workers"])
@@ -229,3 +229,53 @@ def test_the_console_folder_mode_on_a_cluster(scans, config, tmp_path, tiny_onnx
     for scan_id in GOOD:
         ours = nib.load(tmp_path / "ts" / scan_id / "segmentations.nii.gz")
         assert np.array_equal(np.asanyarray(ours.dataobj), np.asanyarray(_mask(tmp_path / "one", scan_id).dataobj))
+
+
+def test_a_running_scheduler_joined_through_its_scheduler_file(scans, config, tmp_path, tiny_onnx_model,
+                                                                tiny_standin_home, capsys, monkeypatch):
+    """`dask scheduler --scheduler-file F` and one `dask worker` started as users start them; 06 --scheduler F
+    segments the batch there, and the worker built its session once."""
+    monkeypatch.setenv(PROJECT_HOME_ENV, str(tiny_standin_home))
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "TS_BENCH_TEST_MARKER": marker}
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", str(sched_file), "--port", "0",
+                               "--dashboard-address", ":0", "--no-show"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert sched_file.exists(), "the scheduler did not start"
+        procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", str(sched_file), "--nworkers", "1",
+                                       "--nthreads", "2", "--no-dashboard"], env=env, cwd=tmp_path,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(scheduler_file=str(sched_file), timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+        s06 = importlib.import_module("06_inferenceAndPassport")
+        code = s06.main(_base(scans, tiny_onnx_model, config, tmp_path / "out", "--no-passport", "--scheduler",
+                              str(sched_file)))
+        assert code == 1, capsys.readouterr().err
+        res = read_result(tmp_path / "out" / "06.json")
+        assert sorted(s["scan_id"] for s in res["scans"] if s["status"] == "ok") == GOOD
+        cluster = res["machine"]["cluster"]
+        assert cluster["kind"] == "scheduler" and cluster["scheduler"].startswith("tcp://")
+        (worker,) = cluster["workers"]
+        assert worker["sessions_built"] == 1 and worker["nthreads"] == 2 and worker["scans"] == 5
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=30)
+    deadline = time.time() + 30
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in _processes_with(marker):  # nothing of the cluster may outlive the test
+        os.kill(pid, signal.SIGKILL)
