@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for benchmarking: time the passport computation this many times per scan and record "
                         "median/min/max in the result (default 1: the single timed run of the batch)")
     p.add_argument("--force", action="store_true", help="recompute scans whose outputs already exist")
+    p.add_argument("--efficiency", action="store_true",
+                   help="for benchmarking: measure this machine's float32 GEMM peak (about 5 s), count the tile's "
+                        "FLOPs from the ONNX graph, and record inference seconds per tile and efficiency "
+                        "(compute limit / actual) per scan; 07 reports them")
     add_cluster_arguments(p)
     return p
 
@@ -170,6 +174,17 @@ def main(argv=None) -> int:
     for ref in batch.refused:
         tqdm.write(f"FAILED {ref['error']}")
     opts = _job_options(args, key_config)
+    if args.efficiency:
+        if onnx is None:
+            return fail("--efficiency counts the FLOPs of the ONNX graph; the run configuration uses the "
+                        f"{cfg.backend} backend")
+        from common.efficiency import efficiency_record
+
+        threads = cfg.ort.intra_op_threads or usable_cores()
+        result["efficiency"] = efficiency_record(onnx, spec.patch_size, threads)
+        eff = result["efficiency"]
+        print(f"compute limit: {eff['tile_flops'] / 1e12:.3f} TFLOP per tile at {eff['gemm_peak_gflops']:.0f} "
+              f"GFLOPS (float32 GEMM, {threads} threads) = {eff['limit_s_per_tile']:.2f} s per tile")
     t0 = time.perf_counter()
     try:
         if wants_cluster(args):
@@ -185,6 +200,12 @@ def main(argv=None) -> int:
     order = {str(p): i for i, p in enumerate(batch.scans)}  # batch order, whatever order tasks finished in
     result["scans"].sort(key=lambda s: order.get(s["file"], -1))
     ok = [s for s in result["scans"] if s["status"] == "ok"]
+    if "efficiency" in result:
+        from common.efficiency import scan_efficiency
+
+        for s in ok:
+            s.update(scan_efficiency(s["median"]["stages"].get("inference"), s.get("n_tiles"),
+                                     result["efficiency"]["limit_s_per_tile"]))
     cores = result["machine"].get("cluster", {}).get("cores") or usable_cores()
     recorder.summary_extra["throughput"] = {
         "wall_s": wall, "scans_ok": len(ok), "cores": cores,
@@ -204,6 +225,8 @@ def main(argv=None) -> int:
         print(f"{s['scan_id']}: {s['median']['total_s']:.2f} s total — " +
               ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures"
               + (f"; {s['n_tiles']} tiles" if s.get("n_tiles") else "")
+              + (f"; {s['inference_s_per_tile']:.2f} s per tile, efficiency {s['efficiency']:.0%}"
+                 if s.get("efficiency") else "")
               + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else ""))
     tp = recorder.summary_extra["throughput"]
     print(f"{len(ok)} done, {len(result['skipped'])} skipped, {recorder.n_failed} failed, "

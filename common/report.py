@@ -501,7 +501,10 @@ def _size_and_memory(rec: dict, ref_rec: dict | None) -> dict:
     # the size class is the scan's, at the reference's tiling (a method with a finer tile step runs more tiles)
     class_tiles = _tiles(ref_rec, None)[0] if ref_rec is not None else None
     own, ref = _rss(rec), _rss(ref_rec)
-    return {"n_tiles": n_tiles, "n_tiles_source": tiles_source,
+    per_tile, eff = rec.get("inference_s_per_tile"), rec.get("efficiency")
+    return {"inference_s_per_tile": per_tile if rec.get("status") == "ok" else None,
+            "efficiency": eff if rec.get("status") == "ok" else None,
+            "n_tiles": n_tiles, "n_tiles_source": tiles_source,
             "size_class": tile_band(class_tiles if class_tiles is not None else n_tiles),
             "peak_rss_bytes": own, "peak_rss_method": rec.get("peak_rss_method") if own else None,
             "ref_peak_rss_bytes": ref, "rss_ratio": (own / ref) if own and ref else None}
@@ -763,13 +766,18 @@ def render_size_and_memory(doc: dict) -> list[str]:
         rows.append([r["scan_id"], tiles, r["method"], lat,
                      "(reference)" if r["is_reference"] else fmt_speedup(r["speedup"]),
                      fmt_gib(r.get("peak_rss_bytes")),
-                     "(reference)" if r["is_reference"] else fmt_ratio(r.get("rss_ratio"))])
+                     "(reference)" if r["is_reference"] else fmt_ratio(r.get("rss_ratio")),
+                     "—" if r.get("inference_s_per_tile") is None else f"{r['inference_s_per_tile']:.2f}",
+                     "—" if r.get("efficiency") is None else f"{r['efficiency'] * 100:.0f} %"])
     out.append(md_table(["Scan", "Tiles", "Method", "Median latency (s)", "Speedup vs ref", "Peak RSS (GiB)",
-                         "RSS vs ref"], rows, "lrlrrrr"))
+                         "RSS vs ref", "Inference s/tile", "Efficiency"], rows, "lrlrrrrrr"))
     out += ["", "Tiles: sliding-window tiles (112x112x128 at 3 mm, step 0.8) of the scan; (est.) = computed from "
             "the header for results that did not record it. Peak RSS: peak resident memory of the work on the "
             "scan, max over its timed runs (ours: this process's VmHWM reset before each run; the official "
-            "tool: its isolated worker's, self + children). RSS vs ref = method / reference on the same scan.",
+            "tool: its isolated worker's, self + children). RSS vs ref = method / reference on the same scan. "
+            "Inference s/tile: the inference stage (network + float16 accumulation) per tile; efficiency = the "
+            "compute limit per tile (tile FLOPs counted from the ONNX graph / this machine's float32 GEMM peak, "
+            "measured by 06 --efficiency) / that time.",
             ""]
     classes = doc.get("size_classes") or []
     if classes:

@@ -200,6 +200,8 @@ def make_sized_result(tmp_path: Path, name: str, method: str, official: bool) ->
                    peak_rss_method=None if rss is None else "vmhwm_reset")
         if tiles is not None and (official or sid != "clinical_512x512x200"):  # ours lacks one: from the reference
             rec["n_tiles"] = tiles
+        if not official and sid == "clinical_512x512x500":  # as 06 --efficiency records them
+            rec.update(inference_s_per_tile=3.5, efficiency=0.8)
         res["scans"].append(finalize_scan(rec))
     summarize(res)
     return write_result(res, tmp_path / f"{name}.json")
@@ -235,10 +237,11 @@ def test_report_shows_peak_rss_tiles_and_size_classes(tmp_path):
     lines = md.splitlines()
     assert "## Time, memory and size per scan" in md and "## By size class" in md
     header = next(line for line in lines if line.startswith("| Scan | Tiles | Method |"))
-    assert "Peak RSS (GiB)" in header and "RSS vs ref" in header
+    assert "Peak RSS (GiB)" in header and "RSS vs ref" in header and "Efficiency" in header
     row = next(line for line in lines if line.startswith("| clinical_512x512x500 | 16 | inference_passport |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3:] == ["64.00", "2.50×", "3.20", "40 %"]
+    assert cells[3:] == ["64.00", "2.50×", "3.20", "40 %", "3.50", "80 %"]
+    assert r["inference_s_per_tile"] == 3.5 and r["efficiency"] == 0.8
     ref_row = next(line for line in lines if line.startswith("| clinical_512x512x500 | 16 | official_pytorch |"))
     assert "8.00" in ref_row and "(reference)" in ref_row
     assert any(line.startswith("| old_multi | 8 (est.) | inference_passport |") for line in lines)

@@ -1,0 +1,97 @@
+"""How close inference runs to this machine's compute limit (issue 9): efficiency = limit / actual per tile.
+
+- ``conv_macs``: the multiply-accumulates of one tile, counted from the ONNX graph (Conv and ConvTranspose,
+  which are >99.9 % of the network's arithmetic), with ONNX shape inference on a fixed input shape.
+- ``gemm_peak``: this machine's float32 GEMM peak in GFLOPS, measured here with torch.mm (n x n, the best of
+  a few runs) on the threads the benchmark uses.
+- ``limit_s_per_tile`` = 2 x MACs / peak: the time one tile would take if every FLOP ran at GEMM speed.
+  Efficiency = limit / measured inference seconds per tile (network + float16 accumulation, as 06 times its
+  "inference" stage); 1.0 would be the GEMM peak, 0.8 means 1.25x the limit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+GEMM_N = 4096
+GEMM_REPEATS = 5
+
+
+def conv_macs(onnx_path: str | Path, input_shape: Sequence[int]) -> dict:
+    """Multiply-accumulates of the Conv/ConvTranspose nodes of the ONNX model for one input of
+    ``input_shape`` (N, C, D0, D1, D2) in voxels. Returns {"macs", "flops" (= 2 x macs), "n_conv",
+    "input_shape"}. Raises ValueError when a convolution's shapes cannot be inferred."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph_input = model.graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    if len(dims) != len(input_shape):
+        raise ValueError(f"{onnx_path}: input has {len(dims)} dimensions, not {len(input_shape)}")
+    for d, n in zip(dims, input_shape, strict=True):  # fix the dynamic axes so that every shape is known
+        d.ClearField("dim_param")
+        d.dim_value = int(n)
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs = 0
+    n_conv = 0
+    for node in inferred.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        w = weights.get(node.input[1]) or shapes.get(node.input[1])
+        # Conv: every output voxel of every output channel sums C_in/groups x kernel products;
+        # ConvTranspose: every input voxel of every input channel scatters C_out/groups x kernel products
+        shape = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])  # N, C, spatial
+        if not w or not shape or any(v is None for v in [*w, *shape]):
+            raise ValueError(f"{onnx_path}: shapes of {node.op_type} {node.name!r} unknown after shape inference")
+        macs += math.prod(shape) * math.prod(w[1:])
+        n_conv += 1
+    return {"macs": float(macs), "flops": 2.0 * macs, "n_conv": n_conv, "input_shape": list(input_shape)}
+
+
+def gemm_peak(threads: int, n: int = GEMM_N, repeats: int = GEMM_REPEATS) -> dict:
+    """This machine's float32 GEMM throughput: the best of ``repeats`` torch.mm of n x n matrices on
+    ``threads`` threads (after one warm-up). Returns {"gflops", "threads", "n", "best_s", "method"}."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen)
+        b = torch.randn(n, n, generator=gen)
+        torch.mm(a, b)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return {"gflops": 2.0 * n**3 / best / 1e9, "threads": max(1, threads), "n": n, "best_s": best,
+            "method": f"torch.mm float32 {n}x{n}, best of {repeats}"}
+
+
+def efficiency_record(onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int) -> dict:
+    """The result JSON's "efficiency" record: tile MACs/FLOPs from the graph, the GEMM peak measured now, and
+    the compute limit per tile in seconds."""
+    count = conv_macs(onnx_path, (1, 1, *patch_size_zyx))
+    peak = gemm_peak(threads)
+    return {"tile_macs": count["macs"], "tile_flops": count["flops"], "n_conv": count["n_conv"],
+            "patch_size_zyx": list(patch_size_zyx), "gemm_peak_gflops": peak["gflops"], "gemm": peak,
+            "limit_s_per_tile": count["flops"] / (peak["gflops"] * 1e9)}
+
+
+def scan_efficiency(inference_s: float | None, n_tiles: int | None, limit_s_per_tile: float | None) -> dict:
+    """{"inference_s_per_tile", "efficiency"} of one scan (None where a figure is missing)."""
+    if not inference_s or not n_tiles or n_tiles <= 0:
+        return {"inference_s_per_tile": None, "efficiency": None}
+    per_tile = inference_s / n_tiles
+    return {"inference_s_per_tile": per_tile,
+            "efficiency": limit_s_per_tile / per_tile if limit_s_per_tile else None}
