@@ -22,12 +22,14 @@ from common.cli import (  # noqa: E402
     model_record,
     start_run,
 )
+from common.efficiency import EFFICIENCY_HELP  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__)
     add_run_arguments(p, "04_onnx")
+    p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP)
     return p
 
 
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     try:
         batch, spec = start_run(args)
         cfg = RunConfig(name="onnxruntime defaults")
-        predictor = build_predictor(cfg, spec, ensure_onnx(spec, args.onnx))
+        onnx = ensure_onnx(spec, args.onnx)
+        predictor = build_predictor(cfg, spec, onnx)
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
     source = batch.source
@@ -53,6 +56,11 @@ def main(argv=None) -> int:
                         settings={"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup,
                                   "session": predictor.describe(), "input": source},
                         model=model_record(spec))
+    if args.efficiency:
+        from common.cluster_args import usable_cores
+        from common.efficiency import measure_into
+
+        print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "04 onnx")
 
 

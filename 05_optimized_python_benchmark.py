@@ -30,12 +30,15 @@ from common.cli import (  # noqa: E402
     model_record,
     start_run,
 )
+from common.efficiency import EFFICIENCY_HELP  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__)
     add_run_arguments(p, "05_optimized")
+    p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP + " (for the final benchmark of "
+                   "the chosen configuration, when it runs on ONNX Runtime)")
     p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
                    help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
     p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
@@ -198,6 +201,14 @@ def main(argv=None) -> int:
     result["sweep"] = rows
     result["finalists"] = retimed
     result["chosen"] = chosen_row["name"] if chosen_row else cfg.name
+    if args.efficiency:
+        if cfg.backend != "onnxruntime":
+            print(f"--efficiency: not measured: the chosen configuration runs on {cfg.backend}, not an ONNX graph")
+        else:
+            from common.cluster_args import usable_cores
+            from common.efficiency import measure_into
+
+            print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "05 optimized")
 
 

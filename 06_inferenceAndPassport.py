@@ -39,6 +39,7 @@ from common.cli import (  # noqa: E402
     start_run,
 )
 from common.cluster_args import add_cluster_arguments  # noqa: E402
+from common.efficiency import EFFICIENCY_HELP, add_scan_efficiencies  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
@@ -57,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for benchmarking: time the passport computation this many times per scan and record "
                         "median/min/max in the result (default 1: the single timed run of the batch)")
     p.add_argument("--force", action="store_true", help="recompute scans whose outputs already exist")
-    p.add_argument("--efficiency", action="store_true",
-                   help="for benchmarking: measure this machine's float32 GEMM peak (about 5 s), count the tile's "
-                        "FLOPs from the ONNX graph, and record inference seconds per tile and efficiency "
-                        "(compute limit / actual) per scan; 07 reports them")
+    p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP)
     add_cluster_arguments(p)
     return p
 
@@ -178,13 +176,9 @@ def main(argv=None) -> int:
         if onnx is None:
             return fail("--efficiency counts the FLOPs of the ONNX graph; the run configuration uses the "
                         f"{cfg.backend} backend")
-        from common.efficiency import efficiency_record
+        from common.efficiency import measure_into
 
-        threads = cfg.ort.intra_op_threads or usable_cores()
-        result["efficiency"] = efficiency_record(onnx, spec.patch_size, threads)
-        eff = result["efficiency"]
-        print(f"compute limit: {eff['tile_flops'] / 1e12:.3f} TFLOP per tile at {eff['gemm_peak_gflops']:.0f} "
-              f"GFLOPS (float32 GEMM, {threads} threads) = {eff['limit_s_per_tile']:.2f} s per tile")
+        print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
     t0 = time.perf_counter()
     try:
         if wants_cluster(args):
@@ -200,12 +194,7 @@ def main(argv=None) -> int:
     order = {str(p): i for i, p in enumerate(batch.scans)}  # batch order, whatever order tasks finished in
     result["scans"].sort(key=lambda s: order.get(s["file"], -1))
     ok = [s for s in result["scans"] if s["status"] == "ok"]
-    if "efficiency" in result:
-        from common.efficiency import scan_efficiency
-
-        for s in ok:
-            s.update(scan_efficiency(s["median"]["stages"].get("inference"), s.get("n_tiles"),
-                                     result["efficiency"]["limit_s_per_tile"]))
+    add_scan_efficiencies(result)
     cores = result["machine"].get("cluster", {}).get("cores") or usable_cores()
     recorder.summary_extra["throughput"] = {
         "wall_s": wall, "scans_ok": len(ok), "cores": cores,

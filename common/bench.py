@@ -15,6 +15,7 @@ import tqdm as _tqdm
 from tqdm import tqdm
 
 from common.discovery import Batch
+from common.efficiency import add_scan_efficiencies
 from common.errors import InputError
 from common.peak_memory import track_peak_rss
 from common.results import BatchRecorder, add_repeat, finalize_scan, mark_failed, new_scan_record
@@ -107,6 +108,7 @@ def run_benchmark_batch(result: dict, batch: Batch, run: RunFn, args, desc: str)
         benchmark_scans(batch, run, args.out, args.repeats, args.warmup, desc=desc, recorder=recorder)
     except (KeyboardInterrupt, SystemExit) as exc:
         return recorder.interrupt(exc)
+    add_scan_efficiencies(result)  # when the script measured the compute limit (--efficiency)
     try:
         recorder.finish()
     except OSError as exc:

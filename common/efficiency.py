@@ -95,3 +95,27 @@ def scan_efficiency(inference_s: float | None, n_tiles: int | None, limit_s_per_
     per_tile = inference_s / n_tiles
     return {"inference_s_per_tile": per_tile,
             "efficiency": limit_s_per_tile / per_tile if limit_s_per_tile else None}
+
+
+EFFICIENCY_HELP = ("for benchmarking: measure this machine's float32 GEMM peak (about 5 s), count the tile's FLOPs "
+                   "from the ONNX graph, and record inference seconds per tile and efficiency (compute limit / "
+                   "actual) per scan; 07 reports them")
+
+
+def measure_into(result: dict, onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int) -> str:
+    """Put ``efficiency_record`` into ``result["efficiency"]``; return a one-line summary to print."""
+    eff = result["efficiency"] = efficiency_record(onnx_path, patch_size_zyx, threads)
+    return (f"compute limit: {eff['tile_flops'] / 1e12:.3f} TFLOP per tile at {eff['gemm_peak_gflops']:.0f} "
+            f"GFLOPS (float32 GEMM, {threads} threads) = {eff['limit_s_per_tile']:.2f} s per tile")
+
+
+def add_scan_efficiencies(result: dict) -> None:
+    """When ``result`` holds an "efficiency" record: each ok scan gets "inference_s_per_tile" (its median
+    inference stage / its tiles) and "efficiency"."""
+    eff = result.get("efficiency")
+    if not eff:
+        return
+    for s in result["scans"]:
+        if s.get("status") == "ok" and s.get("median"):
+            s.update(scan_efficiency(s["median"]["stages"].get("inference"), s.get("n_tiles"),
+                                     eff["limit_s_per_tile"]))

@@ -69,3 +69,17 @@ def test_06_records_efficiency_per_scan(tmp_path, example_ct_sm, tiny_onnx_model
     assert rec["inference_s_per_tile"] == pytest.approx(rec["median"]["stages"]["inference"] / rec["n_tiles"])
     assert rec["efficiency"] == pytest.approx(eff["limit_s_per_tile"] / rec["inference_s_per_tile"])
     assert "s per tile, efficiency" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_04_records_efficiency_per_scan(tmp_path, example_ct_sm, tiny_onnx_model, in_tiny_home, capsys):
+    scan = tmp_path / "ct.nii.gz"
+    nib.save(nib.load(example_ct_sm).slicer[20:100, 20:80, 0:30], scan)
+    s04 = importlib.import_module("04_onnx_benchmark")
+    assert s04.main(["--input", str(scan), "--out", str(tmp_path / "o"), "--result", str(tmp_path / "r.json"),
+                     "--onnx", str(tiny_onnx_model), "--weights", "standin", "--repeats", "1", "--warmup", "0",
+                     "--efficiency"]) == 0, capsys.readouterr().err
+    res = read_result(tmp_path / "r.json")
+    (rec,) = res["scans"]
+    assert rec["inference_s_per_tile"] == pytest.approx(rec["median"]["stages"]["inference"] / rec["n_tiles"])
+    assert rec["efficiency"] == pytest.approx(res["efficiency"]["limit_s_per_tile"] / rec["inference_s_per_tile"])

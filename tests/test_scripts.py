@@ -91,7 +91,7 @@ def ran_05(workdir, ran_03):
         "--input", str(workdir["scans"]), "--out", str(out / "m05"), "--result", str(out / "05.json"),
         "--reference", str(out / "03.json"), "--config-out", str(out / "optimized_config.json"),
         "--onnx", str(workdir["onnx"]), "--repeats", "1", "--warmup", "0", "--sweep-scans", "1",
-        "--finalist-runs", "1", "--weights", "standin"])
+        "--finalist-runs", "1", "--weights", "standin", "--efficiency"])
     return code, read_result(out / "05.json")
 
 
@@ -113,6 +113,13 @@ def test_05_sweeps_and_picks_a_faithful_configuration(ran_05, workdir):
     cfg = json.loads((workdir["dir"] / "optimized_config.json").read_text(encoding="utf-8"))
     assert cfg["schema"] == "ts-bench-run-config" and cfg["sweep_agreement"] == chosen["agreement"]
     assert _by_id(res)["crop_ct"]["status"] == "ok"
+    crop = _by_id(res)["crop_ct"]
+    if cfg["backend"] == "onnxruntime":  # --efficiency: the chosen configuration's limit and efficiency
+        assert res["efficiency"]["limit_s_per_tile"] > 0
+        assert crop["efficiency"] == pytest.approx(res["efficiency"]["limit_s_per_tile"]
+                                                   / crop["inference_s_per_tile"])
+    else:  # the PyTorch backend has no ONNX graph to count
+        assert "efficiency" not in res and "efficiency" not in crop
 
 
 @pytest.fixture(scope="module")
