@@ -124,10 +124,14 @@ def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
                                              scan_id=task.scan_id)
                     outcome = JobOutcome(record=finalize_scan(mark_failed(record, task.error)),
                                          messages=[f"FAILED {task.error}"])
-                if outcome.record is not None and len(task.attempts) > 1:
-                    outcome.record["attempts"] = len(task.attempts)
-                    outcome.record["retried_because"] = (f"its Dask worker died while segmenting it (workers: "
-                                                         f"{', '.join(task.attempts)})")
+                died = outcome.record.get("interrupted_attempt") if outcome.record is not None else None
+                if outcome.record is not None and (len(task.attempts) > 1 or died):
+                    # a start event of the dead worker can be lost with it; its lock's .pid file cannot
+                    outcome.record["attempts"] = max(len(task.attempts), 2)
+                    outcome.record["retried_because"] = (
+                        "its Dask worker died while segmenting it ("
+                        + ", ".join([*(["workers: " + ", ".join(task.attempts)] if task.attempts else []),
+                                     *([f"the lock's earlier holder: {died}"] if died else [])]) + ")")
                     outcome.messages.append(f"note: {task.scan_id} was retried: "
                                             f"{outcome.record['retried_because']}")
                 _take(outcome, task.scan, task.scan_id, result, recorder, tqdm.write)

@@ -75,7 +75,12 @@ def segment_and_passport(scan: Path, scan_id: str, opts: JobOptions, spec, predi
         if not lock.acquired:
             reason = f"being segmented by another run ({lock.holder})"
             return JobOutcome(skipped=reason, messages=[f"skipped {scan_id}: {reason}"])
-        return _segment_locked(scan, scan_id, opts, spec, predictor, cfg)
+        outcome = _segment_locked(scan, scan_id, opts, spec, predictor, cfg)
+        if lock.died_holder is not None and outcome.record is not None:
+            outcome.record["interrupted_attempt"] = lock.died_holder
+            outcome.messages.insert(0, f"note: {scan_id}: an earlier attempt ({lock.died_holder}) died while "
+                                       "segmenting it; segmented again")
+        return outcome
 
 
 def _segment_locked(scan: Path, scan_id: str, opts: JobOptions, spec, predictor, cfg) -> JobOutcome:

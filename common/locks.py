@@ -24,6 +24,9 @@ class ScanLock:
         self._lock = FileLock(str(self.path), timeout=0)
         self.acquired = False
         self.holder = "another run"
+        # set on acquiring: the process named by a .pid file left behind, i.e. one that held this scan and died
+        # without releasing it (killed, out of memory): its work on the scan was interrupted
+        self.died_holder: str | None = None
 
     def __enter__(self) -> ScanLock:
         try:
@@ -36,13 +39,18 @@ class ScanLock:
                 pass
             return self
         self.acquired = True
+        pid_file = self.path.with_suffix(".pid")
         try:  # who holds it, for the other run's message (best effort, not part of the lock)
-            self.path.with_suffix(".pid").write_text(str(os.getpid()), encoding="utf-8")
+            if pid_file.exists():  # removed on every release: its holder died holding the scan
+                self.died_holder = f"process {pid_file.read_text(encoding='utf-8').strip() or '?'}"
+            pid_file.write_text(str(os.getpid()), encoding="utf-8")
         except OSError:
             pass
         return self
 
     def __exit__(self, *exc) -> None:
         if self.acquired:
+            # removed while still holding the lock, so that it never removes the next holder's file
+            self.path.with_suffix(".pid").unlink(missing_ok=True)
             self._lock.release()
             self.acquired = False

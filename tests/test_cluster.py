@@ -177,6 +177,7 @@ def test_a_worker_killed_mid_scan_loses_nothing_and_the_scan_is_retried(scans, c
     rec = {s["scan_id"]: s for s in res["scans"]}
     assert all(rec[i]["status"] == "ok" for i in GOOD)
     assert rec[scan_id]["attempts"] == 2 and "died" in rec[scan_id]["retried_because"], rec[scan_id]
+    assert rec[scan_id]["interrupted_attempt"] == f"process {pid}"  # the killed worker, named by its lock
     assert f"{scan_id} was retried" in stdout
     for i in GOOD:  # complete outputs under final names, nothing half-written
         assert np.asanyarray(_mask(out, i).dataobj).shape == nib.load(scans / f"{i}.nii.gz").shape
