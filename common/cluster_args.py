@@ -5,7 +5,8 @@ See common.cluster for what they do.
 from __future__ import annotations
 
 import argparse
-import os
+
+from common.machine import usable_cores  # noqa: F401 (06, 04, 05 and cluster import it from here)
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,14 +25,6 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scan-timeout", type=positive_int, default=3600, metavar="S",
                    help="on a cluster: give up when no scan finishes for S seconds; the scans left are recorded "
                         "as failed (default: %(default)s)")
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def cluster_problem(args: argparse.Namespace) -> str | None:

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, label_map, roi)) for scan in batch.scans]
         try:
             with open_client(args, recipe, log=lambda m: say(m)) as run:
-                for task in run_tasks(run, _cluster_task, items, scan_timeout_s=args.scan_timeout, desc=PROG,
+                for task in run_tasks(run, _segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
                                       quiet=args.quiet):
                     if task.error is not None:
                         failed_scan(task.error)
@@ -273,25 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
         for scan in scans:
-            try:
-                show(segment_scan(scan, batch.ids[scan], _targets(args, batch, scan), args, label_map, roi, spec,
-                                  predictor, cfg))
-            except InputError as exc:
-                failed_scan(str(exc))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # one bad scan must not stop a folder run
-                failed_scan(f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            out = _segment_or_error(scan, batch.ids[scan], _targets(args, batch, scan), args, label_map, roi, spec,
+                                    predictor, cfg)
+            if isinstance(out, str):
+                failed_scan(out)
+            else:
+                show(out)
     n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
     say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {spec.provenance()['weights']}; output: "
         f"{args.output}")
     return 1 if failed else 0
 
 
-def _cluster_task(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
-                  label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
-    """segment_scan on a Dask worker: its messages, or the one-line error of a bad scan (as a string, so that
-    the client tells a bad scan from a failure of the cluster)."""
+def _segment_or_error(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
+                      label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
+    """segment_scan, in this process or on a Dask worker: its messages, or the one-line error of a bad scan (a
+    string, so that a cluster's client tells a bad scan from a failure of the cluster); one bad scan never
+    stops a folder run. KeyboardInterrupt and SystemExit pass through."""
     try:
         return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
     except InputError as exc:

@@ -50,12 +50,12 @@ def _ram_gib() -> float | None:
         return None
 
 
-def _usable_cores() -> int | None:
-    """Cores this process may run on (CPU affinity / cgroup cpuset), else os.cpu_count()."""
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity / cgroup cpuset), else os.cpu_count(); at least 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return os.cpu_count()
+        return max(1, os.cpu_count() or 1)
 
 
 def machine_info() -> dict:
@@ -68,7 +68,7 @@ def machine_info() -> dict:
     return {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
+        "usable_cores": usable_cores(),
         "ram_gib": _ram_gib(),
         "os": platform.platform(),
         "machine": platform.machine(),
