@@ -29,17 +29,15 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from common import download  # noqa: E402
-from common.args import OneLineParser, positive_int, run_script  # noqa: E402
-from common.atomic import atomic_path, atomic_save_nifti  # noqa: E402
-from common.cli import is_label_file  # noqa: E402
-from common.dicom import is_zip_path  # noqa: E402
-from common.errors import DownloadError, InputError  # noqa: E402
-from common.validation import load_scan  # noqa: E402
-from common.variants import (  # noqa: E402
+from common import download
+from common.args import OneLineParser, positive_int, run_script
+from common.atomic import atomic_path, atomic_save_nifti
+from common.cli import is_label_file
+from common.dicom import is_zip_path
+from common.errors import DownloadError, InputError
+from common.validation import load_scan
+from common.variants import (
     CLINICAL_INPLANE,
     CLINICAL_SLICES,
     CLINICAL_SPACING_MM,
@@ -49,7 +47,7 @@ from common.variants import (  # noqa: E402
     realistic_variant,
     write_variant,
 )
-from common.volume import is_nifti_path, scan_id  # noqa: E402
+from common.volume import is_nifti_path, scan_id
 
 DEFAULT_OUT = ROOT / "ct_data"
 DOWNLOADS_SUBDIR = "downloads"

@@ -11,11 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.args import check_outputs, nonnegative_int, run_script, script_parser  # noqa: E402
-from common.cli import DEFAULT_ONNX, add_weights_argument, fail, onnx_variant_path, prepare_model  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.args import check_outputs, nonnegative_int, run_script, script_parser
+from common.cli import DEFAULT_ONNX, add_weights_argument, fail, onnx_variant_path, prepare_model
+from common.errors import InputError
 
 
 def fold_name(text: str) -> int | str:

@@ -18,11 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.args import positive_float, run_script, script_parser  # noqa: E402
-from common.cli import add_run_arguments, fail, model_record, start_run  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.args import positive_float, run_script, script_parser
+from common.cli import add_run_arguments, fail, model_record, start_run
+from common.errors import InputError
 
 DEVICE = re.compile(r"^(cpu|mps|(gpu|cuda)(:\d+)?)$")
 

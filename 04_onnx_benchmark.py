@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.args import run_script, script_parser  # noqa: E402
-from common.cli import (  # noqa: E402
+from common.args import run_script, script_parser
+from common.cli import (
     add_run_arguments,
     ensure_onnx,
     fail,
     model_record,
     start_run,
 )
-from common.efficiency import EFFICIENCY_HELP  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.efficiency import EFFICIENCY_HELP
+from common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

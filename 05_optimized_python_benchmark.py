@@ -18,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.args import positive_int, run_script, script_parser, unit_fraction  # noqa: E402
-from common.cli import (  # noqa: E402
+from common.args import positive_int, run_script, script_parser, unit_fraction
+from common.cli import (
     BENCHMARKS,
     OPTIMIZED_CONFIG,
     add_run_arguments,
@@ -30,8 +28,8 @@ from common.cli import (  # noqa: E402
     model_record,
     start_run,
 )
-from common.efficiency import EFFICIENCY_HELP  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.efficiency import EFFICIENCY_HELP
+from common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

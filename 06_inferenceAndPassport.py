@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.args import positive_int, run_script, script_parser  # noqa: E402
-from common.cli import (  # noqa: E402
+from common.args import positive_int, run_script, script_parser
+from common.cli import (
     OPTIMIZED_CONFIG,
     add_run_arguments,
     ensure_onnx,
@@ -38,9 +36,9 @@ from common.cli import (  # noqa: E402
     model_record,
     start_run,
 )
-from common.cluster_args import add_cluster_arguments  # noqa: E402
-from common.efficiency import EFFICIENCY_HELP, add_scan_efficiencies  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.cluster_args import add_cluster_arguments
+from common.efficiency import EFFICIENCY_HELP, add_scan_efficiencies
+from common.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from common.args import OneLineParser, check_outputs, run_script
 from common.errors import InputError

@@ -37,14 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from common.args import (  # noqa: E402
+from common.args import (
     OneLineParser,
     check_outputs,
     nonnegative_float,
@@ -52,13 +48,15 @@ from common.args import (  # noqa: E402
     positive_int,
     run_script,
 )
-from common.atomic import atomic_write_json  # noqa: E402
-from common.errors import InputError  # noqa: E402
-from common.passport import compute_structures  # noqa: E402
-from registration.deformable import DeformableResult, jacobian_stats, register_deformable, to_transform  # noqa: E402
-from registration.register import FLOOR_HELP, load_checked_passport, load_checked_scan  # noqa: E402
-from registration.rigid import RigidResult, register_rigid, rotation_angle_deg  # noqa: E402
-from registration.transform import Transform, warp_labels  # noqa: E402
+from common.atomic import atomic_write_json
+from common.errors import InputError
+from common.passport import compute_structures
+from registration.deformable import DeformableResult, jacobian_stats, register_deformable, to_transform
+from registration.register import FLOOR_HELP, load_checked_passport, load_checked_scan
+from registration.rigid import RigidResult, register_rigid, rotation_angle_deg
+from registration.transform import Transform, warp_labels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CT = ROOT.parent / "shared" / "data" / "ct" / "example_ct_sm.nii.gz"
 DEFAULT_SEG = ROOT.parent / "shared" / "data" / "ct" / "example_seg.nii.gz"

@@ -17,13 +17,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.args import (  # noqa: E402
+from common.args import (
     OneLineParser,
     check_outputs,
     nonnegative_float,
@@ -31,8 +27,8 @@ from common.args import (  # noqa: E402
     positive_float,
     run_script,
 )
-from common.atomic import atomic_path, atomic_write_json  # noqa: E402
-from common.errors import InputError  # noqa: E402
+from common.atomic import atomic_path, atomic_write_json
+from common.errors import InputError
 
 if TYPE_CHECKING:
     from common.volume import Volume

@@ -39,7 +39,6 @@ LOADERS = {
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-sys.path.insert(0, {root!r})
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 {import_line}
 from common.errors import InputError
@@ -66,7 +65,7 @@ print(json.dumps({{"outcome": outcome, "message": message, "load_s": load_s,
 
 def run_loader(loader: str, path: Path) -> dict:
     """Load ``path`` with ``loader`` in a fresh python; return what the child measured."""
-    code = CHILD.format(root=str(ROOT), limit=CHILD_ADDRESS_SPACE, import_line=LOADERS[loader])
+    code = CHILD.format(limit=CHILD_ADDRESS_SPACE, import_line=LOADERS[loader])
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=SCRIPT_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

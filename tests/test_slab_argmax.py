@@ -58,7 +58,6 @@ def test_slab_labels_equal_whole_volume_labels(shape, patch, step, batch, accumu
 _PEAK = textwrap.dedent("""
     import json, sys
     import numpy as np
-    sys.path.insert(0, {root!r})
     from common.sliding_window import argmax_first, sliding_window_labels, sliding_window_logits
 
     def predict(batch):
@@ -82,7 +81,7 @@ _PEAK = textwrap.dedent("""
 
 
 def _peak_growth(z: int, whole: bool) -> int:
-    code = _PEAK.format(root=str(ROOT), z=z, whole=whole)
+    code = _PEAK.format(z=z, whole=whole)
     # a fixed mmap threshold: glibc's adaptive one keeps freed blocks in the heap, so its peak would grow
     # with the number of alloc/free cycles (rows) whatever the algorithm holds; this measures what it holds
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
