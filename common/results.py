@@ -1,7 +1,7 @@
 """The one versioned result schema that scripts 03-06 write and 07 reads ("ts-bench-result", version 1).
 
-A result is a plain JSON object (dict), validated by hand: strict on required keys and their types,
-tolerant of extra keys. Times are seconds; shapes are the scan's (x, y, z) voxel counts; spacing is mm.
+A result is a plain JSON object (dict), checked against typed models at the file boundary (common.result_schema):
+strict on required keys and their types, tolerant of extra keys. Times are seconds; shapes are the scan's (x, y, z) voxel counts; spacing is mm.
 
     {"schema": "ts-bench-result", "schema_version": 1, "script": "05_...", "method": "optimized",
      "created": "2025-01-01T12:00:00Z", "machine": {...}, "versions": {...},
@@ -27,7 +27,6 @@ measured, see common.peak_memory: "vmhwm_reset", "ru_maxrss_lifetime" or, for th
 from __future__ import annotations
 
 import json
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,9 @@ from common.atomic import atomic_write_json
 from common.errors import InputError
 from common.machine import library_versions, machine_info
 from common.metrics import latency_stats
+from common.result_schema import SCHEMA_NAME, SCHEMA_VERSION, STAGES, WEIGHTS, is_int, is_number, validate_result
 from common.volume import scan_id as _scan_id
 
-SCHEMA_NAME = "ts-bench-result"
-SCHEMA_VERSION = 1
-STAGES = ("load", "preprocess", "inference", "postprocess", "passport", "save")
-WEIGHTS = ("official", "standin")
-STATUSES = ("ok", "failed")
 MAX_ERROR_CHARS = 500
 
 
@@ -125,11 +120,11 @@ def add_repeat(record: dict, total_s: float, stages: dict[str, float], *, peak_r
         raise ValueError(f"unknown stage name(s) {unknown}; allowed: {list(STAGES)}")
     times = {"total_s": total_s, **stages}
     for name, value in times.items():
-        if not _is_number(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(f"time {name!r} must be a finite number of seconds >= 0, got {value!r}")
     rep = {"total_s": float(total_s), "stages": {k: float(stages[k]) for k in STAGES if k in stages}}
     if peak_rss_bytes is not None:
-        if not (_is_int(peak_rss_bytes) or isinstance(peak_rss_bytes, np.integer)) or peak_rss_bytes < 0:
+        if not (is_int(peak_rss_bytes) or isinstance(peak_rss_bytes, np.integer)) or peak_rss_bytes < 0:
             raise ValueError(f"peak_rss_bytes must be an integer >= 0, got {peak_rss_bytes!r}")
         rep["peak_rss_bytes"] = int(peak_rss_bytes)
         record_peak_rss(record, int(peak_rss_bytes), peak_rss_method)
@@ -224,126 +219,6 @@ def summarize(result: dict) -> dict:
     }
     result["summary"] = summary
     return summary
-
-
-# ------------------------------------------------------------------------------------------ validate
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-class _Checker:
-    def __init__(self, path: str | Path | None):
-        self.path = path
-
-    def fail(self, problem: str) -> None:
-        raise InputError(self.path, problem)
-
-    def field(self, obj: dict, key: str, where: str, kinds: tuple[type, ...], *, nullable: bool = False) -> Any:
-        name = f"{where}.{key}" if where else key
-        if key not in obj:
-            self.fail(f"missing required field '{name}'")
-        value = obj[key]
-        if value is None and nullable:
-            return None
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok:
-            want = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
-            self.fail(f"field '{name}' must be {want}, got {type(value).__name__}")
-        return value
-
-    def number(self, obj: dict, key: str, where: str, *, nullable: bool = False) -> Any:
-        value = self.field(obj, key, where, (int, float), nullable=nullable)
-        if value is not None and not math.isfinite(value):
-            self.fail(f"field '{where}.{key}' is not a finite number")
-        return value
-
-    def times(self, stages: dict, where: str) -> None:
-        for name, value in stages.items():
-            if name not in STAGES:
-                self.fail(f"'{where}' has unknown stage {name!r} (allowed: {', '.join(STAGES)})")
-            if not _is_number(value):
-                self.fail(f"'{where}.{name}' must be a finite number of seconds")
-
-
-def validate_result(obj: Any, path: str | Path | None = None) -> dict:
-    """Check ``obj`` against the result schema; return it. Raises InputError ('<path>: <problem>', one line)."""
-    c = _Checker(path)
-    if not isinstance(obj, dict):
-        c.fail(f"not a ts-bench result (top level is a JSON {type(obj).__name__}, expected an object)")
-    if obj.get("schema") != SCHEMA_NAME:
-        c.fail(f"not a ts-bench result (schema {obj.get('schema')!r}, expected {SCHEMA_NAME!r})")
-    if "schema_version" not in obj:
-        c.fail("missing required field 'schema_version'")
-    version = obj["schema_version"]
-    if version != SCHEMA_VERSION or not _is_int(version):
-        c.fail(f"result schema version {version}, this program reads version {SCHEMA_VERSION}")
-    for key in ("script", "method", "created"):
-        c.field(obj, key, "", (str,))
-    for key in ("machine", "versions", "settings", "summary"):
-        c.field(obj, key, "", (dict,))
-    model = c.field(obj, "model", "", (dict,))
-    c.field(model, "name", "model", (str,))
-    weights = c.field(model, "weights", "model", (str,))
-    if weights not in WEIGHTS:
-        c.fail(f"field 'model.weights' must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    c.field(model, "sha256", "model", (str,), nullable=True)
-    if "labels" in model and not isinstance(model["labels"], dict):
-        c.fail("field 'model.labels' must be an object {label id: name}")
-    if obj.get("complete") is not None and not isinstance(obj["complete"], bool):
-        c.fail("field 'complete' must be true or false")
-    for i, item in enumerate(obj.get("ignored") or []):
-        if not isinstance(item, dict) or not isinstance(item.get("file"), str) or not isinstance(item.get("reason"), str):
-            c.fail(f"'ignored[{i}]' must be an object with 'file' and 'reason' strings")
-    scans = c.field(obj, "scans", "", (list,))
-    for i, scan in enumerate(scans):
-        w = f"scans[{i}]"
-        if not isinstance(scan, dict):
-            c.fail(f"'{w}' must be an object")
-        for key in ("file", "scan_id", "orientation"):
-            c.field(scan, key, w, (str,))
-        for key, check in (("shape", _is_int), ("spacing_mm", _is_number)):
-            seq = c.field(scan, key, w, (list,))
-            if not seq or not all(check(v) for v in seq):
-                c.fail(f"field '{w}.{key}' must be a non-empty list of {'integers' if key == 'shape' else 'numbers'}")
-        status = c.field(scan, "status", w, (str,))
-        if status not in STATUSES:
-            c.fail(f"field '{w}.status' must be one of {', '.join(STATUSES)}, got {status!r}")
-        c.field(scan, "error", w, (str,), nullable=True)
-        c.field(scan, "mask", w, (str,), nullable=True)
-        labels = c.field(scan, "labels_present", w, (list,))
-        if not all(_is_int(v) for v in labels):
-            c.fail(f"field '{w}.labels_present' must be a list of integers")
-        for key in ("n_tiles", "peak_rss_bytes"):  # optional (added within version 1)
-            if scan.get(key) is not None and (not _is_int(scan[key]) or scan[key] < 0):
-                c.fail(f"field '{w}.{key}' must be an integer >= 0 or null")
-        if scan.get("peak_rss_method") is not None:
-            c.field(scan, "peak_rss_method", w, (str,))
-        for j, rep in enumerate(c.field(scan, "repeats", w, (list,))):
-            wr = f"{w}.repeats[{j}]"
-            if not isinstance(rep, dict):
-                c.fail(f"'{wr}' must be an object")
-            if rep.get("peak_rss_bytes") is not None and (not _is_int(rep["peak_rss_bytes"])
-                                                          or rep["peak_rss_bytes"] < 0):
-                c.fail(f"field '{wr}.peak_rss_bytes' must be an integer >= 0 or null")
-            c.number(rep, "total_s", wr)
-            c.times(c.field(rep, "stages", wr, (dict,)), f"{wr}.stages")
-        med = c.field(scan, "median", w, (dict,), nullable=True)
-        if med is not None:
-            wm = f"{w}.median"
-            for key in ("total_s", "min_total_s", "max_total_s", "iqr_total_s"):
-                c.number(med, key, wm)
-            c.field(med, "n", wm, (int,))
-            c.times(c.field(med, "stages", wm, (dict,)), f"{wm}.stages")
-            if not (0 <= med["min_total_s"] <= med["total_s"] <= med["max_total_s"]) or med["iqr_total_s"] < 0:
-                c.fail(f"'{wm}' is inconsistent: total_s {med['total_s']:g} must lie within min_total_s "
-                       f"{med['min_total_s']:g} .. max_total_s {med['max_total_s']:g} (and iqr_total_s >= 0)")
-    return obj
 
 
 class BatchRecorder:
