@@ -5,7 +5,7 @@ The estimate maps MOVING world mm (RAS+) -> FIXED world mm (RAS+):  x_fixed = R 
 Landmarks are the centroids of the structures present in both passports (matched by name),
 optionally plus two points per well-defined principal axis (centroid +- L * eigenvector, with the
 eigenvector's sign chosen to agree with the centroid-only estimate). Each landmark carries the
-structure's anatomical stability weight (registration/weights.py) times a size-consistency factor.
+structure's anatomical stability weight (registration/stability.py) times a size-consistency factor.
 
 Robustness: RANSAC-style hypotheses from triples of centroids (MSAC score, residual threshold in
 mm), then iterative re-estimation on the inliers with Cauchy (or Huber) weights; structures whose
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from registration.structures import PassportLike, centroid, eigen, matched_names, size_mm3, structure_table
-from registration.weights import WEIGHT_TABLE, WeightTable, structure_weight, weight_group
+from registration.stability import WEIGHT_TABLE, WeightTable, structure_weight, weight_group
 
 
 def weighted_kabsch(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray | None = None

@@ -24,7 +24,7 @@ from registration.transform import (
     warp_image,
     warp_labels,
 )
-from registration.weights import WEIGHT_TABLE, structure_weight, weight_group
+from registration.stability import WEIGHT_TABLE, structure_weight, weight_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
