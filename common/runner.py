@@ -10,14 +10,13 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write_json
+from common.config_schema import CONFIG_SCHEMA, config_problem
 from common.errors import InputError
 from common.official_output import official_header
 from common.pipeline import SegmentOptions, SegmentResult, segment
 from common.session import OnnxPredictor, OrtSettings, TorchPredictor
 from common.validation import load_scan
 from common.volume import Volume, save_labels
-
-CONFIG_SCHEMA = "ts-bench-run-config"
 
 
 @dataclass
@@ -56,62 +55,14 @@ def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None)
     return atomic_write_json(path, {**cfg.to_dict(), **(extra or {})})
 
 
-# keys 05 adds beside the configuration (how it was chosen); anything else unknown is a typo
-CONFIG_EXTRA_KEYS = {"chosen_by", "threshold", "reference", "sweep_seconds", "sweep_agreement"}
-CONFIG_CHOICES = {"backend": ("onnxruntime", "pytorch"), "onnx_norm": ("precise", "native"),
-                  "ort.graph_optimization": ("disable", "basic", "extended", "all"),
-                  "ort.execution_mode": ("sequential", "parallel"), "segment.accumulate": ("float16", "float32")}
-
-
-def _config_problem(d: Any) -> str | None:
-    """Why ``d`` (a parsed run-configuration file) is not a valid configuration, or None."""
-    if not isinstance(d, dict):
-        return f"a run configuration is a JSON object, not a JSON {type(d).__name__}"
-    if d.get("schema") != CONFIG_SCHEMA or d.get("schema_version") != 1:
-        return f"not a {CONFIG_SCHEMA} version 1 file"
-    known = set(RunConfig().to_dict()) | CONFIG_EXTRA_KEYS
-    unknown = sorted(set(d) - known)
-    if unknown:
-        return f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-    for section, cls in (("ort", OrtSettings), ("segment", SegmentOptions)):
-        sub = d.get(section, {})
-        if not isinstance(sub, dict):
-            return f"'{section}' must be an object, not a JSON {type(sub).__name__}"
-        bad = sorted(set(sub) - set(cls().to_dict()))
-        if bad:
-            return f"unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}"
-    defaults = RunConfig().to_dict()
-    full = {**defaults, **d, **{k: {**defaults[k], **d.get(k, {})} for k in ("ort", "segment")}}
-
-    def value(name: str) -> Any:
-        section, _, key = name.rpartition(".")
-        return (full[section] if section else full)[key]
-
-    for name, allowed in CONFIG_CHOICES.items():
-        if value(name) not in allowed:
-            return f"'{name}' must be one of {', '.join(allowed)}, not {value(name)!r}"
-    counts = {"segment.batch_size": 1, "segment.resample_threads": 1, "torch_threads": 0,
-              "ort.intra_op_threads": 0, "ort.inter_op_threads": 0}  # integer options and their minimum
-    for name, low in counts.items():
-        v = value(name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            return f"'{name}' must be an integer >= {low}, not {v!r}"
-    order, step = value("segment.resample_order"), value("segment.tile_step")
-    if isinstance(order, bool) or order not in range(6):
-        return f"'segment.resample_order' must be an integer 0..5, not {order!r}"
-    if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step <= 1:
-        return f"'segment.tile_step' must be a number in (0, 1], not {step!r}"
-    return None
-
-
 def load_config(path: Path) -> RunConfig:
     """Read a run configuration (05's optimized_config.json or save_config's output); InputError (one line)
-    when it is unreadable, another schema, or holds an unknown key or an invalid value."""
+    when it is unreadable, another schema, or holds an unknown key or an invalid value (common.config_schema)."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"unreadable run configuration ({exc})") from exc
-    problem = _config_problem(d)
+    problem = config_problem(d)
     if problem:
         raise InputError(path, f"invalid run configuration: {problem}")
     return RunConfig.from_dict(d)
@@ -126,7 +77,7 @@ def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
     if cfg.backend == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an ONNX file")
-        from common.cli import ensure_onnx
+        from common.model_cache import ensure_onnx
 
         return OnnxPredictor(ensure_onnx(spec, onnx_path, precise_norm=cfg.onnx_norm == "precise"), cfg.ort)
     if cfg.backend == "pytorch":

@@ -41,3 +41,14 @@ def test_05s_configuration_with_its_extra_keys_loads(tmp_path):
                        extra={"chosen_by": "05", "threshold": 0.999, "reference": "x", "sweep_seconds": 1.0,
                               "sweep_agreement": [1.0]})
     assert load_config(path).to_dict() == {**RunConfig.fastest_exact().to_dict()}
+
+
+def test_the_file_model_knows_every_setting_of_the_dataclasses():
+    from common.config_schema import OrtDoc, RunConfigDoc, SegmentDoc
+    from common.pipeline import SegmentOptions
+    from common.session import OrtSettings
+
+    assert set(OrtDoc.model_fields) == set(OrtSettings().to_dict())
+    assert set(SegmentDoc.model_fields) == set(SegmentOptions().to_dict())
+    assert set(RunConfig().to_dict()) <= {f.alias or n for n, f in RunConfigDoc.model_fields.items()}
+    assert OrtDoc().model_dump() == OrtSettings().to_dict() and SegmentDoc().model_dump() == SegmentOptions().to_dict()
