@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 from common.args import OneLineParser, check_outputs, run_script
+from common.comparison_inputs import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths
 from common.errors import InputError
-from common.report import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths, run_comparison
+from common.report import run_comparison
 
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -73,16 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ref = doc["reference"]
-    print(f"reference: {ref['label']} ({ref['file']})")
-    for label, m in doc["methods"].items():
-        if m["is_reference"]:
+    print(f"reference: {doc.reference.label} ({doc.reference.file})")
+    for label, m in doc.methods.items():
+        if m.is_reference:
             continue
-        speed = "—" if m["speedup_total"] is None else f"{m['speedup_total']:.2f}x"
-        agree = "—" if m["mean_voxel_agreement"] is None else f"{100 * m['mean_voxel_agreement']:.3f} %"
-        rss = "" if m.get("median_rss_ratio") is None else f", median peak RSS vs ref {100 * m['median_rss_ratio']:.0f} %"
-        print(f"{label}: speedup {speed}, voxel agreement {agree}{rss}, scans ok {m['n_ok']}/{m['n_scans']}")
-    for w in doc["warnings"]:
+        speed = "—" if m.speedup_total is None else f"{m.speedup_total:.2f}x"
+        agree = "—" if m.mean_voxel_agreement is None else f"{100 * m.mean_voxel_agreement:.3f} %"
+        rss = "" if m.median_rss_ratio is None else f", median peak RSS vs ref {100 * m.median_rss_ratio:.0f} %"
+        print(f"{label}: speedup {speed}, voxel agreement {agree}{rss}, scans ok {m.n_ok}/{m.n_scans}")
+    for w in doc.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for path in written.values():
         print(f"wrote {path}")

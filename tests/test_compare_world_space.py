@@ -98,7 +98,7 @@ def test_masks_stored_in_other_axis_orders_are_compared_in_world_space(tmp_path,
 
 
 def test_ground_truth_in_another_axis_order_gets_dice(tmp_path, labels_lps):
-    from common.report import align_to_grid
+    from common.mask_io import align_to_grid
 
     gt = reorient(labels_lps, "LAS")
     data = np.asanyarray(labels_lps.dataobj)

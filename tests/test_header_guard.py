@@ -32,7 +32,7 @@ SCRIPT_TIMEOUT_S = 60
 # (report.load_label_map), 08/09's display scans (plots_passport.load_display_scan).
 LOADERS = {
     "load_scan": "from common.validation import load_scan as load",
-    "load_label_map": "from common.report import load_label_map as load",
+    "load_label_map": "from common.mask_io import load_label_map as load",
     "load_display_scan": "from common.plots_passport import load_display_scan as load",
 }
 
