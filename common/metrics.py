@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from common.labels import as_label_array
+
 DICE_BUCKETS = (">0.95", "0.90-0.95", "0.85-0.90", "<0.85")
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -18,18 +20,11 @@ _MAX_DENSE_LABEL = 4096  # above this, labels are remapped to dense indices befo
 
 
 def _as_labels(a: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if arr.size and not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"{name}: label map holds non-integer values")
-        arr = arr.astype(np.int64)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: label map must be integer, got dtype {arr.dtype}")
-    if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
-        raise ValueError(f"{name}: label map holds negative labels")
-    return arr
+    """``a`` as an integer label array (common.labels.as_label_array); ValueError "<name>: <problem>"."""
+    try:
+        return as_label_array(a)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _check_shapes(a: np.ndarray, b: np.ndarray) -> None:
