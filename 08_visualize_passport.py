@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from common.args import run_script
+from common.passport import Passport, Structure
 from common.plots_passport import VIEWS, DisplayScan, cli_parser, project, run_picture, view_figure, weights_caption
 from common.plots_passport import default_out as _default_out
 
@@ -30,26 +31,26 @@ def default_out(passport_path: str | Path) -> Path:
     return _default_out(passport_path, OUT_SUFFIX)
 
 
-def axis_segments(structure: dict, sigmas: float = AXIS_SIGMAS) -> np.ndarray:
+def axis_segments(structure: Structure, sigmas: float = AXIS_SIGMAS) -> np.ndarray:
     """(3, 2, 3) world-mm end points of the principal axes: centroid -/+ sigmas*sqrt(eigenvalue)*eigenvector."""
-    centroid = np.asarray(structure["centroid_mm"], dtype=np.float64)
-    vectors = np.asarray(structure["eigenvectors"], dtype=np.float64)  # columns
-    half = sigmas * np.sqrt(np.clip(structure["eigenvalues_mm2"], 0.0, None))
+    centroid = structure.centroid_mm
+    vectors = structure.eigenvectors  # columns
+    half = sigmas * np.sqrt(np.clip(structure.eigenvalues_mm2, 0.0, None))
     offsets = (vectors * half[None, :]).T  # (3 axes, 3 world coords)
     return np.stack([centroid - offsets, centroid + offsets], axis=1)
 
 
-def draw_passport(passport: dict, scan: DisplayScan, title: str):
+def draw_passport(passport: Passport, scan: DisplayScan, title: str):
     """Figure with the three MIP views and every structure's centroid and principal axes."""
     views = [VIEWS["axial"], VIEWS["coronal"], VIEWS["sagittal"]]
     fig, axes = view_figure(scan, views, extra_width_in=2.0)
-    structures = sorted(passport["structures"], key=lambda s: -s["volume_mm3"])
+    structures = sorted(passport.structures, key=lambda s: -s.volume_mm3)
     palette = colormaps["tab20"]
     handles = {}
     for rank, s in enumerate(structures):
         named = rank < N_LEGEND
         colour = palette(rank % 20) if named else (1.0, 1.0, 1.0, 0.8)
-        centre = scan.to_display(np.asarray(s["centroid_mm"]))
+        centre = scan.to_display(s.centroid_mm)
         segments = scan.to_display(axis_segments(s).reshape(-1, 3)).reshape(3, 2, 3)
         for ax, view in zip(axes, views, strict=True):
             for seg in segments:
@@ -57,9 +58,9 @@ def draw_passport(passport: dict, scan: DisplayScan, title: str):
                 ax.plot(h, v, color=colour, linewidth=1.4 if named else 0.6, alpha=0.9 if named else 0.45)
             h, v = project(centre, view)
             dot = ax.scatter(h, v, s=28 if named else 10, color=colour, edgecolors="black", linewidths=0.5,
-                             zorder=3, label=s["name"])
+                             zorder=3, label=s.name)
             if named and ax is axes[0]:
-                handles[s["name"]] = dot
+                handles[s.name] = dot
     n_other = max(len(structures) - N_LEGEND, 0)
     labels = list(handles)
     if n_other:
@@ -72,11 +73,11 @@ def draw_passport(passport: dict, scan: DisplayScan, title: str):
     return fig
 
 
-def picture(passport: dict, passport_path: Path, scan_path: Path, scan: DisplayScan):
+def picture(passport: Passport, passport_path: Path, scan_path: Path, scan: DisplayScan):
     """The passport figure with its title (which files, grid, how the axes are drawn)."""
-    grid = passport["grid"]
-    title = (f"{passport_path.name}: {len(passport['structures'])} structures "
-             f"({grid['resolution']} grid {'x'.join(str(n) for n in grid['shape'])}) on {scan_path.name}; "
+    grid = passport.grid
+    title = (f"{passport_path.name}: {len(passport.structures)} structures "
+             f"({grid.resolution} grid {'x'.join(str(n) for n in grid.shape)}) on {scan_path.name}; "
              f"axes = ±{AXIS_SIGMAS:g}·sqrt(eigenvalue) mm")
     return draw_passport(passport, scan, title)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from common.args import run_script
 from common.errors import InputError
+from common.passport import Passport, Structure
 from common.plots_passport import VIEWS, DisplayScan, cli_parser, project, run_picture, view_figure, weights_caption
 from common.plots_passport import default_out as _default_out
 
@@ -40,10 +42,10 @@ def spine_key(name: str) -> tuple[int, int] | None:
     return (REGIONS.index(match.group(1)), int(match.group(2)))
 
 
-def spine_chain(passport: dict) -> list[dict]:
-    """Vertebrae (and sacrum) structures in anatomical order, cranial to caudal."""
-    spine = [s for s in passport["structures"] if spine_key(s["name"]) is not None]
-    return sorted(spine, key=lambda s: spine_key(s["name"]))
+def spine_chain(structures: Sequence[Structure]) -> list[Structure]:
+    """Vertebrae (and sacrum) among ``structures`` (a passport's), in anatomical order, cranial to caudal."""
+    spine = [s for s in structures if spine_key(s.name) is not None]
+    return sorted(spine, key=lambda s: spine_key(s.name))
 
 
 def short_name(name: str) -> str:
@@ -51,32 +53,32 @@ def short_name(name: str) -> str:
     return name.removeprefix("vertebrae_")
 
 
-def draw_spine(chain: list[dict], scan: DisplayScan, title: str):
+def draw_spine(chain: list[Structure], scan: DisplayScan, title: str):
     """Figure with coronal and sagittal MIPs and the centroid chain with text labels."""
     views = [VIEWS["coronal"], VIEWS["sagittal"]]
     fig, axes = view_figure(scan, views, height_in=7.0, max_width_in=14.0)
-    centres = scan.to_display(np.array([s["centroid_mm"] for s in chain]))
+    centres = scan.to_display(np.array([s.centroid_mm for s in chain]))
     for ax, view in zip(axes, views, strict=True):
         h, v = project(centres, view)
         ax.plot(h, v, "-", color="orange", linewidth=1.5, zorder=2)
         ax.scatter(h, v, s=30, color="red", edgecolors="white", linewidths=0.6, zorder=3)
         for x, y, s in zip(h, v, chain, strict=True):
-            ax.annotate(short_name(s["name"]), (x, y), xytext=(6, 0), textcoords="offset points",
+            ax.annotate(short_name(s.name), (x, y), xytext=(6, 0), textcoords="offset points",
                         color="yellow", fontsize=10, fontweight="bold", va="center", zorder=4)
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def require_vertebrae(passport: dict, passport_path: Path) -> None:
+def require_vertebrae(passport: Passport, passport_path: Path) -> None:
     """InputError (before the scan is read) when the passport has no vertebra."""
-    if not any(s["name"].startswith("vertebrae_") for s in spine_chain(passport)):
+    if not any(s.name.startswith("vertebrae_") for s in spine_chain(passport.structures)):
         raise InputError(passport_path, "passport has no vertebrae (no structure named vertebrae_*)")
 
 
-def picture(passport: dict, passport_path: Path, scan_path: Path, scan: DisplayScan):
+def picture(passport: Passport, passport_path: Path, scan_path: Path, scan: DisplayScan):
     """The spine figure with its title (which files, which vertebrae, which weights)."""
-    chain = spine_chain(passport)
-    names = ", ".join(short_name(s["name"]) for s in chain)
+    chain = spine_chain(passport.structures)
+    names = ", ".join(short_name(s.name) for s in chain)
     return draw_spine(chain, scan, f"{passport_path.name}: spine ({names}) on {scan_path.name}"
                       + weights_caption(passport))
 

@@ -3,8 +3,8 @@
 A passport summarises an (x, y, z) integer label map (nibabel axis order) whose affine maps voxel
 indices to world coordinates in mm, RAS+. For every label present it stores the voxel count and
 volume, the centroid, the covariance of the voxel centres with its principal axes, bounding boxes
-and a deterministic subsample of boundary voxel centres. All outputs are plain Python lists and
-floats, ready for JSON.
+and a deterministic subsample of boundary voxel centres. In memory a passport is typed, with numpy arrays
+(common.passport_model: Passport, Grid, Structure); it becomes JSON only in save_passport / load_passport.
 """
 from __future__ import annotations
 
@@ -21,18 +21,13 @@ from scipy import ndimage
 
 from common.atomic import atomic_write_json
 from common.errors import InputError
+from common.geometry import even_indices, voxel_to_world
+from common.labels import as_label_array
+from common.passport_model import SCHEMA_NAME, SCHEMA_VERSION, WORLD_FRAME, Box, Grid, Passport, Structure
 
-SCHEMA_NAME = "anatomical-passport"
-SCHEMA_VERSION = 1
-WORLD_FRAME = "RAS+ mm (NIfTI affine)"
+__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "WORLD_FRAME", "Passport", "Structure", "build_passport",
+           "compute_structures", "load_passport", "save_passport", "scan_metadata"]
 RESOLUTIONS = ("model", "original")
-
-TOP_KEYS = ("schema", "schema_version", "world_frame", "scan", "model", "grid", "max_points", "structures",
-            "timing_s")
-GRID_KEYS = ("resolution", "shape", "spacing_mm", "affine", "orientation")
-STRUCTURE_KEYS = ("label", "name", "voxel_count", "volume_mm3", "centroid_mm", "covariance_mm2",
-                  "eigenvalues_mm2", "eigenvectors", "bbox_voxel", "bbox_mm", "boundary_points_mm",
-                  "n_boundary_voxels")
 
 # The 8 corners of a box as 0/1 choices of (min, max) per axis, shape (8, 3).
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
@@ -40,30 +35,13 @@ _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)],
 _CHUNK_VOXELS = 1 << 20
 
 
-def _as_label_array(labels: np.ndarray) -> np.ndarray:
-    """Return ``labels`` as a 3-D integer array (integral floats are accepted and converted)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"label map must be 3-D (x, y, z), got shape {labels.shape}")
-    if np.issubdtype(labels.dtype, np.integer):
-        return labels
-    if labels.dtype == bool:
-        return labels.astype(np.uint8)
-    rounded = np.rint(labels)
-    if not np.array_equal(rounded, labels):
-        raise ValueError("label map holds non-integer values")
-    return rounded.astype(np.int32)
-
-
-def voxel_to_world(points_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Map (n, 3) voxel coordinates (x, y, z indices) to (n, 3) world mm through a 4x4 affine."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.asarray(points_vox, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
-
-
-def world_to_voxel(points_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Map (n, 3) world mm points to (n, 3) fractional voxel coordinates (x, y, z) of ``affine``."""
-    return voxel_to_world(points_mm, np.linalg.inv(np.asarray(affine, dtype=np.float64)))
+def _label_map(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as a 3-D (x, y, z) integer map (common.labels.as_label_array); negative labels are no
+    structure, like background (0)."""
+    arr = np.asarray(labels)
+    if arr.dtype.kind in "if" and arr.size and arr.min() < 0:
+        arr = np.maximum(arr, 0) if arr.dtype.kind == "i" else np.where((arr < 0) & (arr == np.rint(arr)), 0, arr)
+    return as_label_array(arr, ndim=3)
 
 
 def canonical_eigenvectors(vectors: np.ndarray) -> np.ndarray:
@@ -73,15 +51,6 @@ def canonical_eigenvectors(vectors: np.ndarray) -> np.ndarray:
     signs = np.sign(np.take_along_axis(vectors, idx, axis=-2))
     signs[signs == 0] = 1.0
     return vectors * signs
-
-
-def subsample_indices(n: int, max_points: int) -> np.ndarray:
-    """At most ``max_points`` evenly spaced, distinct, increasing indices into range(n) (deterministic)."""
-    if max_points <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if n <= max_points:
-        return np.arange(n, dtype=np.int64)
-    return (np.arange(max_points, dtype=np.int64) * n) // max_points
 
 
 def _boundary_mask(labels: np.ndarray) -> np.ndarray:
@@ -147,7 +116,7 @@ def _moment_sums(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapping[int, str],
-                       max_points: int = 500) -> list[dict]:
+                       max_points: int = 500) -> list[Structure]:
     """Geometry of every label > 0 present in an (x, y, z) label map, sorted by label id.
 
     ``affine`` maps voxel indices to world mm (RAS+). Units: mm, mm^2, mm^3; eigenvectors are the
@@ -164,7 +133,7 @@ def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapp
     grow with how scattered the labels are: a fragmented map whose every label spans the whole
     volume costs about the same as a compact one.
     """
-    labels = _as_label_array(labels)
+    labels = _label_map(labels)
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
@@ -181,8 +150,6 @@ def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapp
     boxes = [objects[label - 1] for label in present]
     origin = np.array([min(b[axis].start for b in boxes) for axis in range(3)], dtype=np.int64)
     labels = labels[tuple(slice(int(origin[axis]), max(b[axis].stop for b in boxes)) for axis in range(3))]
-    if labels.dtype.kind == "i" and labels.min() < 0:
-        labels = np.where(labels > 0, labels, 0)  # negative labels are no structure, like background
     labels = np.ascontiguousarray(labels)
     # Row of each label value: 0 for background (and absent values), i + 1 for the i-th present label.
     lut = np.zeros(len(objects) + 1, dtype=np.intp)
@@ -204,7 +171,7 @@ def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapp
     order = np.argsort(rows, kind="stable")
     n_boundary = np.bincount(rows, minlength=present.size + 1)[1:]
     run_start = np.cumsum(n_boundary) - n_boundary
-    picks = [run_start[i] + subsample_indices(int(n_boundary[i]), max_points) for i in range(present.size)]
+    picks = [run_start[i] + even_indices(int(n_boundary[i]), max_points) for i in range(present.size)]
     kept_vox = np.stack(np.unravel_index(boundary_flat[order[np.concatenate(picks)]], labels.shape), axis=1) + origin
     points = np.split(voxel_to_world(kept_vox, affine), np.cumsum([len(p) for p in picks])[:-1])
 
@@ -221,60 +188,39 @@ def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapp
         start = np.array([s.start for s in slices], dtype=np.int64)
         stop = np.array([s.stop for s in slices], dtype=np.int64) - 1
         corners = voxel_to_world(start + _CORNERS * (stop - start), affine)
-        structures.append({
-            "label": label,
-            "name": str(label_names.get(label, f"label_{label}")),
-            "voxel_count": int(count[i]),
-            "volume_mm3": float(count[i] * voxel_volume),
-            "centroid_mm": centroids[i].tolist(),
-            "covariance_mm2": cov_world[i].tolist(),
-            "eigenvalues_mm2": eigvals[i].tolist(),
-            "eigenvectors": eigvecs[i].tolist(),
-            "bbox_voxel": {"min": start.tolist(), "max": stop.tolist()},
-            "bbox_mm": {"min": corners.min(axis=0).tolist(), "max": corners.max(axis=0).tolist()},
-            "boundary_points_mm": points[i].tolist(),
-            "n_boundary_voxels": int(n_boundary[i]),
-        })
+        structures.append(Structure(
+            label=label, name=str(label_names.get(label, f"label_{label}")), voxel_count=int(count[i]),
+            volume_mm3=float(count[i] * voxel_volume), centroid_mm=centroids[i], covariance_mm2=cov_world[i],
+            eigenvalues_mm2=eigvals[i], eigenvectors=eigvecs[i], bbox_voxel=Box(min=start, max=stop),
+            bbox_mm=Box(min=corners.min(axis=0), max=corners.max(axis=0)), boundary_points_mm=points[i],
+            n_boundary_voxels=int(n_boundary[i])))
     return structures
 
 
-def grid_info(shape: tuple[int, ...], affine: np.ndarray, resolution: str) -> dict[str, Any]:
+def grid_info(shape: tuple[int, ...], affine: np.ndarray, resolution: str) -> Grid:
     """Describe a voxel grid: shape (x, y, z), spacing in mm per array axis, 4x4 affine, axis codes."""
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
     affine = np.asarray(affine, dtype=np.float64)
-    return {
-        "resolution": resolution,
-        "shape": [int(s) for s in shape],
-        "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
-        "affine": affine.tolist(),
-        "orientation": "".join(nib.aff2axcodes(affine)),
-    }
+    return Grid(resolution=resolution, shape=tuple(int(s) for s in shape),
+                spacing_mm=np.linalg.norm(affine[:3, :3], axis=0), affine=affine,
+                orientation="".join(nib.aff2axcodes(affine)))
 
 
 def build_passport(labels: np.ndarray, affine: np.ndarray, label_names: Mapping[int, str], *,
-                   scan: dict, model: dict, resolution: str, max_points: int = 500) -> dict:
-    """Build a passport dict for an (x, y, z) label map on the grid of ``affine`` (voxel -> mm RAS+).
+                   scan: dict, model: dict, resolution: str, max_points: int = 500) -> Passport:
+    """The passport of an (x, y, z) label map on the grid of ``affine`` (voxel -> mm RAS+).
 
     ``resolution`` says which grid the labels are on: "model" (the network's resampled grid) or
     "original" (the scan's own grid). ``timing_s`` is the wall time of compute_structures in seconds.
     """
-    labels = _as_label_array(labels)
+    labels = _label_map(labels)
     grid = grid_info(labels.shape, affine, resolution)
     t0 = time.perf_counter()
     structures = compute_structures(labels, affine, label_names, max_points=max_points)
     elapsed = time.perf_counter() - t0
-    return {
-        "schema": SCHEMA_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "world_frame": WORLD_FRAME,
-        "scan": scan,
-        "model": model,
-        "grid": grid,
-        "max_points": int(max_points),
-        "structures": structures,
-        "timing_s": float(elapsed),
-    }
+    return Passport(world_frame=WORLD_FRAME, scan=scan, model=model, grid=grid, max_points=int(max_points),
+                    structures=structures, timing_s=float(elapsed))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -304,101 +250,23 @@ def scan_metadata(path: str | Path, image: nib.spatialimages.SpatialImage, sha25
     }
 
 
-def save_passport(passport: dict, path: str | Path) -> Path:
+def save_passport(passport: Passport, path: str | Path) -> Path:
     """Write a passport as compact JSON, atomically; return the path."""
-    return atomic_write_json(path, passport, indent=None)
+    return atomic_write_json(path, passport.to_json(), indent=None)
 
 
-def _check_shape(path: Path, where: str, value: Any, shape: tuple[int | None, ...]) -> None:
-    """Raise InputError unless ``value`` is a numeric array of ``shape`` (None = any length)."""
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(path, f"{where} is not a numeric array") from None
-    if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape, strict=True)):
-        want = "x".join("n" if s is None else str(s) for s in shape)
-        raise InputError(path, f"{where} has shape {list(arr.shape)}, expected {want}")
-    if not np.all(np.isfinite(arr)):
-        raise InputError(path, f"{where} holds non-finite values")
-
-
-def _require_keys(path: Path, where: str, obj: Any, keys: tuple[str, ...]) -> None:
-    if not isinstance(obj, dict):
-        raise InputError(path, f"{where} is not a JSON object")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise InputError(path, f"{where} lacks required key(s): {', '.join(missing)}")
-
-
-def _validate_structure(path: Path, i: int, s: Any, max_points: int) -> None:
-    where = f"structures[{i}]"
-    _require_keys(path, where, s, STRUCTURE_KEYS)
-    for key in ("label", "voxel_count", "n_boundary_voxels"):
-        if not isinstance(s[key], int) or isinstance(s[key], bool):
-            raise InputError(path, f"{where}.{key} is not an integer")
-    if not isinstance(s["name"], str):
-        raise InputError(path, f"{where}.name is not a string")
-    _check_shape(path, f"{where}.volume_mm3", s["volume_mm3"], ())
-    _check_shape(path, f"{where}.centroid_mm", s["centroid_mm"], (3,))
-    _check_shape(path, f"{where}.covariance_mm2", s["covariance_mm2"], (3, 3))
-    _check_shape(path, f"{where}.eigenvalues_mm2", s["eigenvalues_mm2"], (3,))
-    _check_shape(path, f"{where}.eigenvectors", s["eigenvectors"], (3, 3))
-    for box in ("bbox_voxel", "bbox_mm"):
-        _require_keys(path, f"{where}.{box}", s[box], ("min", "max"))
-        for end in ("min", "max"):
-            _check_shape(path, f"{where}.{box}.{end}", s[box][end], (3,))
-    points = s["boundary_points_mm"]
-    if not isinstance(points, list):
-        raise InputError(path, f"{where}.boundary_points_mm is not a list")
-    if points:
-        _check_shape(path, f"{where}.boundary_points_mm", points, (None, 3))
-    if len(points) > max_points:
-        raise InputError(path, f"{where}.boundary_points_mm has {len(points)} points, more than max_points")
-
-
-def validate_passport(passport: Any, path: str | Path) -> dict:
-    """Check a decoded passport's schema, keys and array shapes; raise InputError naming ``path``."""
-    path = Path(path)
-    if not isinstance(passport, dict):
-        raise InputError(path, "not an anatomical passport (JSON top level is not an object)")
-    if passport.get("schema") != SCHEMA_NAME:
-        raise InputError(path, f"not an anatomical passport (schema {passport.get('schema')!r}, "
-                               f"expected {SCHEMA_NAME!r})")
-    version = passport.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise InputError(path, f"passport schema version {version}, this program reads version {SCHEMA_VERSION}")
-    _require_keys(path, "passport", passport, TOP_KEYS)
-    for key in ("scan", "model"):
-        if not isinstance(passport[key], dict):
-            raise InputError(path, f"{key} is not a JSON object")
-    grid = passport["grid"]
-    _require_keys(path, "grid", grid, GRID_KEYS)
-    _check_shape(path, "grid.shape", grid["shape"], (3,))
-    _check_shape(path, "grid.spacing_mm", grid["spacing_mm"], (3,))
-    _check_shape(path, "grid.affine", grid["affine"], (4, 4))
-    max_points = passport["max_points"]
-    if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 0:
-        raise InputError(path, "max_points is not a non-negative integer")
-    structures = passport["structures"]
-    if not isinstance(structures, list):
-        raise InputError(path, "structures is not a list")
-    for i, s in enumerate(structures):
-        _validate_structure(path, i, s, max_points)
-    return passport
-
-
-def load_passport(path: str | Path) -> dict:
-    """Read and validate a passport JSON file. Raises InputError (one line naming the file) if bad."""
+def load_passport(path: str | Path) -> Passport:
+    """Read and check a passport JSON file (common.passport_model). Raises InputError (one line naming the file)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "passport file not found")
     try:
-        passport = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"not a JSON file ({exc})") from None
-    return validate_passport(passport, path)
+    return Passport.from_json(doc, path)
 
 
-def structure_by_name(passport: dict) -> dict[str, dict]:
-    """Map structure name -> structure dict."""
-    return {s["name"]: s for s in passport["structures"]}
+def structure_by_name(passport: Passport) -> dict[str, Structure]:
+    """Map structure name -> Structure."""
+    return {s.name: s for s in passport.structures}

@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from common.args import check_outputs, script_parser
 from common.atomic import atomic_path
 from common.errors import InputError
-from common.passport import load_passport, world_to_voxel
+from common.geometry import world_to_voxel
+from common.passport import Passport, load_passport
 from common.validation import load_scan
 
 HU_WINDOW = (-200.0, 1000.0)
@@ -144,14 +145,14 @@ def default_out(passport_path: str | Path, suffix: str) -> Path:
     return passport_path.with_name(f"{passport_path.stem}{suffix}.png")
 
 
-def scan_path_for(passport: dict, passport_path: str | Path, scan_arg: str | Path | None) -> Path:
-    """The scan to draw on: ``--scan`` if given, else passport["scan"]["file"].
+def scan_path_for(passport: Passport, passport_path: str | Path, scan_arg: str | Path | None) -> Path:
+    """The scan to draw on: ``--scan`` if given, else passport.scan["file"].
 
     A relative recorded path that does not exist from the current folder is tried next to the passport.
     """
     if scan_arg:
         return Path(scan_arg)
-    recorded = passport["scan"].get("file")
+    recorded = passport.scan.get("file")
     if recorded is None or recorded == "":
         raise InputError(passport_path, "passport records no scan file; pass --scan")
     if not isinstance(recorded, str) or "\0" in recorded:
@@ -185,8 +186,8 @@ def _fail(err: Exception, code: int) -> int:
 
 
 def run_picture(args: argparse.Namespace, out_suffix: str,
-                draw: Callable[[dict, Path, Path, DisplayScan], Figure],
-                check: Callable[[dict, Path], None] | None = None) -> int:
+                draw: Callable[[Passport, Path, Path, DisplayScan], Figure],
+                check: Callable[[Passport, Path], None] | None = None) -> int:
     """What 08 and 09 do with their parsed ``args``: refuse an unwritable --out before any work, load and
     check the passport (``check(passport, passport_path)`` may raise InputError), load its scan, make the
     figure with ``draw(passport, passport_path, scan_path, scan)`` and write the PNG; print its path.
@@ -210,9 +211,9 @@ def run_picture(args: argparse.Namespace, out_suffix: str,
     return 0
 
 
-def weights_caption(passport: dict) -> str:
+def weights_caption(passport: Passport) -> str:
     """Second title line saying which weights made the labels (stand-in labels are not anatomy)."""
-    weights = passport.get("model", {}).get("weights")
+    weights = passport.model.get("weights")
     if weights == "standin":
         return "\nSTAND-IN weights (seeded random): structure positions are NOT anatomical"
     return f"\nweights: {weights}" if weights else ""
