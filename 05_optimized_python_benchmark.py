@@ -14,6 +14,7 @@ configurations with >= 99.9 % agreement on every sweep scan and the baseline are
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -85,27 +86,27 @@ def reference_masks(ref_json: Path, scans: list[Path], spec, log=print) -> tuple
     return refs, source
 
 
-def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict, runs: int = 1) -> dict:
-    """Time one configuration on the sweep scans (1 warm-up, then the median of ``runs`` timed runs per
-    scan) and measure its voxel agreement with the reference."""
+def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict, runs: int = 1, *, factor: str):
+    """Time one configuration (a RunConfig varying ``factor``) on the sweep scans (1 warm-up, then the median of
+    ``runs`` timed runs per scan) and measure its voxel agreement with the reference: a common.sweep.SweepRow."""
     import numpy as np
 
     from common.metrics import voxel_agreement
     from common.runner import build_predictor, run_scan
+    from common.sweep import SweepRow
 
-    row = {"name": cfg.name, "config": cfg.to_dict(), "scans": [str(s) for s in scans], "seconds": [],
-           "stages": [], "agreement": [], "runs": runs, "error": None}
+    row = SweepRow(config=cfg, factor=factor, scans=[str(s) for s in scans], runs=runs)
     try:
         pred = build_predictor(cfg, spec, onnx)
         run_scan(scans[0], spec, pred, cfg.segment)  # warm-up: session init, caches
         for scan in scans:
             rs = [run_scan(scan, spec, pred, cfg.segment) for _ in range(runs)]
             r = sorted(rs, key=lambda x: x.total_s)[len(rs) // 2]
-            row["seconds"].append(r.total_s)
-            row["stages"].append(r.stages)
-            row["agreement"].append(voxel_agreement(np.asanyarray(r.result.labels.dataobj), refs[str(scan)]))
+            row.seconds.append(r.total_s)
+            row.stages.append(r.stages)
+            row.agreement.append(voxel_agreement(np.asanyarray(r.result.labels.dataobj), refs[str(scan)]))
     except Exception as exc:  # a configuration that cannot run is recorded, not fatal
-        row["error"] = f"{type(exc).__name__}: {exc}"
+        row.error = f"{type(exc).__name__}: {exc}"
     return row
 
 
@@ -116,8 +117,8 @@ def main(argv=None) -> int:
     from common.args import check_outputs
     from common.bench import run_benchmark_batch, segment_runner
     from common.results import new_result
-    from common.runner import RunConfig, build_predictor, load_config, save_config
-    from common.sweep import combine, factor_of, one_factor_configs, select_fastest
+    from common.runner import build_predictor, load_config, save_config
+    from common.sweep import SweepRow, combine, one_factor_configs, select_fastest
 
     try:
         if not args.no_sweep:
@@ -139,8 +140,8 @@ def main(argv=None) -> int:
             continue
         if len(sweep_scans) == args.sweep_scans:
             break
-    rows: list[dict] = []
-    retimed: list[dict] = []
+    rows: list[SweepRow] = []
+    retimed: list[SweepRow] = []
     chosen_row = None
     if args.no_sweep:
         cfg = load_config(args.config_out)
@@ -152,53 +153,49 @@ def main(argv=None) -> int:
         print(f"sweep on {len(sweep_scans)} scan(s); reference: {ref_source}")
         t0 = time.perf_counter()
         candidates = one_factor_configs()
-        for cfg in tqdm(candidates, desc="05 sweep", unit="config"):
-            row = evaluate(cfg, spec, onnx, sweep_scans, refs)
-            row["factor"] = factor_of(cfg)
+        for cand in tqdm(candidates, desc="05 sweep", unit="config"):
+            row = evaluate(cand.config, spec, onnx, sweep_scans, refs, factor=cand.factor)
             rows.append(row)
-            agree = min(row["agreement"]) if row["agreement"] else float("nan")
-            tqdm.write(f"{cfg.name:34s} {sum(row['seconds']):7.2f} s  min agreement {agree:.5f}"
-                       + (f"  ERROR {row['error']}" if row["error"] else ""))
+            agree = min(row.agreement) if row.agreement else float("nan")
+            tqdm.write(f"{row.name:34s} {sum(row.seconds):7.2f} s  min agreement {agree:.5f}"
+                       + (f"  ERROR {row.error}" if row.error else ""))
         best_per_factor = {}
-        for factor in {r["factor"] for r in rows}:
-            pick = select_fastest([r for r in rows if r["factor"] in (factor, "baseline")], args.threshold)
-            if pick is not None and pick["factor"] == factor:
-                best_per_factor[factor] = RunConfig.from_dict(pick["config"])
+        for factor in {r.factor for r in rows}:
+            pick = select_fastest([r for r in rows if r.factor in (factor, "baseline")], args.threshold)
+            if pick is not None and pick.factor == factor:
+                best_per_factor[factor] = pick.config
         combo = combine(best_per_factor)
-        row = evaluate(combo, spec, onnx, sweep_scans, refs)
-        row["factor"] = "combined"
+        row = evaluate(combo, spec, onnx, sweep_scans, refs, factor="combined")
         rows.append(row)
-        tqdm.write(f"{combo.name:34s} {sum(row['seconds']):7.2f} s  min agreement "
-                   f"{min(row['agreement']) if row['agreement'] else float('nan'):.5f}")
+        tqdm.write(f"{combo.name:34s} {sum(row.seconds):7.2f} s  min agreement "
+                   f"{min(row.agreement) if row.agreement else float('nan'):.5f}")
         # one run per configuration is noisy: re-time the fastest faithful candidates and the baseline
-        faithful = sorted((r for r in rows if r["agreement"] and min(r["agreement"]) >= args.threshold
-                           and not r["error"]), key=lambda r: sum(r["seconds"]))
+        faithful = sorted((r for r in rows if r.agreement and min(r.agreement) >= args.threshold and not r.error),
+                          key=lambda r: sum(r.seconds))
         finalists = faithful[:3] + [r for r in rows[:1] if r not in faithful[:3]]
         retimed = []
         for r in tqdm(finalists, desc="05 re-time finalists", unit="config"):
-            rt = evaluate(RunConfig.from_dict({**r["config"], "name": r["name"]}), spec, onnx, sweep_scans, refs,
-                          runs=args.finalist_runs)
-            rt["factor"] = r["factor"]
+            rt = evaluate(r.config, spec, onnx, sweep_scans, refs, runs=args.finalist_runs, factor=r.factor)
             retimed.append(rt)
-            tqdm.write(f"{rt['name']:34s} {sum(rt['seconds']):7.2f} s (median of {args.finalist_runs})")
+            tqdm.write(f"{rt.name:34s} {sum(rt.seconds):7.2f} s (median of {args.finalist_runs})")
         chosen_row = select_fastest(retimed, args.threshold)
         if chosen_row is None:
             return fail(f"no configuration reached {args.threshold:.1%} agreement; nothing written", 1)
-        cfg = RunConfig.from_dict(chosen_row["config"])
-        cfg.name = f"optimized ({chosen_row['name']})"
+        cfg = copy.deepcopy(chosen_row.config)  # the rows keep the name they were timed under
+        cfg.name = f"optimized ({chosen_row.name})"
         save_config(cfg, args.config_out, extra={"chosen_by": "05_optimized_python_benchmark.py",
                                                  "threshold": args.threshold, "reference": ref_source,
-                                                 "sweep_seconds": sum(chosen_row["seconds"]),
-                                                 "sweep_agreement": chosen_row["agreement"]})
-        print(f"chosen: {chosen_row['name']} -> {args.config_out} (sweep took {time.perf_counter() - t0:.0f} s)")
+                                                 "sweep_seconds": sum(chosen_row.seconds),
+                                                 "sweep_agreement": chosen_row.agreement})
+        print(f"chosen: {chosen_row.name} -> {args.config_out} (sweep took {time.perf_counter() - t0:.0f} s)")
     predictor = build_predictor(cfg, spec, onnx if cfg.backend == "onnxruntime" else None)
     settings = {"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup, "input": source,
                 "threshold": args.threshold, "reference": ref_source, "session": predictor.describe()}
     result = new_result("05_optimized_python_benchmark.py", method="optimized", settings=settings,
                         model=model_record(spec))
-    result["sweep"] = rows
-    result["finalists"] = retimed
-    result["chosen"] = chosen_row["name"] if chosen_row else cfg.name
+    result["sweep"] = [r.to_json() for r in rows]
+    result["finalists"] = [r.to_json() for r in retimed]
+    result["chosen"] = chosen_row.name if chosen_row else cfg.name
     if args.efficiency:
         if cfg.backend != "onnxruntime":
             print(f"--efficiency: not measured: the chosen configuration runs on {cfg.backend}, not an ONNX graph")

@@ -1,16 +1,52 @@
-"""05's search for the fastest faithful configuration: candidate configurations and the selection rule."""
+"""05's search for the fastest faithful configuration: candidate configurations, timed rows and the selection rule."""
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from common.machine import usable_cores
 from common.runner import RunConfig
-from common.session import usable_cores
 
 AGREEMENT_THRESHOLD = 0.999
+FACTORS = ("backend", "onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
+           "batch_size", "resample_threads")
 
 
-def one_factor_configs(cores: int | None = None) -> list[RunConfig]:
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration of the sweep and the factor it varies ("baseline", "backend", "tile_step", ...: FACTORS)."""
+
+    factor: str
+    config: RunConfig
+
+
+@dataclass
+class SweepRow:
+    """One configuration timed on the sweep scans: per scan, the median seconds of ``runs`` timed runs, its stage
+    seconds and its voxel agreement (0..1) with the reference; ``error``: why it could not run (one line)."""
+
+    config: RunConfig
+    factor: str
+    scans: list[str]
+    runs: int = 1
+    seconds: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as 05's result file holds it ("sweep" and "finalists")."""
+        return {"name": self.name, "config": self.config.to_dict(), "scans": self.scans, "seconds": self.seconds,
+                "stages": self.stages, "agreement": self.agreement, "runs": self.runs, "error": self.error,
+                "factor": self.factor}
+
+
+def one_factor_configs(cores: int | None = None) -> list[Candidate]:
     """The baseline (faithful pipeline, ONNX Runtime defaults) and one variation per factor.
 
     Factors: backend (ONNX Runtime / PyTorch, with thread counts 1..cores), graph optimisation level,
@@ -19,9 +55,9 @@ def one_factor_configs(cores: int | None = None) -> list[RunConfig]:
     """
     cores = cores or usable_cores()
     base = RunConfig(name="baseline: ort defaults")
-    out = [base]
+    out = [Candidate("baseline", base)]
 
-    def vary(name: str, **changes) -> None:
+    def vary(factor: str, name: str, **changes) -> None:
         cfg = copy.deepcopy(base)
         for key, value in changes.items():
             if key.startswith("ort_"):
@@ -31,22 +67,22 @@ def one_factor_configs(cores: int | None = None) -> list[RunConfig]:
             else:
                 cfg.segment = replace(cfg.segment, **{key: value})
         cfg.name = name
-        out.append(cfg)
+        out.append(Candidate(factor, cfg))
 
     for t in sorted({1, cores}):
-        vary(f"ort intra_op_threads={t}", ort_intra_op_threads=t)
-        vary(f"pytorch threads={t}", backend="pytorch", torch_threads=t)
+        vary("backend", f"ort intra_op_threads={t}", ort_intra_op_threads=t)
+        vary("backend", f"pytorch threads={t}", backend="pytorch", torch_threads=t)
     for level in ("disable", "basic", "extended"):
-        vary(f"ort graph_optimization={level}", ort_graph_optimization=level)
-    vary("ort execution_mode=parallel", ort_execution_mode="parallel")
-    vary("onnx_norm=native (fused ORT InstanceNorm)", onnx_norm="native")
-    vary("resample_order=3", resample_order=3)
+        vary("graph_optimization", f"ort graph_optimization={level}", ort_graph_optimization=level)
+    vary("execution_mode", "ort execution_mode=parallel", ort_execution_mode="parallel")
+    vary("onnx_norm", "onnx_norm=native (fused ORT InstanceNorm)", onnx_norm="native")
+    vary("resample_order", "resample_order=3", resample_order=3)
     for step in (0.5, 1.0):
-        vary(f"tile_step={step}", tile_step=step)
-    vary("accumulate=float32", accumulate="float32")
-    vary("batch_size=2", batch_size=2)
+        vary("tile_step", f"tile_step={step}", tile_step=step)
+    vary("accumulate", "accumulate=float32", accumulate="float32")
+    vary("batch_size", "batch_size=2", batch_size=2)
     if cores > 1:
-        vary(f"resample_threads={cores}", resample_threads=cores)
+        vary("resample_threads", f"resample_threads={cores}", resample_threads=cores)
     return out
 
 
@@ -67,22 +103,10 @@ def combine(best: dict[str, RunConfig]) -> RunConfig:
     return cfg
 
 
-def factor_of(cfg: RunConfig) -> str:
-    """Which factor a one-factor configuration varies (by its name)."""
-    name = cfg.name
-    if name.startswith(("ort intra_op_threads", "pytorch threads")):
-        return "backend"
-    for key in ("onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
-                "batch_size", "resample_threads"):
-        if key in name:
-            return key
-    return "baseline"
-
-
-def select_fastest(rows: list[dict], threshold: float = AGREEMENT_THRESHOLD) -> dict | None:
+def select_fastest(rows: list[SweepRow], threshold: float = AGREEMENT_THRESHOLD) -> SweepRow | None:
     """Fastest row (by summed median seconds over the sweep scans) whose agreement with the reference is
-    >= threshold on EVERY sweep scan; None if no row qualifies. Rows: {"seconds": [...], "agreement": [...]}."""
-    ok = [r for r in rows if r["agreement"] and min(r["agreement"]) >= threshold and not r.get("error")]
-    return min(ok, key=lambda r: sum(r["seconds"])) if ok else None
+    >= threshold on EVERY sweep scan and that ran without error; None if no row qualifies."""
+    ok = [r for r in rows if r.agreement and min(r.agreement) >= threshold and not r.error]
+    return min(ok, key=lambda r: sum(r.seconds)) if ok else None
 
 
