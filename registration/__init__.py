@@ -1,9 +1,14 @@
 """Two-tier registration from anatomical passports (world mm, RAS+; arrays (x, y, z)).
 
-- registration.rigid.register_rigid(fixed, moving) -> RigidResult   (MOVING -> FIXED world mm)
-- registration.deformable.register_deformable(fixed, moving, rigid) -> DeformableResult (TPS grid)
-- registration.deformable.to_transform(rigid, deformable) -> transform.Transform
+- registration.options: RigidOptions, DeformableOptions (every parameter; recorded as dataclasses.asdict)
+- registration.pipeline.register_passports(fixed, moving, rigid_options, deformable_options) -> (rigid,
+  deformable, Transform): the one rigid -> TPS -> Transform pipeline
+- registration.rigid.register_rigid(fixed, moving, options) -> RigidResult   (MOVING -> FIXED world mm)
+- registration.deformable.register_deformable(fixed, moving, rigid, options) -> DeformableResult (TPS grid);
+  its phases: registration.correspondence (points, matching) and registration.spline (cells, fits, grid)
 - registration.transform: Transform (points both ways, save/load JSON), warp_labels, warp_image
 - registration.stability: the anatomical stability weight table
+- accuracy harness: registration.synthetic (known truths, moving scans), registration.accuracy (TRE, Dice,
+  folding), registration.harness (cases, timing), registration.batch (exp/insp pairs)
 - CLIs: registration/register.py (register two passports), registration/evaluate.py (accuracy harness)
 """

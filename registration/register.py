@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from common.args import (
 )
 from common.atomic import atomic_path, atomic_write_json
 from common.errors import InputError
+from common.geometry import fov_bbox_mm
+from registration.options import DeformableOptions, RigidOptions
 
 if TYPE_CHECKING:
     from common.volume import Volume
@@ -84,13 +87,6 @@ def load_checked_scan(path: Path, modality: str = "CT") -> Volume:
     return load_scan(path, modality)[0]
 
 
-def _fov_bbox(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
-                       dtype=np.float64)
-    w = corners @ affine[:3, :3].T + affine[:3, 3]
-    return np.stack([w.min(axis=0), w.max(axis=0)])
-
-
 def _normalise(img: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """Scale to 0..1 with ``window`` (e.g. HU) or, when None, the 1st..99th percentiles."""
     lo, hi = window if window is not None else (np.percentile(img, [1, 99]) if img.size else (0.0, 1.0))
@@ -127,8 +123,7 @@ def save_overlay(fixed: np.ndarray, warped: np.ndarray, spacing: tuple[float, ..
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from registration.deformable import register_deformable, to_transform
-    from registration.rigid import register_rigid
+    from registration.pipeline import TierError, register_passports
     from registration.transform import warp_image
 
     if (args.fixed_scan is None) != (args.moving_scan is None):
@@ -141,32 +136,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fixed_vol = load_checked_scan(args.fixed_scan)
         moving_vol = load_checked_scan(args.moving_scan)
 
-    bbox = None
+    bbox = None  # the fixed scan's field of view (world mm): the deformable grid covers it too
     if fixed_vol is not None:
-        bbox = _fov_bbox(fixed_vol.shape, fixed_vol.affine)
+        bbox = fov_bbox_mm(fixed_vol.shape, fixed_vol.affine)
     elif isinstance(fixed_p.get("grid"), dict) and "affine" in fixed_p["grid"]:
-        bbox = _fov_bbox(tuple(fixed_p["grid"]["shape"]), np.asarray(fixed_p["grid"]["affine"], dtype=np.float64))
+        bbox = fov_bbox_mm(tuple(fixed_p["grid"]["shape"]), np.asarray(fixed_p["grid"]["affine"], dtype=np.float64))
+    rigid_options = RigidOptions(residual_threshold_mm=args.residual_threshold)
+    deformable_options = None if args.no_deformable else DeformableOptions(
+        smoothing=args.smoothing, max_control_points=args.max_control_points, bbox_mm=bbox)
 
     t0 = time.perf_counter()
     try:
-        rigid = register_rigid(fixed_p, moving_p, residual_threshold_mm=args.residual_threshold)
-    except ValueError as exc:
-        raise InputError(args.moving_passport, f"{exc} (fixed passport {args.fixed_passport})") from None
-    defo = None
-    if not args.no_deformable:
-        try:
-            defo = register_deformable(fixed_p, moving_p, rigid, smoothing=args.smoothing,
-                                       max_control_points=args.max_control_points, bbox_mm=bbox)
-        except (np.linalg.LinAlgError, ValueError) as exc:  # e.g. all control points in one plane
-            reason = " ".join(str(exc).split(". ")[0].split())
-            raise InputError(args.fixed_passport, f"the thin-plate spline cannot be fitted on this passport's "
-                                                  f"points ({reason}; do they all lie in one plane?); "
-                                                  "use --no-deformable for a rigid registration") from None
-    transform = to_transform(rigid, defo, meta={
-        "fixed_passport": str(args.fixed_passport), "moving_passport": str(args.moving_passport),
-        "fixed_scan": str(args.fixed_scan) if args.fixed_scan else None,
-        "moving_scan": str(args.moving_scan) if args.moving_scan else None,
-    })
+        rigid, defo, transform = register_passports(fixed_p, moving_p, rigid_options, deformable_options, meta={
+            "fixed_passport": str(args.fixed_passport), "moving_passport": str(args.moving_passport),
+            "fixed_scan": str(args.fixed_scan) if args.fixed_scan else None,
+            "moving_scan": str(args.moving_scan) if args.moving_scan else None,
+        })
+    except TierError as exc:
+        if exc.tier == "rigid":
+            raise InputError(args.moving_passport, f"{exc} (fixed passport {args.fixed_passport})") from None
+        # e.g. all control points in one plane
+        reason = " ".join(str(exc).split(". ")[0].split())
+        raise InputError(args.fixed_passport, f"the thin-plate spline cannot be fitted on this passport's "
+                                              f"points ({reason}; do they all lie in one plane?); "
+                                              "use --no-deformable for a rigid registration") from None
     total_ms = (time.perf_counter() - t0) * 1000.0
     transform.save(args.out / "transform.json")
     report: dict[str, Any] = {
@@ -180,7 +173,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_control_points": defo.n_control_points if defo else 0,
         "settings": {"deformable": not args.no_deformable, "smoothing": args.smoothing,
                      "residual_threshold_mm": args.residual_threshold,
-                     "max_control_points": args.max_control_points},
+                     "max_control_points": args.max_control_points,
+                     # every option that affects the result: RigidOptions(**...) / DeformableOptions(**...)
+                     "rigid_options": asdict(rigid_options),
+                     "deformable_options": None if deformable_options is None else asdict(deformable_options)},
         "outputs": {"transform": str(args.out / "transform.json")},
     }
     if fixed_vol is not None and moving_vol is not None:

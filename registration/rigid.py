@@ -17,14 +17,15 @@ ignores landmark weights for rigid transforms, and the closed form is a 3x3 SVD 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
 
 import numpy as np
 
+from registration.options import RigidOptions, with_overrides
+from registration.stability import structure_weight, weight_group
 from registration.structures import PassportLike, centroid, eigen, matched_names, size_mm3, structure_table
-from registration.stability import WEIGHT_TABLE, WeightTable, structure_weight, weight_group
 
 
 def weighted_kabsch(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray | None = None
@@ -218,31 +219,24 @@ def _axis_points(cf: np.ndarray, cm: np.ndarray, eig_f: tuple[np.ndarray, np.nda
     return mov, fix, np.concatenate([idx_n, idx_n])
 
 
-def register_rigid(fixed: PassportLike, moving: PassportLike, *,
-                   residual_threshold_mm: float = 15.0,
-                   use_axes: bool = True,
-                   axis_weight: float = 0.5,
-                   axis_min_gap: float = 0.25,
-                   axis_max_angle_deg: float = 30.0,
-                   loss: str = "cauchy",
-                   loss_scale_mm: float | None = None,
-                   size_consistency: bool = True,
-                   min_voxels: int = 8,
-                   n_hypotheses: int = 200,
-                   max_iter: int = 20,
-                   weight_table: WeightTable = WEIGHT_TABLE,
-                   seed: int = 0) -> RigidResult:
+def register_rigid(fixed: PassportLike, moving: PassportLike, options: RigidOptions | None = None,
+                   **overrides: Any) -> RigidResult:
     """Rigid registration from two passports; the result maps MOVING world mm -> FIXED world mm.
 
-    ``fixed``/``moving``: passport dicts (or lists of structure dicts). Structures are matched by
-    name; those with fewer than ``min_voxels`` voxels are ignored. ``residual_threshold_mm``: a
-    structure whose centroid residual exceeds it is an outlier. ``loss``: "cauchy" | "huber" | "none",
-    IRLS weights with scale ``loss_scale_mm`` (default threshold / 2). ``use_axes`` adds principal-axis
-    points (weight ``axis_weight`` x the structure's weight). Raises ValueError when no structure matches.
+    ``fixed``/``moving``: passport dicts (or lists of structure dicts). ``options`` (default RigidOptions(),
+    or RigidOptions(**overrides) from keyword settings): structures are matched by name; those with fewer
+    than ``min_voxels`` voxels are ignored. ``residual_threshold_mm``: a structure whose centroid residual
+    exceeds it is an outlier. ``loss``: "cauchy" | "huber" | "none", IRLS weights with scale
+    ``loss_scale_mm``. ``use_axes`` adds principal-axis points (weight ``axis_weight`` x the structure's
+    weight). The result's ``settings`` are ``asdict(options)`` plus each structure's stability group.
+    Raises ValueError when no structure matches.
     """
     t0 = time.perf_counter()
-    fixed_t = structure_table(fixed, min_voxels)
-    moving_t = structure_table(moving, min_voxels)
+    opts = with_overrides(RigidOptions, options, overrides)
+    residual_threshold_mm, loss, weight_table = opts.residual_threshold_mm, opts.loss, opts.weight_table
+    axis_weight, max_iter = opts.axis_weight, opts.max_iter
+    fixed_t = structure_table(fixed, opts.min_voxels)
+    moving_t = structure_table(moving, opts.min_voxels)
     names = matched_names(fixed_t, moving_t)
     if not names:
         raise ValueError("the two passports share no structure name: nothing to register")
@@ -250,16 +244,16 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
     Q = np.array([centroid(fixed_t[n]) for n in names])
     groups = [weight_group(n, weight_table) for n in names]
     w = np.array([structure_weight(n, weight_table) for n in names])
-    if size_consistency:
+    if opts.size_consistency:
         sf = np.array([size_mm3(fixed_t[n]) for n in names])
         sm = np.array([size_mm3(moving_t[n]) for n in names])
         c = np.where((sf > 0) & (sm > 0), np.minimum(sf, sm) / np.maximum(np.maximum(sf, sm), 1e-12), 1.0)
         w = w * np.nan_to_num(c, nan=1.0)
     w = np.maximum(w, 1e-6)
-    scale = residual_threshold_mm / 2.0 if loss_scale_mm is None else float(loss_scale_mm)
+    scale = opts.loss_scale_mm
     n = len(names)
 
-    inl = np.ones(n, dtype=bool) if n < 4 else _ransac(P, Q, w, residual_threshold_mm, n_hypotheses, seed)
+    inl = np.ones(n, dtype=bool) if n < 4 else _ransac(P, Q, w, residual_threshold_mm, opts.n_hypotheses, opts.seed)
     if inl.sum() < min(3, n):
         inl = np.ones(n, dtype=bool)
 
@@ -279,15 +273,16 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
         return weighted_kabsch(np.concatenate(pts_m), np.concatenate(pts_f), np.concatenate(ww))
 
     R, t = fit(inl, None, None)
-    if use_axes:
+    if opts.use_axes:
         lf, vf, ok_f = _stack_eigen([fixed_t[nm] for nm in names])
         lm, vm, ok_m = _stack_eigen([moving_t[nm] for nm in names])
         eig_f, eig_m, has_eig = (lf, vf), (lm, vm), ok_f & ok_m
     for stage in ("centroids", "axes"):
         if stage == "axes":
-            if not use_axes:
+            if not opts.use_axes:
                 break
-            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, has_eig, R, axis_min_gap, axis_max_angle_deg)
+            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, has_eig, R, opts.axis_min_gap,
+                                          opts.axis_max_angle_deg)
             if not len(Pa):
                 break
         for _ in range(max_iter):
@@ -317,10 +312,7 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, *,
         iterations=iterations,
         time_ms=elapsed,
         settings={
-            "residual_threshold_mm": residual_threshold_mm, "use_axes": use_axes, "axis_weight": axis_weight,
-            "axis_min_gap": axis_min_gap, "axis_max_angle_deg": axis_max_angle_deg, "loss": loss,
-            "loss_scale_mm": scale, "size_consistency": size_consistency, "min_voxels": min_voxels,
-            "n_hypotheses": n_hypotheses, "seed": seed,
+            **asdict(opts),
             "groups": dict(zip(names, groups, strict=True)),
         },
     )

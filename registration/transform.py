@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from common.atomic import atomic_write_json
 from common.errors import InputError
+from common.geometry import grid_world, voxel_to_world
 
 SCHEMA_NAME = "registration-transform"
 SCHEMA_VERSION = 1
@@ -246,13 +247,6 @@ def load_transform(path: str | Path) -> Transform:
 
 # ---- dense warping ----------------------------------------------------------------------------
 
-def _voxel_grid_world(shape: tuple[int, ...], affine: np.ndarray, z_slice: slice) -> np.ndarray:
-    """(n, 3) world mm of the voxels of ``shape`` with k in ``z_slice`` (C order over (i, j, k))."""
-    i, j, k = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), np.arange(shape[2])[z_slice], indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(np.float64)
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
-
-
 def warp_array(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: tuple[int, ...],
                fixed_affine: np.ndarray, transform: Transform, order: int, cval: float = 0.0,
                chunk_voxels: int = 2_000_000) -> np.ndarray:
@@ -272,9 +266,9 @@ def warp_array(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: tuple
     src = moving if order == 0 else moving.astype(np.float32, copy=False)
     for k0 in range(0, fixed_shape[2], step):
         sl = slice(k0, min(k0 + step, fixed_shape[2]))
-        world = _voxel_grid_world(fixed_shape, fixed_affine, sl)
+        world = grid_world(fixed_shape, fixed_affine, sl)
         y = transform.fixed_to_moving(world)
-        vox = y @ inv_m[:3, :3].T + inv_m[:3, 3]
+        vox = voxel_to_world(y, inv_m)  # moving voxel (i, j, k)
         if order == 0:
             vox = np.rint(vox)  # exact nearest neighbour, also for coordinates a hair off an integer
         vals = ndimage.map_coordinates(src, vox.T, order=order, mode="constant", cval=cval, prefilter=False)

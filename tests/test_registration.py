@@ -14,6 +14,7 @@ import pytest
 
 from registration.deformable import jacobian_stats, register_deformable, to_transform
 from registration.rigid import register_rigid, rotation_angle_deg, weighted_kabsch
+from registration.stability import WEIGHT_TABLE, structure_weight, weight_group
 from registration.transform import (
     DisplacementGrid,
     Transform,
@@ -24,7 +25,6 @@ from registration.transform import (
     warp_image,
     warp_labels,
 )
-from registration.stability import WEIGHT_TABLE, structure_weight, weight_group
 
 ROOT = Path(__file__).resolve().parents[1]
 

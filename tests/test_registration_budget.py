@@ -1,6 +1,6 @@
 """Issue 11 (1b): a control-point budget below one per structure must not hang the registration.
 
-``registration.deformable._cells`` used to grow its cells until there were at most ``budget`` of them,
+``registration.spline.assign_cells`` (formerly ``registration.deformable._cells``) used to grow its cells until there were at most ``budget`` of them,
 but every structure always keeps one cell, so a budget under the number of structures never ended
 (``--max-control-points`` below about twice the number of structures hung at 100 % CPU). The floor is
 now one cell per structure plus the centroids, and the result says when it was applied.
@@ -23,10 +23,11 @@ import pytest
 from test_registration import NAMES, make_passport, moved_passport, rotation
 
 from common.passport import build_passport, save_passport
-from registration.deformable import _cells, register_deformable, to_transform
-from registration.evaluate import load_ct_and_labels, total_class_names
+from registration.deformable import register_deformable, to_transform
+from registration.harness import class_names, load_ct_and_labels
 from registration.register import main as register_main
 from registration.rigid import register_rigid
+from registration.spline import assign_cells
 from registration.structures import structure_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def within(limit_s: float, fn, *args, **kwargs):
     return result
 
 
-# ---- _cells -----------------------------------------------------------------------------------
+# ---- assign_cells --------------------------------------------------------------------------------
 
 def owners_and_points(n_owners: int = 6, per_owner: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -64,7 +65,7 @@ def owners_and_points(n_owners: int = 6, per_owner: int = 100, seed: int = 0) ->
 @pytest.mark.parametrize("budget", [0, 1, 2, 5])
 def test_cells_below_floor_is_one_cell_per_structure(budget):
     pts, owner = owners_and_points(6)
-    cell, h = within(5.0, _cells, pts, owner, budget, 10.0)
+    cell, h = within(5.0, assign_cells, pts, owner, budget, 10.0)
     assert len(cell) == len(pts) and math.isfinite(h) and h >= 10.0
     assert cell.max() + 1 == 6  # the floor: 6 structures -> 6 cells
     for o in range(6):  # one cell per structure, never shared between structures
@@ -76,7 +77,7 @@ def test_cells_below_floor_is_one_cell_per_structure(budget):
 def test_cells_within_budget_unchanged(budget):
     """Budgets at or above the floor: at most ``budget`` cells, at the first h (x 1.15 steps) that gets there."""
     pts, owner = owners_and_points(6)
-    cell, h = within(5.0, _cells, pts, owner, budget, 10.0)
+    cell, h = within(5.0, assign_cells, pts, owner, budget, 10.0)
     assert cell.max() + 1 <= budget
     if h > 10.0:  # the previous (smaller) h had too many cells
         q = np.floor((pts - pts.min(axis=0)) / (h / 1.15)).astype(np.int64)
@@ -92,7 +93,7 @@ def test_cells_pathological_inputs_terminate():
     for points, cell_mm in [(bad, 10.0), (np.full_like(pts, np.nan), 10.0), (np.zeros_like(pts), 10.0),
                             (pts, 0.0), (pts, float("nan")), (pts, float("inf")), (pts, 1e-300)]:
         for budget in (0, 2, 4, 1000):
-            cell, _ = within(5.0, _cells, points, owner, budget, cell_mm)
+            cell, _ = within(5.0, assign_cells, points, owner, budget, cell_mm)
             assert len(cell) == len(points) and cell.min() >= 0
             assert cell.max() + 1 >= 4  # structures never share a cell
             assert cell.max() + 1 <= max(budget, 4)
@@ -147,7 +148,7 @@ def ct_passports(example_ct_sm, example_seg, tmp_path_factory) -> tuple[Path, Pa
     """Fixed: the passport of example_seg on its own grid. Moving: the same label map on a grid
     rotated by 4 deg and shifted (a known rigid change of frame; no resampling)."""
     _, anatomy, aff = load_ct_and_labels(example_ct_sm, example_seg)
-    names = total_class_names()
+    names = class_names()
     moved = np.eye(4)
     moved[:3, :3] = rotation([0.2, 0.3, 1.0], 4.0)
     moved[:3, 3] = [6.0, -4.0, 5.0]

@@ -1,6 +1,6 @@
 """Registration on the real CT (example_ct_sm + its official label map) against KNOWN transforms.
 
-The moving scans are made by the evaluation harness (registration/evaluate.py): the real CT and labels
+The moving scans are made by the evaluation harness (registration/synthetic.py, registration/harness.py): the real CT and labels
 pulled through a seeded rigid transform (<= 15 deg, <= 30 mm) plus a smooth deformation of a given
 peak size. Passports come from the label maps only; errors are measured against the known truth in mm.
 """
@@ -15,21 +15,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from common.geometry import voxel_to_world
 from common.passport import build_passport, compute_structures, save_passport
-from registration.evaluate import (
-    BODY_HU,
-    KnownTransform,
-    evaluate_case,
-    find_pairs,
-    load_ct_and_labels,
-    make_moving,
-    model_labels,
-    random_known_transform,
-    register_passports,
-    run_batch,
-    total_class_names,
-    voxel_world,
-)
+from registration.accuracy import BODY_HU
+from registration.batch import find_pairs, run_batch
+from registration.harness import class_names, evaluate_case, load_ct_and_labels
+from registration.pipeline import register_passports
+from registration.synthetic import KnownTransform, make_moving, model_labels, random_known_transform
 from registration.transform import load_transform, warp_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ct_case(example_ct_sm, example_seg):
     img, anatomy, aff = load_ct_and_labels(example_ct_sm, example_seg)
-    names = total_class_names()
+    names = class_names()
     lab = model_labels(anatomy)
     fp = compute_structures(lab, aff, names)
-    body = voxel_world(np.argwhere(img > BODY_HU), aff)
-    center = voxel_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]
+    body = voxel_to_world(np.argwhere(img > BODY_HU), aff)
+    center = voxel_to_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]
     return {"img": img, "anatomy": anatomy, "lab": lab, "aff": aff, "names": names, "fp": fp, "body": body,
             "center": center}
 

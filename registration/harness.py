@@ -1,0 +1,195 @@
+"""The accuracy harness: registration against KNOWN transforms of a real CT, and passport timing.
+
+The real CT and its label map are the FIXED scan; registration/synthetic.py makes each moving scan from a
+known truth psi (MOVING world mm -> FIXED world mm, RAS+). Passports are built from the label maps ONLY
+(common.passport.compute_structures); the registration never sees the truth. Per case: TRE (mm, see
+registration/accuracy.py) for no registration, rigid only and rigid + TPS, Dice of the warped labels
+(circular: the same labels drive the registration), Jacobian folding of the deformable field, runtime.
+Arrays are (x, y, z); affines map voxel (i, j, k) to world mm.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import InputError
+from common.geometry import fov_bbox_mm, voxel_to_world
+from common.labels import as_label_array
+from common.passport import compute_structures
+from registration.accuracy import (
+    BODY_HU,
+    dice_scores,
+    folding_stats,
+    sample_points,
+    summarise_cases,
+    tre_table,
+)
+from registration.options import DeformableOptions, RigidOptions
+from registration.pipeline import register_passports
+from registration.register import load_checked_scan
+from registration.rigid import rotation_angle_deg
+from registration.structures import centroid
+from registration.synthetic import (
+    KnownTransform,
+    make_moving,
+    model_labels,
+    random_known_transform,
+    synthetic_structures,
+)
+from registration.transform import Transform, warp_labels
+
+
+def class_names() -> dict[int, str]:
+    """TotalSegmentator "total" class names (label id -> name) from common.labels; {} when the package is
+    unavailable (compute_structures then names structures "label_<id>")."""
+    from common.labels import total_class_names
+
+    try:
+        return total_class_names()
+    except Exception:  # noqa: BLE001 - the package is optional for the harness
+        return {}
+
+
+def checked_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """An integer (x, y, z) label array (common.labels.as_label_array); InputError naming ``path`` otherwise."""
+    try:
+        return as_label_array(data)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
+
+
+def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
+                  known: KnownTransform, *, fixed_labels: np.ndarray | None = None,
+                  fixed_passport: list[dict] | None = None, label_sigma_vox: float = 1.0, n_points: int = 20000,
+                  seed: int = 0, rigid_options: RigidOptions | None = None,
+                  deformable_options: DeformableOptions | None = None, with_dice: bool = True) -> dict[str, Any]:
+    """Make the moving scan from ``known``, register passports, and measure TRE / Dice / folding / time.
+
+    Arrays (x, y, z), ``affine`` voxel -> world mm RAS+. ``anatomy_labels``: the original label map of
+    the fixed CT. Fixed labels (``model_labels``; pass them precomputed as ``fixed_labels``) and moving
+    labels are both samples of its smooth anatomy model (``label_sigma_vox``). The deformable grid also
+    covers the fixed scan's field of view (``bbox_mm`` of ``deformable_options`` is set to it).
+    """
+    rng = np.random.default_rng(seed)
+    if fixed_labels is None:
+        fixed_labels = model_labels(anatomy_labels, label_sigma_vox)
+    m_img, m_lab, m_aff = make_moving(fixed_img, anatomy_labels, affine, known, label_sigma_vox=label_sigma_vox)
+    fp = fixed_passport if fixed_passport is not None else compute_structures(fixed_labels, affine, names)
+    mp = compute_structures(m_lab, m_aff, names)
+    defo_options = replace(deformable_options or DeformableOptions(), bbox_mm=fov_bbox_mm(fixed_img.shape, affine))
+    rigid, defo, T = register_passports(fp, mp, rigid_options, defo_options)
+    pts = sample_points(fixed_img, fixed_labels, affine, n_points, rng)
+    pts["centroids"] = np.array([centroid(s) for s in fp]).reshape(-1, 3)
+    estimates = {"none": Transform.identity(), "rigid": T.rigid_only(), "rigid_tps": T}
+    out: dict[str, Any] = {
+        "truth": {
+            "rotation_deg": rotation_angle_deg(known.rotation),
+            "shift_mm_at_centre": None,
+            "peak_deformation_mm": float(np.linalg.norm(known.bumps(pts["body"]), axis=1).max()) if len(known.sigmas)
+            else 0.0,
+            "max_grad_deformation": known.max_gradient(pts["body"]),
+        },
+        "moving_shape": list(m_lab.shape),
+        "n_structures": {"fixed": len(fp), "moving": len(mp), "matched": len(rigid.residuals_mm),
+                         "rigid_outliers": list(rigid.outliers)},
+        "tre_mm": tre_table(pts, known, estimates),
+        "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"] if defo else 0.0,
+                    "tps_parts": defo.time_ms if defo else {}},
+        "n_control_points": defo.n_control_points if defo else 0,
+    }
+    if defo is not None:
+        out["jacobian"] = folding_stats(defo.grid, pts["body"])
+        out["icp_history"] = defo.history
+    if with_dice:
+        labels = np.array([s["label"] for s in fp])
+        out["dice"] = {name: dice_scores(warp_labels(m_lab, m_aff, fixed_labels.shape, affine, est), fixed_labels,
+                                         labels) for name, est in estimates.items()}
+    return out
+
+
+def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image float32 (x,y,z), labels int (x,y,z), affine) after checking that the grids agree.
+
+    Bad files, a label map whose shape or affine differs from the scan's and one with non-integer or
+    negative values raise InputError (one line).
+    """
+    from common.validation import check_label_map_matches
+
+    ct = load_checked_scan(ct_path).image
+    seg = load_checked_scan(seg_path, modality="ANY").image
+    check_label_map_matches(ct, seg, ct_path, seg_path)
+    img = np.asarray(ct.dataobj, dtype=np.float32)
+    lab = checked_labels(np.asarray(seg.dataobj), seg_path)
+    return img, lab, np.asarray(ct.affine, dtype=np.float64)
+
+
+def run_synthetic(ct_path: Path, seg_path: Path, *, magnitudes: tuple[float, ...] = (5.0, 10.0, 20.0),
+                  n_cases: int = 3, seed: int = 0, n_points: int = 20000, max_angle_deg: float = 15.0,
+                  max_shift_mm: float = 30.0, rigid_options: RigidOptions | None = None,
+                  deformable_options: DeformableOptions | None = None, with_dice: bool = True,
+                  include_rigid_only: bool = True, include_self: bool = True,
+                  label_sigma_vox: float = 1.0) -> dict[str, Any]:
+    """Self-registration, rigid-only truths and rigid + deformation truths for each peak magnitude."""
+    img, anatomy, aff = load_ct_and_labels(ct_path, seg_path)
+    lab = model_labels(anatomy, label_sigma_vox)  # fixed labels: the smooth anatomy model on the fixed grid
+    names = class_names()
+    fp = compute_structures(lab, aff, names)
+    body = voxel_to_world(np.argwhere(img > BODY_HU), aff)
+    center = voxel_to_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]
+    kw = {"fixed_labels": lab, "fixed_passport": fp, "label_sigma_vox": label_sigma_vox,
+          "n_points": n_points, "rigid_options": rigid_options,
+          "deformable_options": deformable_options, "with_dice": with_dice}
+    out: dict[str, Any] = {"ct": str(ct_path), "labels": str(seg_path), "shape": list(img.shape),
+                           "n_structures": len(fp), "label_sigma_vox": label_sigma_vox, "seed": seed, "n_cases": n_cases,
+                           "max_angle_deg": max_angle_deg, "max_shift_mm": max_shift_mm,
+                           # what every case's deformable tier ran with (evaluate_case adds the CT's field of view)
+                           "deformable_settings": asdict(replace(deformable_options or DeformableOptions(),
+                                                                 bbox_mm=fov_bbox_mm(img.shape, aff))),
+                           "results": {}}
+    if include_self:
+        case = evaluate_case(img, anatomy, aff, names, KnownTransform.identity(), seed=seed, **kw)
+        out["results"]["self"] = {"cases": [case], "summary": summarise_cases([case])}
+    groups = ([0.0] if include_rigid_only else []) + [float(m) for m in magnitudes]
+    for gi, peak in enumerate(groups):
+        cases = []
+        for c in range(n_cases):
+            rng = np.random.default_rng([seed, gi, c])
+            known = random_known_transform(rng, center, body, max_angle_deg=max_angle_deg,
+                                           max_shift_mm=max_shift_mm, peak_mm=peak)
+            case = evaluate_case(img, anatomy, aff, names, known, seed=seed + c, **kw)
+            case["truth"]["shift_mm_at_centre"] = float(np.linalg.norm(known.moving_to_fixed(center[None])[0]
+                                                                       - center))
+            cases.append(case)
+        key = "rigid_only" if peak == 0 else f"peak_{peak:g}mm"
+        out["results"][key] = {"cases": cases, "summary": summarise_cases(cases)}
+    return out
+
+
+
+def timing_full_passport(n_structures: int = 117, n_points: int = 500, seed: int = 0, repeats: int = 3,
+                         rigid_options: RigidOptions | None = None,
+                         deformable_options: DeformableOptions | None = None) -> dict[str, Any]:
+    """Runtime (ms) of rigid and rigid + TPS on passports of ``n_structures`` x ``n_points`` boundary points."""
+    rng = np.random.default_rng(seed)
+    fixed = synthetic_structures(n_structures, n_points, rng)
+    known = random_known_transform(rng, np.zeros(3), np.array([s["centroid_mm"] for s in fixed]), peak_mm=10.0)
+    moving = []
+    for s in fixed:
+        m = dict(s)
+        m["centroid_mm"] = known.fixed_to_moving(np.array([s["centroid_mm"]]))[0].tolist()
+        m["eigenvectors"] = (known.rotation.T @ np.array(s["eigenvectors"])).tolist()
+        m["boundary_points_mm"] = known.fixed_to_moving(np.array(s["boundary_points_mm"])).tolist()
+        moving.append(m)
+    rig, tps = [], []
+    for _ in range(repeats):
+        r, d, _ = register_passports(fixed, moving, rigid_options, deformable_options or DeformableOptions())
+        rig.append(r.time_ms)
+        tps.append(d.time_ms["total"])
+    return {"n_structures": n_structures, "n_points": n_points, "repeats": repeats,
+            "rigid_ms": {"median": float(np.median(rig)), "max": float(np.max(rig))},
+            "tps_ms": {"median": float(np.median(tps)), "max": float(np.max(tps))},
+            "total_ms_median": float(np.median(np.array(rig) + np.array(tps))),
+            "n_control_points": d.n_control_points, "grid_shape": list(d.grid.shape), "tps_parts_ms": d.time_ms}
