@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from test_download import _write_dicom_series
 
-import common.dicom
+import common.dicom_zip
 from common.discovery import discover
 from common.errors import InputError
 from common.validation import load_scan
@@ -301,7 +301,7 @@ def test_a_bad_zip_is_one_line_and_nothing_is_written_outside(case, series, tmp_
 
 def test_a_zip_larger_than_free_memory_is_refused_before_extraction(series, tmp_path, scratch, monkeypatch):
     target = _zip(series, tmp_path / "ct.zip")
-    monkeypatch.setattr(common.dicom, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(common.dicom_zip, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(InputError) as exc:
         load_scan(target)
     _assert_one_line(exc, target, "uncompressed", "of memory available")
