@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.args import check_outputs, nonnegative_int, run_script, script_parser
-from common.cli import DEFAULT_ONNX, add_weights_argument, fail, onnx_variant_path, prepare_model
+from common.args import check_outputs, fail, nonnegative_int, run_script, script_parser
 from common.errors import InputError
+from common.model_cache import ensure_onnx, onnx_variant_path, prepare_model
+from common.paths import DEFAULT_ONNX
+from common.script_args import add_weights_argument
 
 
 def fold_name(text: str) -> int | str:
@@ -47,12 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.out is not None and not args.standin_only:  # refused before the weights are touched
             target = onnx_variant_path(args.out, not args.native_norm)
@@ -70,7 +68,6 @@ def main(argv=None) -> int:
 
             spec = load_model_spec(args.model_dir, fold=args.fold)
             out = args.out or DEFAULT_ONNX.parent / f"{spec.folder.parent.name}.onnx"
-        from common.cli import ensure_onnx
         from common.onnx_export import export_and_check
 
         precise = not args.native_norm

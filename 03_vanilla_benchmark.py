@@ -18,9 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-from common.args import positive_float, run_script, script_parser
-from common.cli import add_run_arguments, fail, model_record, start_run
+from common.args import fail, positive_float, run_script, script_parser
 from common.errors import InputError
+from common.model_cache import model_record
+from common.script_args import add_run_arguments, start_run
 
 DEVICE = re.compile(r"^(cpu|mps|(gpu|cuda)(:\d+)?)$")
 
@@ -40,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time limit of one official call in seconds; a call past it is killed and its scan "
                         "recorded as failed (default: 300 s + 60 s per 112x112x128 tile of the scan)")
     return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
 
 
 def official_runner(weights_folder: Path, device: str, timeout_s: float | None, spec=None):
@@ -95,7 +92,7 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from common.bench import run_benchmark_batch
     from common.results import new_result
 

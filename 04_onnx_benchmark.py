@@ -11,16 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.args import run_script, script_parser
-from common.cli import (
-    add_run_arguments,
-    ensure_onnx,
-    fail,
-    model_record,
-    start_run,
-)
+from common.args import fail, run_script, script_parser
 from common.efficiency import EFFICIENCY_HELP
 from common.errors import InputError
+from common.model_cache import model_record
+from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,20 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from common.bench import run_benchmark_batch, segment_runner
     from common.results import new_result
     from common.runner import RunConfig, build_predictor
 
     try:
-        batch, spec = start_run(args)
+        batch, spec, onnx = start_onnx_run(args)
         cfg = RunConfig(name="onnxruntime defaults")
-        onnx = ensure_onnx(spec, args.onnx)
         predictor = build_predictor(cfg, spec, onnx)
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
@@ -54,10 +44,7 @@ def main(argv=None) -> int:
                                   "session": predictor.describe(), "input": source},
                         model=model_record(spec))
     if args.efficiency:
-        from common.cluster_args import usable_cores
-        from common.efficiency import measure_into
-
-        print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
+        report_efficiency(result, onnx, spec, cfg.ort.intra_op_threads)
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "04 onnx")
 
 

@@ -19,18 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from common.args import positive_int, run_script, script_parser, unit_fraction
-from common.cli import (
-    BENCHMARKS,
-    OPTIMIZED_CONFIG,
-    add_run_arguments,
-    ensure_onnx,
-    fail,
-    model_record,
-    start_run,
-)
+from common.args import fail, positive_int, run_script, script_parser, unit_fraction
 from common.efficiency import EFFICIENCY_HELP
 from common.errors import InputError
+from common.model_cache import ensure_onnx, model_record
+from common.paths import BENCHMARKS, OPTIMIZED_CONFIG
+from common.script_args import add_run_arguments, start_run
 
 
 def build_parser() -> argparse.ArgumentParser:

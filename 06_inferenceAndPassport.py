@@ -27,18 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from common.args import positive_int, run_script, script_parser
-from common.cli import (
-    OPTIMIZED_CONFIG,
-    add_run_arguments,
-    ensure_onnx,
-    fail,
-    model_record,
-    start_run,
-)
+from common.args import fail, positive_int, run_script, script_parser
 from common.cluster_args import add_cluster_arguments
 from common.efficiency import EFFICIENCY_HELP, add_scan_efficiencies
 from common.errors import InputError
+from common.model_cache import model_record
+from common.paths import OPTIMIZED_CONFIG
+from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP)
     add_cluster_arguments(p)
     return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
 
 
 def _job_options(args, key_config: dict):
@@ -139,7 +130,7 @@ def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
     from common import resume
@@ -153,8 +144,7 @@ def main(argv=None) -> int:
             raise InputError(None, problem)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()  # bad config: before any work
-        batch, spec = start_run(args)
-        onnx = ensure_onnx(spec, args.onnx) if cfg.backend == "onnxruntime" else None
+        batch, spec, onnx = start_onnx_run(args, export=cfg.backend == "onnxruntime")
         predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)  # before any scan
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
@@ -178,9 +168,7 @@ def main(argv=None) -> int:
         if onnx is None:
             return fail("--efficiency counts the FLOPs of the ONNX graph; the run configuration uses the "
                         f"{cfg.backend} backend")
-        from common.efficiency import measure_into
-
-        print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
+        report_efficiency(result, onnx, spec, cfg.ort.intra_op_threads)
     t0 = time.perf_counter()
     try:
         if wants_cluster(args):

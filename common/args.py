@@ -1,5 +1,5 @@
 """Command-line plumbing every script shares: checked option types, one-line argparse errors, output checks
-made before any work, and a clean exit on Ctrl-C.
+made before any work, one-line failures, a console that survives any encoding, and a clean exit on Ctrl-C.
 
 argparse is the library; what it lacks is written here: value types that refuse negative counts, NaN and
 infinity (``--max-points -5`` must not reach the code), and an error that is ONE line (argparse prints the
@@ -98,9 +98,24 @@ def check_outputs(*, folders: tuple[Path, ...] = (), files: tuple[Path, ...] = (
             raise OSError(problem)
 
 
+def fail(message: object, code: int = 2) -> int:
+    """Print ``message`` as one line to stderr and return the exit code."""
+    print(" ".join(str(message).split()), file=sys.stderr)
+    return code
+
+
+def setup_console() -> None:
+    """Make stdout/stderr replace what their encoding cannot write (backslash escapes) instead of raising: a
+    terminal or CI log that is not UTF-8 must not crash a script over a dash or an ellipsis in a message."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run_script(main: Callable[[], int]) -> int:
-    """Call a script's ``main()``; Ctrl-C anywhere ends with one line on stderr and exit code 130 (a batch
-    loop that catches it first writes its partial record before this)."""
+    """Call a script's ``main()`` after setup_console(); Ctrl-C anywhere ends with one line on stderr and exit
+    code 130 (a batch loop that catches it first writes its partial record before this)."""
+    setup_console()
     try:
         return main()
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if not scan.is_file():
             print(f"error: {scan}: file not found (make it with 01_download_data.py --clinical)", file=sys.stderr)
             return 2
-    from common.cli import prepare_model
+    from common.model_cache import prepare_model
 
     spec = prepare_model(args.weights, log=lambda m: None)
     rows = []

@@ -64,7 +64,7 @@ class PredictorPlugin(WorkerPlugin):
         self.lock = None
 
     def setup(self, worker) -> None:
-        from common.cli import prepare_model
+        from common.model_cache import prepare_model
         from common.runner import RunConfig, build_predictor
 
         t0 = time.perf_counter()

@@ -42,8 +42,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.cli import add_weights_argument
     from common.cluster_args import add_cluster_arguments
+    from common.script_args import add_weights_argument
 
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", dest="input", metavar="filepath", required=True,
@@ -198,17 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(msg, file=file)
             file.flush()
 
-    from common.cli import (
-        DEFAULT_ONNX,
-        OPTIMIZED_CONFIG,
-        ensure_onnx,
-        exit_cleanly_on_sigterm,
-        fail,
-        prepare_model,
-        resolve_inputs,
-    )
+    from common.args import fail
     from common.cluster_args import cluster_problem, wants_cluster
+    from common.inputs import resolve_inputs
+    from common.model_cache import ensure_onnx, prepare_model
+    from common.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.runner import RunConfig, build_predictor, load_config
+    from common.signals import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()
     try:

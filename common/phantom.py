@@ -24,6 +24,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from common.atomic import atomic_save_nifti
+from common.labels import total_class_ids, total_class_names
 
 DEFAULT_SPACING_MM = (0.8, 0.8, 1.5)
 DEFAULT_FOV_MM = (320.0, 280.0, 300.0)  # -> 400 x 350 x 200 voxels at the default spacing
@@ -68,13 +69,6 @@ HU = {
 SMOOTH_SIGMA_VOXELS = 0.7
 NOISE_SD_HU = 15.0
 HU_MIN, HU_MAX = -1024, 3071
-
-
-def total_class_ids() -> dict[str, int]:
-    """TotalSegmentator 'total' task: class name -> label id."""
-    from totalsegmentator.map_to_binary import class_map
-
-    return {name: int(idx) for idx, name in class_map["total"].items()}
 
 
 def vertebra_centre_z(name: str) -> float:
@@ -355,7 +349,7 @@ def _image(data: np.ndarray, affine: np.ndarray, dtype, descrip: str) -> nib.Nif
 def phantom_label_names(labels: nib.Nifti1Image | np.ndarray) -> dict[int, str]:
     """Label id -> TotalSegmentator 'total' class name for every id present in ``labels`` (0 excluded)."""
     arr = np.asarray(labels.dataobj if isinstance(labels, nib.Nifti1Image) else labels)
-    names = {v: k for k, v in total_class_ids().items()}
+    names = total_class_names()
     present = np.flatnonzero(np.bincount(arr.ravel(), minlength=1))
     return {int(i): names[int(i)] for i in present if i != 0}
 

@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_path, atomic_write_json
+from common.labels import total_class_names
 from common.model import CHECKPOINT_NAME, STANDIN_MARKER
+from common.paths import MODELS
 
 TASK_ID = 297
 DATASET_NAME = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 PLANS_NAME = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_HOME_ENV = "TS_BENCH_TOTALSEG_HOME"
 DOWNLOAD_TIMEOUT_S = 1800.0   # the official downloader itself has no timeout
 PROBE_TIMEOUT_S = 10.0
@@ -100,7 +101,7 @@ def task297_folder() -> Path:
 def project_totalseg_home() -> Path:
     """The project's own TotalSegmentator home: $TS_BENCH_TOTALSEG_HOME, else <project>/models/totalseg_home."""
     env = os.environ.get(PROJECT_HOME_ENV)
-    return Path(env).resolve() if env else PROJECT_ROOT / "models" / "totalseg_home"
+    return Path(env).resolve() if env else MODELS / "totalseg_home"
 
 
 def standin_folder(home: Path | None = None) -> Path:
@@ -136,12 +137,6 @@ def is_standin_folder(folder: Path) -> bool:
     return (Path(folder) / STANDIN_MARKER).exists()
 
 
-def _class_names() -> dict[int, str]:
-    from totalsegmentator.map_to_binary import class_map
-
-    return dict(sorted(class_map["total"].items()))
-
-
 def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = False,
                   patch_size: tuple[int, int, int] | None = None) -> Path:
     """Write the stand-in Task 297 results folder (default: ``standin_folder()`` in the project's home);
@@ -163,7 +158,7 @@ def build_standin(folder: Path | None = None, seed: int = 0, overwrite: bool = F
             raise FileExistsError(f"{folder}: official weights present; refusing to overwrite them")
         if not overwrite:
             return folder
-    names = _class_names()
+    names = total_class_names()
     labels = {"background": 0, **{name: idx for idx, name in names.items()}}
     dataset = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1559, "file_ending": ".nii.gz",
                "name": DATASET_NAME}

@@ -131,13 +131,13 @@ def test_clinical_sizes_option():
 
 
 def test_default_inputs_include_clinical_scans_last(tmp_path, monkeypatch):
-    import common.cli as cli
+    import common.inputs as inputs
 
     for rel in ("a.nii.gz", "realistic/a_realistic.nii.gz", "clinical/clinical_512x512x200.nii.gz"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    monkeypatch.setattr(cli, "CT_DATA", tmp_path)
-    batch = cli.resolve_inputs(None)
+    monkeypatch.setattr(inputs, "CT_DATA", tmp_path)
+    batch = inputs.resolve_inputs(None)
     assert [p.relative_to(tmp_path).as_posix() for p in batch.scans] == [
         "a.nii.gz", "realistic/a_realistic.nii.gz", "clinical/clinical_512x512x200.nii.gz"]
     assert list(batch.ids.values()) == ["a", "a_realistic", "clinical_512x512x200"]  # the ids of earlier runs

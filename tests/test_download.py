@@ -1,4 +1,5 @@
-"""common.download + 01_download_data.py against a real local HTTP server (Range support, dropped connections)."""
+"""common.download, common.archives + 01_download_data.py against a real local HTTP server (tests/http_server.py:
+Range support, dropped connections)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,23 +7,21 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import re
 import shutil
-import socket
 import tarfile
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from http_server import local_server, url_of
 
 from common import download
+from common.archives import extract_spleen
 from common.atomic import leftover_temp_files
-from common.download import download_file, extract_spleen
+from common.download import download_file
 from common.errors import DownloadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,73 +37,11 @@ def _load_cli():
 cli = _load_cli()
 
 
-# ---- local HTTP server ------------------------------------------------------------------------
-@dataclasses.dataclass
-class ServerState:
-    files: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    requests: list[dict] = dataclasses.field(default_factory=list)
-    drop_after: int | None = None  # cut the next response after this many body bytes
-    support_range: bool = True
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):  # noqa: N802 - http.server API
-        state: ServerState = self.server.state  # type: ignore[attr-defined]
-        rng = self.headers.get("Range")
-        state.requests.append({"path": self.path, "range": rng})
-        body = state.files.get(self.path)
-        if body is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        start, status = 0, 200
-        if rng and state.support_range:
-            start = int(re.match(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-        payload = body[start:]
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.end_headers()
-        if state.drop_after is not None:
-            self.wfile.write(payload[: state.drop_after])
-            self.wfile.flush()
-            state.drop_after = None
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(payload)
-
-
+# ---- local HTTP server (tests/http_server.py) -------------------------------------------------
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.state = ServerState()  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with local_server() as httpd:
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def _url(httpd, path: str) -> str:
-    return f"http://127.0.0.1:{httpd.server_address[1]}{path}"
 
 
 # ---- test archives made from the real CT ------------------------------------------------------
@@ -158,7 +95,7 @@ def assert_one_line(msg: str, *words: str) -> None:
 def test_full_download_and_extraction_via_cli(server, spleen_tar, crops, tmp_path, monkeypatch, capsys):
     server.state.files["/Task09_Spleen.tar"] = spleen_tar
     monkeypatch.setitem(download.SOURCES, "spleen", dataclasses.replace(
-        download.SPLEEN, url=_url(server, "/Task09_Spleen.tar"), md5=_md5(spleen_tar)))
+        download.SPLEEN, url=url_of(server, "/Task09_Spleen.tar"), md5=_md5(spleen_tar)))
     out = tmp_path / "ct_data"
     assert cli.main(["--out", str(out), "--max-samples", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["spleen_2.nii.gz", "spleen_3.nii.gz"]  # natural order
@@ -191,12 +128,12 @@ def test_interrupted_download_resumes_with_range(server, spleen_tar, tmp_path):
     dest = tmp_path / "a.tar"
     part = tmp_path / "a.tar.part"
     with pytest.raises(DownloadError) as exc:
-        download_file(_url(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False)
+        download_file(url_of(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False)
     assert_one_line(str(exc.value), "interrupted at", "connection dropped", "re-run to resume", str(part))
     assert not dest.exists()
     assert part.stat().st_size == k
 
-    assert download_file(_url(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False) == dest
+    assert download_file(url_of(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False) == dest
     assert [r["range"] for r in server.state.requests] == [None, f"bytes={k}-"]  # resumed, nothing lost
     assert dest.read_bytes() == spleen_tar and not part.exists()
 
@@ -205,7 +142,7 @@ def test_server_ignoring_range_restarts(server, spleen_tar, tmp_path):
     server.state.files["/a.tar"] = spleen_tar
     server.state.support_range = False
     (tmp_path / "a.tar.part").write_bytes(b"garbage from an older attempt")
-    dest = download_file(_url(server, "/a.tar"), tmp_path / "a.tar", expected_size=len(spleen_tar),
+    dest = download_file(url_of(server, "/a.tar"), tmp_path / "a.tar", expected_size=len(spleen_tar),
                          sha256=hashlib.sha256(spleen_tar).hexdigest(), progress=False)
     assert server.state.requests[0]["range"] is not None  # asked to resume, got 200: restarted
     assert dest.read_bytes() == spleen_tar
@@ -214,14 +151,14 @@ def test_server_ignoring_range_restarts(server, spleen_tar, tmp_path):
 def test_complete_part_left_before_rename_is_finished(server, spleen_tar, tmp_path):
     server.state.files["/a.tar"] = spleen_tar
     (tmp_path / "a.tar.part").write_bytes(spleen_tar)  # crash between verification and rename
-    dest = download_file(_url(server, "/a.tar"), tmp_path / "a.tar", md5=_md5(spleen_tar), progress=False)
+    dest = download_file(url_of(server, "/a.tar"), tmp_path / "a.tar", md5=_md5(spleen_tar), progress=False)
     assert dest.read_bytes() == spleen_tar  # server answered 416; the complete .part was verified
 
 
 def test_stale_longer_part_restarts(server, spleen_tar, tmp_path):
     server.state.files["/a.tar"] = spleen_tar
     (tmp_path / "a.tar.part").write_bytes(spleen_tar + b"stale tail")  # the file changed on the server
-    dest = download_file(_url(server, "/a.tar"), tmp_path / "a.tar", md5=_md5(spleen_tar), progress=False)
+    dest = download_file(url_of(server, "/a.tar"), tmp_path / "a.tar", md5=_md5(spleen_tar), progress=False)
     assert dest.read_bytes() == spleen_tar
     assert [r["range"] for r in server.state.requests] == [f"bytes={len(spleen_tar) + 10}-", None]
 
@@ -230,12 +167,12 @@ def test_corrupted_download_rejected(server, spleen_tar, tmp_path):
     server.state.files["/a.tar"] = spleen_tar
     dest = tmp_path / "a.tar"
     with pytest.raises(DownloadError) as exc:
-        download_file(_url(server, "/a.tar"), dest, md5="0" * 32, progress=False)
-    assert_one_line(str(exc.value), "corrupt", "md5", _url(server, "/a.tar"))
+        download_file(url_of(server, "/a.tar"), dest, md5="0" * 32, progress=False)
+    assert_one_line(str(exc.value), "corrupt", "md5", url_of(server, "/a.tar"))
     assert not dest.exists()
     assert not (tmp_path / "a.tar.part").exists()
     with pytest.raises(DownloadError) as exc:
-        download_file(_url(server, "/a.tar"), dest, expected_size=len(spleen_tar) + 1, progress=False)
+        download_file(url_of(server, "/a.tar"), dest, expected_size=len(spleen_tar) + 1, progress=False)
     assert_one_line(str(exc.value), "corrupt", "size")
     assert list(tmp_path.iterdir()) == []
 
@@ -243,13 +180,13 @@ def test_corrupted_download_rejected(server, spleen_tar, tmp_path):
 def test_existing_verified_file_makes_no_request(server, spleen_tar, tmp_path):
     dest = tmp_path / "a.tar"
     dest.write_bytes(spleen_tar)
-    assert download_file(_url(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False) == dest
+    assert download_file(url_of(server, "/a.tar"), dest, md5=_md5(spleen_tar), progress=False) == dest
     assert server.state.requests == []
 
 
 def test_http_error_is_one_line(server, tmp_path):
     with pytest.raises(DownloadError) as exc:
-        download_file(_url(server, "/missing.tar"), tmp_path / "m.tar", progress=False)
+        download_file(url_of(server, "/missing.tar"), tmp_path / "m.tar", progress=False)
     assert_one_line(str(exc.value), "HTTP 404")
 
 
@@ -306,7 +243,7 @@ def test_learn2reg_pairs_via_cli(server, crops, tmp_path, monkeypatch, capsys):
     data = buf.getvalue()
     server.state.files["/training.zip"] = data
     monkeypatch.setitem(download.SOURCES, "learn2reg",
-                        dataclasses.replace(download.LEARN2REG, url=_url(server, "/training.zip"), size=len(data)))
+                        dataclasses.replace(download.LEARN2REG, url=url_of(server, "/training.zip"), size=len(data)))
     out = tmp_path / "ct_data"
     assert cli.main(["--out", str(out), "--dataset", "learn2reg", "--max-samples", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in (out / "learn2reg").iterdir()) == [

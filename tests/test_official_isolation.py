@@ -41,7 +41,7 @@ def _sigterm_caught(pid: int) -> bool:
 
 
 def test_forked_children_get_the_default_sigterm_back():
-    from common.cli import exit_cleanly_on_sigterm
+    from common.signals import exit_cleanly_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -89,7 +89,7 @@ def _busy(stop: list[bool]) -> int:
 
 
 def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads(tiny_home, tiny_scans, tmp_path):
-    from common.cli import exit_cleanly_on_sigterm
+    from common.signals import exit_cleanly_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     stop: list[bool] = []

@@ -13,13 +13,13 @@ import pytest
 from nibabel.affines import apply_affine
 
 from common.atomic import leftover_temp_files
+from common.labels import total_class_ids
 from common.phantom import (
     BODY_SEMI_AXES_MM,
     DEFAULT_FOV_MM,
     VERTEBRA_PERIOD_MM,
     make_phantom,
     phantom_label_names,
-    total_class_ids,
     vertebra_centre_z,
     write_phantom,
 )
