@@ -272,7 +272,7 @@ class BatchRecorder:
         return self.write(strict=True)
 
     def interrupt(self, exc: BaseException) -> int:
-        """Record an interruption (KeyboardInterrupt, or the SystemExit of common.cli's SIGTERM handler) and
+        """Record an interruption (KeyboardInterrupt, or the SystemExit of common.signals' SIGTERM handler) and
         return the exit code (130 for Ctrl-C, 128 + signal number otherwise); prints one line to stderr."""
         import signal
         import sys
