@@ -155,3 +155,21 @@ def test_evaluate_cli_batch_only_empty(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no paired scans" in r.stdout
     assert json.loads(out.read_text(encoding="utf-8"))["batch"]["pairs"] == []
+
+
+def test_non_integer_label_map_is_refused(example_ct_sm, example_seg, tmp_path):
+    """A float label map with a fractional value is an InputError naming the file (never rounded silently)."""
+    from common.errors import InputError
+
+    seg = nib.load(str(example_seg))
+    lab = np.asarray(seg.dataobj).astype(np.float32)
+    lab[tuple(np.argwhere(lab > 0)[0])] += 0.5
+    bad = tmp_path / "float_seg.nii.gz"
+    nib.save(nib.Nifti1Image(lab, seg.affine, dtype=np.float32), str(bad))
+    with pytest.raises(InputError, match="non-integer") as err:
+        load_ct_and_labels(example_ct_sm, bad)
+    assert str(bad) in str(err.value)
+    # whole-number floats are accepted, as integers
+    ok = tmp_path / "float_ok.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(lab), seg.affine, dtype=np.float32), str(ok))
+    assert np.issubdtype(load_ct_and_labels(example_ct_sm, ok)[1].dtype, np.integer)
