@@ -257,6 +257,50 @@ def test_deformable_ignores_rigid_outlier():
     assert np.linalg.norm(T.fixed_to_moving(pts) - (pts - t) @ R, axis=1).max() < 0.5
 
 
+def test_deformable_phases_on_their_own():
+    """The phases of register_deformable, called one by one, give its grid exactly; each checked on its own."""
+    from registration.correspondence import match_step, select_structures, surface_points
+    from registration.options import DeformableOptions
+    from registration.spline import control_cells, displacement_grid, initial_field, refit
+
+    fixed = make_passport(9)
+    R, t = rotation([0, 1, 0], 6.0), np.array([2.0, 3.0, -4.0])
+    moving = moved_passport(fixed, R, t)
+    bad = next(s for s in moving["structures"] if s["name"] == "spleen")  # mislabelled: 50 mm off
+    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    bad["boundary_points_mm"] = (np.asarray(bad["boundary_points_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    rigid = register_rigid(fixed, moving)
+    o = DeformableOptions(max_control_points=60, iterations=2)
+    # point selection: the rigid-frame centroids agree, the mislabelled structure is left out
+    sel = select_structures(fixed, moving, rigid, o)
+    assert "spleen" in sel.excluded and len(sel.used) == len(NAMES) - 1
+    assert np.abs(sel.moving_centroids - sel.fixed_centroids).max() < 0.5
+    surf = surface_points(sel, o)
+    assert len(surf.points) == sum(len(p) for p in sel.fixed_points)
+    assert np.allclose(np.linalg.norm(surf.normals, axis=1), 1.0)
+    # control points: within the budget (cells + centroids)
+    cells = control_cells(surf.points, surf.owner, len(sel.fixed_centroids), o)
+    assert not cells.floor_applied and cells.n_cells + len(sel.fixed_centroids) <= 60
+    assert cells.centres.shape == (cells.n_cells, 3)
+    # spline fit: a rigid truth leaves (almost) nothing to correct
+    d_c = sel.moving_centroids - sel.fixed_centroids
+    tps, u_cell = initial_field(sel.fixed_centroids, d_c, cells.centres, o.centroid_smoothing)
+    for _ in range(o.iterations):
+        c = match_step(surf, cells.cell, cells.n_cells, u_cell, o)
+        assert c.n_matches > 0.5 * len(surf.points) and np.abs(c.correction).max() < 0.5
+        new_tps, u_cell = refit(cells.centres, u_cell, c.correction, c.good, c.n_accepted, sel.fixed_centroids,
+                                d_c, o)
+        tps = new_tps if new_tps is not None else tps
+    # displacement grid and its inverse
+    grid = displacement_grid(tps, [*sel.fixed_points, *sel.moving_points, sel.fixed_centroids, sel.moving_centroids],
+                             d_c, o)
+    grid.moving_to_fixed = invert_displacement(grid)
+    assert np.abs(grid.fixed_to_moving).max() < 0.5
+    whole = register_deformable(fixed, moving, rigid, o)
+    assert np.array_equal(grid.fixed_to_moving, whole.grid.fixed_to_moving)
+    assert np.array_equal(grid.moving_to_fixed, whole.grid.moving_to_fixed)
+
+
 def test_rigid_result_dict_is_json_ready():
     fixed = make_passport(10)
     res = register_rigid(fixed, moved_passport(fixed, rotation([1, 0, 0], 4.0), np.array([1.0, 2.0, 3.0])))
