@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from common.atomic import atomic_write_json
 from common.passport import build_passport, save_passport, scan_metadata
 from common.volume import load_volume
 
@@ -75,9 +76,12 @@ def data(tmp_path_factory, example_ct_sm, example_seg) -> dict[str, Path]:
     def passport(name: str, affine: np.ndarray, scan_file: Path, edit=None) -> Path:
         p = build_passport(labels, affine, class_map["total"], scan=scan_metadata(scan_file, scan),
                            model={"name": "official example_seg"}, resolution="original", max_points=50)
-        if edit is not None:
-            edit(p)
-        paths[name] = save_passport(p, folder / name)
+        if edit is None:
+            paths[name] = save_passport(p, folder / name)
+        else:  # a bad passport on purpose: its JSON document edited, written as save_passport writes one
+            doc = p.to_json()
+            edit(doc)
+            paths[name] = atomic_write_json(folder / name, doc, indent=None)
         return paths[name]
 
     passport("good.json", scan.affine, example_ct_sm)
