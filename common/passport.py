@@ -23,10 +23,8 @@ from common.atomic import atomic_write_json
 from common.errors import InputError
 from common.geometry import even_indices, voxel_to_world
 from common.labels import as_label_array
-from common.passport_model import SCHEMA_NAME, SCHEMA_VERSION, WORLD_FRAME, Box, Grid, Passport, Structure
+from common.passport_model import WORLD_FRAME, Box, Grid, Passport, Structure
 
-__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "WORLD_FRAME", "Passport", "Structure", "build_passport",
-           "compute_structures", "load_passport", "save_passport", "scan_metadata"]
 RESOLUTIONS = ("model", "original")
 
 # The 8 corners of a box as 0/1 choices of (min, max) per axis, shape (8, 3).

@@ -34,7 +34,14 @@ def _numeric(value: Any, shape: tuple[int | None, ...]) -> np.ndarray:
         raise problem("passport", f"has shape {list(arr.shape)}, expected {want}")
     if not np.all(np.isfinite(arr)):
         raise problem("passport", "holds non-finite values")
-    return arr
+    return _frozen(arr)
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    """A read-only view of ``arr`` (the caller's array stays writeable)."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view
 
 
 def _array(*shape: int | None) -> BeforeValidator:
@@ -45,7 +52,7 @@ def _as_given(*shape: int) -> BeforeValidator:
     """Checked like _array, kept in the numbers' own type (voxel indices and counts stay integers)."""
     def check(value: Any) -> np.ndarray:
         _numeric(value, shape)
-        return np.asarray(value)
+        return _frozen(np.asarray(value))
     return BeforeValidator(check)
 
 
@@ -57,7 +64,7 @@ def _shape(value: Any) -> tuple:
 def _points(value: Any) -> np.ndarray:
     if not isinstance(value, list | np.ndarray):
         raise problem("passport", "is not a list")
-    return _numeric(value, (None, 3)) if len(value) else np.zeros((0, 3))
+    return _numeric(value, (None, 3)) if len(value) else _frozen(np.zeros((0, 3)))
 
 
 def _scalar(value: Any) -> float:
@@ -75,7 +82,8 @@ Matrix3 = Annotated[np.ndarray, _array(3, 3)]
 
 
 class _Typed(BaseModel):
-    """Frozen, strict, arrays allowed; equality compares arrays by value; ``obj[key]`` reads a field."""
+    """Frozen (arrays read-only too), strict, arrays allowed; equality compares arrays by value; ``obj[key]``
+    reads a field."""
 
     model_config = ConfigDict(frozen=True, strict=True, arbitrary_types_allowed=True)
 

@@ -53,13 +53,13 @@ def matched_names(fixed: Mapping[str, StructureLike], moving: Mapping[str, Struc
 
 
 def centroid(s: StructureLike) -> np.ndarray:
-    """Centroid (3,) in world mm."""
-    return np.asarray(s.centroid_mm if isinstance(s, Structure) else s["centroid_mm"], dtype=np.float64)
+    """Centroid (3,) in world mm (a fresh array, like every accessor here)."""
+    return np.array(s.centroid_mm if isinstance(s, Structure) else s["centroid_mm"], dtype=np.float64)
 
 
 def boundary_points(s: StructureLike) -> np.ndarray:
     """Boundary points (n, 3) in world mm (n may be 0)."""
-    pts = np.asarray(_get(s, "boundary_points_mm", []), dtype=np.float64)
+    pts = np.array(_get(s, "boundary_points_mm", []), dtype=np.float64)
     return pts.reshape(-1, 3)
 
 
@@ -68,8 +68,8 @@ def eigen(s: StructureLike) -> tuple[np.ndarray, np.ndarray] | None:
     vals, vecs = _get(s, "eigenvalues_mm2"), _get(s, "eigenvectors")
     if vals is None or vecs is None:
         return None
-    vals = np.asarray(vals, dtype=np.float64)
-    vecs = np.asarray(vecs, dtype=np.float64)
+    vals = np.array(vals, dtype=np.float64)
+    vecs = np.array(vecs, dtype=np.float64)
     if vals.shape != (3,) or vecs.shape != (3, 3) or not (np.all(np.isfinite(vals)) and np.all(np.isfinite(vecs))):
         return None
     return vals, vecs

@@ -14,14 +14,13 @@ from passport_cases import ROOT, ellipsoid_volume, load_script, passport_for
 
 from common.errors import InputError
 from common.passport import (
-    SCHEMA_NAME,
-    SCHEMA_VERSION,
     build_passport,
     load_passport,
     save_passport,
     scan_metadata,
     structure_by_name,
 )
+from common.passport_model import SCHEMA_NAME, SCHEMA_VERSION
 
 
 def test_passport_layout_and_round_trip(tmp_path):
