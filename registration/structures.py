@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from common.geometry import even_indices  # noqa: F401 (registration.deformable imports it from here)
 from common.passport_model import Passport, Structure
 
 StructureLike = Structure | Mapping[str, Any]
