@@ -22,9 +22,9 @@ from pathlib import Path
 from common.args import fail, positive_int, run_script, script_parser, unit_fraction
 from common.efficiency import EFFICIENCY_HELP
 from common.errors import InputError
-from common.model_cache import ensure_onnx, model_record
+from common.model_cache import model_record
 from common.paths import BENCHMARKS, OPTIMIZED_CONFIG
-from common.script_args import add_run_arguments, start_run
+from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,80 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def reference_masks(ref_json: Path, scans: list[Path], spec, log=print) -> tuple[dict, str]:
-    """Scan path -> reference label array: 03's masks when its result lists them, else the faithful
-    PyTorch pipeline's output (identical to the official tool's: see tests/test_parity.py)."""
-    import nibabel as nib
-    import numpy as np
-
-    from common.pipeline import SegmentOptions
-    from common.results import read_result
-    from common.runner import run_scan
-    from common.session import TorchPredictor
-
-    refs: dict[str, np.ndarray] = {}
-    source = "faithful PyTorch pipeline"
-    if ref_json.exists():
-        res = read_result(ref_json)
-        by_file = {str(Path(s["file"]).resolve()): s for s in res["scans"] if s["status"] == "ok" and s["mask"]}
-        for scan in scans:
-            rec = by_file.get(str(scan.resolve()))
-            if rec and Path(rec["mask"]).exists():
-                refs[str(scan)] = np.asanyarray(nib.load(rec["mask"]).dataobj)
-        source = f"official masks from {ref_json}"
-    missing = [s for s in scans if str(s) not in refs]
-    if missing:
-        log(f"reference: {len(missing)} scan(s) without 03 masks; using the faithful PyTorch pipeline for them")
-        pred = TorchPredictor(spec.build_network())
-        for scan in missing:
-            refs[str(scan)] = np.asanyarray(run_scan(scan, spec, pred, SegmentOptions()).result.labels.dataobj)
-        source += " + faithful PyTorch pipeline" if refs else ""
-    return refs, source
-
-
-def evaluate(cfg, spec, onnx, scans: list[Path], refs: dict, runs: int = 1, *, factor: str):
-    """Time one configuration (a RunConfig varying ``factor``) on the sweep scans (1 warm-up, then the median of
-    ``runs`` timed runs per scan) and measure its voxel agreement with the reference: a common.sweep.SweepRow."""
-    import numpy as np
-
-    from common.metrics import voxel_agreement
-    from common.runner import build_predictor, run_scan
-    from common.sweep import SweepRow
-
-    row = SweepRow(config=cfg, factor=factor, scans=[str(s) for s in scans], runs=runs)
-    try:
-        pred = build_predictor(cfg, spec, onnx)
-        run_scan(scans[0], spec, pred, cfg.segment)  # warm-up: session init, caches
-        for scan in scans:
-            rs = [run_scan(scan, spec, pred, cfg.segment) for _ in range(runs)]
-            r = sorted(rs, key=lambda x: x.total_s)[len(rs) // 2]
-            row.seconds.append(r.total_s)
-            row.stages.append(r.stages)
-            row.agreement.append(voxel_agreement(np.asanyarray(r.result.labels.dataobj), refs[str(scan)]))
-    except Exception as exc:  # a configuration that cannot run is recorded, not fatal
-        row.error = f"{type(exc).__name__}: {exc}"
-    return row
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from tqdm import tqdm
+    args = build_parser().parse_args(argv)
 
     from common.args import check_outputs
     from common.bench import run_benchmark_batch, segment_runner
     from common.results import new_result
     from common.runner import build_predictor, load_config, save_config
-    from common.sweep import SweepRow, combine, one_factor_configs, select_fastest
+    from common.sweep import SweepRow, select_fastest
+    from common.sweep_run import reference_masks, run_sweep
 
     try:
         if not args.no_sweep:
             check_outputs(files=(args.config_out,))
-        batch, spec = start_run(args)
-        onnx = ensure_onnx(spec, args.onnx)
+        batch, spec, onnx = start_onnx_run(args)
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
     source = batch.source
@@ -146,32 +86,7 @@ def main(argv=None) -> int:
         refs, ref_source = reference_masks(args.reference, sweep_scans, spec)
         print(f"sweep on {len(sweep_scans)} scan(s); reference: {ref_source}")
         t0 = time.perf_counter()
-        candidates = one_factor_configs()
-        for cand in tqdm(candidates, desc="05 sweep", unit="config"):
-            row = evaluate(cand.config, spec, onnx, sweep_scans, refs, factor=cand.factor)
-            rows.append(row)
-            agree = min(row.agreement) if row.agreement else float("nan")
-            tqdm.write(f"{row.name:34s} {sum(row.seconds):7.2f} s  min agreement {agree:.5f}"
-                       + (f"  ERROR {row.error}" if row.error else ""))
-        best_per_factor = {}
-        for factor in {r.factor for r in rows}:
-            pick = select_fastest([r for r in rows if r.factor in (factor, "baseline")], args.threshold)
-            if pick is not None and pick.factor == factor:
-                best_per_factor[factor] = pick.config
-        combo = combine(best_per_factor)
-        row = evaluate(combo, spec, onnx, sweep_scans, refs, factor="combined")
-        rows.append(row)
-        tqdm.write(f"{combo.name:34s} {sum(row.seconds):7.2f} s  min agreement "
-                   f"{min(row.agreement) if row.agreement else float('nan'):.5f}")
-        # one run per configuration is noisy: re-time the fastest faithful candidates and the baseline
-        faithful = sorted((r for r in rows if r.agreement and min(r.agreement) >= args.threshold and not r.error),
-                          key=lambda r: sum(r.seconds))
-        finalists = faithful[:3] + [r for r in rows[:1] if r not in faithful[:3]]
-        retimed = []
-        for r in tqdm(finalists, desc="05 re-time finalists", unit="config"):
-            rt = evaluate(r.config, spec, onnx, sweep_scans, refs, runs=args.finalist_runs, factor=r.factor)
-            retimed.append(rt)
-            tqdm.write(f"{rt.name:34s} {sum(rt.seconds):7.2f} s (median of {args.finalist_runs})")
+        rows, retimed = run_sweep(spec, onnx, sweep_scans, refs, args.threshold, args.finalist_runs)
         chosen_row = select_fastest(retimed, args.threshold)
         if chosen_row is None:
             return fail(f"no configuration reached {args.threshold:.1%} agreement; nothing written", 1)
@@ -194,10 +109,7 @@ def main(argv=None) -> int:
         if cfg.backend != "onnxruntime":
             print(f"--efficiency: not measured: the chosen configuration runs on {cfg.backend}, not an ONNX graph")
         else:
-            from common.cluster_args import usable_cores
-            from common.efficiency import measure_into
-
-            print(measure_into(result, onnx, spec.patch_size, cfg.ort.intra_op_threads or usable_cores()))
+            report_efficiency(result, onnx, spec, cfg.ort.intra_op_threads)
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "05 optimized")
 
 

@@ -100,7 +100,7 @@ def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
     from common.inference_job import JobOutcome, segment_and_passport
     from common.results import finalize_scan, mark_failed, new_scan_record
 
-    recipe = ModelRecipe(cfg.to_dict(), args.weights, str(onnx) if onnx else None)
+    recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
     with open_client(args, recipe, log=print) as run:
         result["machine"]["cluster"] = run.record()
         items = [(scan, batch.ids[scan], (opts,)) for scan in batch.scans]
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from common import resume
-    from common.cluster_args import cluster_problem, usable_cores, wants_cluster
+    from common.cluster_args import cluster_problem, wants_cluster
+    from common.machine import usable_cores
     from common.results import BatchRecorder, new_result
     from common.runner import RunConfig, build_predictor, load_config
 

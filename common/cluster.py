@@ -18,6 +18,7 @@ folder; the client assembles the result JSON. Nothing here decides what a task d
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import socket
@@ -31,7 +32,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from common.cluster_args import usable_cores
+from common.machine import usable_cores
+from common.runner import RunConfig
 
 PLUGIN_NAME = "ts-bench-predictor"
 SESSION_EVENT = "ts-bench-session"
@@ -44,10 +46,10 @@ CLOSE_TIMEOUT_S = 30
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """What a worker needs to build its predictor: the run configuration (RunConfig.to_dict()), the weights
-    choice ("auto"/"official"/"standin") and the base ONNX file (None for the PyTorch backend)."""
+    """What a worker needs to build its predictor: the run configuration (pickled to the worker as is), the
+    weights choice ("auto"/"official"/"standin") and the base ONNX file (None for the PyTorch backend)."""
 
-    config: dict
+    config: RunConfig
     weights: str
     onnx: str | None
 
@@ -64,11 +66,13 @@ class PredictorPlugin(WorkerPlugin):
         self.lock = None
 
     def setup(self, worker) -> None:
+        from common.args import setup_console
         from common.model_cache import prepare_model
-        from common.runner import RunConfig, build_predictor
+        from common.runner import build_predictor
 
+        setup_console()  # a worker process prints too: same non-UTF-8 console safety as the scripts
         t0 = time.perf_counter()
-        cfg = RunConfig.from_dict(self.recipe.config)
+        cfg = copy.deepcopy(self.recipe.config)  # the worker's threads are set below, not the caller's
         threads = worker.state.nthreads
         cfg.ort.intra_op_threads = threads
         cfg.torch_threads = threads

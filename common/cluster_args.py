@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.machine import usable_cores  # noqa: F401 (06, 04, 05 and cluster import it from here)
+from common.machine import usable_cores
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:

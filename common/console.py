@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if wants_cluster(args):
         from common.cluster import ModelRecipe, open_client, run_tasks
 
-        recipe = ModelRecipe(cfg.to_dict(), args.weights, str(onnx) if onnx else None)
+        recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
         items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, label_map, roi)) for scan in batch.scans]
         try:
             with open_client(args, recipe, log=lambda m: say(m)) as run:

@@ -7,6 +7,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from common.archives import safe_member_name
 from common.dicom_series import first_line
 from common.errors import DownloadError, InputError
 from common.volume import available_memory_bytes, fmt_bytes
@@ -16,8 +17,6 @@ ZIP_CHUNK_BYTES = 1 << 20
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
     """Why a member must not be extracted (unsafe path, link or special file, encrypted), or None."""
-    from common.download import safe_member_name  # imports requests: only when a zip is read
-
     try:
         safe_member_name(info.filename)
     except DownloadError:

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from common.archives import safe_member_name  # noqa: F401 - common.dicom imports it from here
 from common.errors import DownloadError
 
 CHUNK = 1 << 20

@@ -29,12 +29,13 @@ def total_class_ids() -> dict[str, int]:
     return {name: idx for idx, name in _total_class_map()}
 
 
-def as_label_array(data: np.ndarray, ndim: int | None = None) -> np.ndarray:
+def as_label_array(data: np.ndarray, ndim: int | None = None, *, negative_as_background: bool = False) -> np.ndarray:
     """``data`` as an integer label array: the one policy for every label map the project reads.
 
     bool becomes uint8; integral floats become int32 (a float map from another tool is accepted only if every
     value is a whole number: nothing is rounded silently); integers are kept. ValueError (one line) for
-    non-integer values, a non-numeric dtype, negative labels, or a dimension other than ``ndim`` (when given).
+    non-integer values, a non-numeric dtype, a dimension other than ``ndim`` (when given), and negative labels
+    unless ``negative_as_background`` (passports: a negative value is no structure, they become 0).
     """
     arr = np.asarray(data)
     if ndim is not None and arr.ndim != ndim:
@@ -49,7 +50,9 @@ def as_label_array(data: np.ndarray, ndim: int | None = None) -> np.ndarray:
     elif not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"label map has non-integer dtype {arr.dtype}")
     if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
-        raise ValueError("label map holds negative labels")
+        if not negative_as_background:
+            raise ValueError("label map holds negative labels")
+        arr = np.maximum(arr, 0)
     return arr
 
 

@@ -20,6 +20,7 @@ from common.atomic import atomic_path, atomic_save_nifti
 from common.dicom import is_zip_path
 from common.discovery import is_label_file
 from common.errors import InputError
+from common.labels import same_grid
 from common.validation import load_scan
 from common.volume import is_nifti_path, scan_id
 
@@ -132,10 +133,11 @@ def _same_file_content(a: Path, b: Path) -> bool:
 
 
 def _same_image(img: nib.Nifti1Image, target: Path) -> bool:
-    """True when the NIfTI file ``target`` holds the voxel values (x, y, z) and affine (1e-4 mm) of ``img``."""
+    """True when the NIfTI file ``target`` holds the voxel values (x, y, z) of ``img`` on the same grid
+    (common.labels.same_grid)."""
     try:
         other = nib.load(str(target))
-        if other.shape != img.shape or not np.allclose(other.affine, img.affine, atol=1e-4, rtol=0):
+        if other.shape != img.shape or not same_grid(other.shape, other.affine, img.shape, img.affine):
             return False
         return bool(np.array_equal(np.asanyarray(other.dataobj), np.asanyarray(img.dataobj)))
     except Exception:  # an unreadable earlier output is not the same scan

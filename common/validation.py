@@ -24,6 +24,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from common.errors import InputError
+from common.labels import GRID_ATOL_MM
 from common.volume import Volume, available_memory_bytes, is_nifti_path, load_volume
 
 AXES = "xyz"
@@ -329,7 +330,7 @@ def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]
 
 def check_label_map_matches(scan_img: nib.Nifti1Image, label_img: nib.Nifti1Image,
                             scan_path: str | Path | None, label_path: str | Path | None) -> None:
-    """A label map must share its scan's voxel grid: same (x, y, z) shape and affine (allclose, atol 1e-4 mm).
+    """A label map must share its scan's voxel grid: same (x, y, z) shape and affine (common.labels.GRID_ATOL_MM).
 
     Raises InputError naming both files.
     """
@@ -341,7 +342,7 @@ def check_label_map_matches(scan_img: nib.Nifti1Image, label_img: nib.Nifti1Imag
                                      f"shape {_fmt_shape(scan_img.shape)}")
     s_aff = np.asarray(scan_img.affine, dtype=np.float64)
     l_aff = np.asarray(label_img.affine, dtype=np.float64)
-    if not np.allclose(s_aff, l_aff, atol=1e-4, rtol=0):
+    if not np.allclose(s_aff, l_aff, atol=GRID_ATOL_MM, rtol=0):
         diff = float(np.max(np.abs(s_aff - l_aff)))
         raise InputError(label_path, f"label map affine does not match scan {scan_path} (max difference {diff:.4g}; "
                                      f"orientation {''.join(nib.aff2axcodes(l_aff))} vs "

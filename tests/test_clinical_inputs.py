@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from script_loader import load_script
 
 from common.atomic import leftover_temp_files
 from common.model import Normalization
@@ -34,10 +34,7 @@ TASK297 = SimpleNamespace(spacing_xyz=(3.0, 3.0, 3.0), patch_size=(112, 112, 128
 
 
 def load_01():
-    spec = importlib.util.spec_from_file_location("download_data_cli_clinical", ROOT / "01_download_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("01_download_data.py")
 
 
 def _spacing(img) -> np.ndarray:

@@ -1,7 +1,6 @@
 """07_compare_vanilla_vs_optimized.py on small hand-made results and label maps."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
+from script_loader import load_script
 from test_metrics import hand_maps
 
 from common.atomic import leftover_temp_files
@@ -21,11 +21,8 @@ AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare07", ROOT / "07_compare_vanilla_vs_optimized.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_07():
+    return load_script("07_compare_vanilla_vs_optimized.py")
 
 
 def make_result(tmp_path: Path, name: str, method: str, times: list[float], mask: np.ndarray | None,
@@ -58,7 +55,7 @@ def test_compare_two_results(two_results, capsys):
     gt_dir = tmp_path / "gt"
     a, _ = hand_maps()
     save_labels(a, AFFINE, gt_dir / "scan_a_seg.nii.gz")
-    rc = load_script().main(["--results", str(ref), str(opt), "--out-dir", str(out), "--ground-truth", str(gt_dir)])
+    rc = load_07().main(["--results", str(ref), str(opt), "--out-dir", str(out), "--ground-truth", str(gt_dir)])
     assert rc == 0, capsys.readouterr().err
     md = (out / "comparison.md").read_text(encoding="utf-8")
     lines = md.splitlines()
@@ -109,7 +106,7 @@ def test_different_weights_and_mask_mismatch(two_results, capsys):
     official = {"name": "Task297_fast", "weights": "official", "sha256": "cd" * 32, "labels": LABELS}
     odd = make_result(tmp_path, "04_onnx", "onnx_default", [5.0], np.zeros((4, 4, 5), np.uint8), model=official)
     out = tmp_path / "out2"
-    assert load_script().main(["--results", str(odd), str(ref), "--out-dir", str(out)]) == 0
+    assert load_07().main(["--results", str(odd), str(ref), "--out-dir", str(out)]) == 0
     md = (out / "comparison.md").read_text(encoding="utf-8")
     assert md.splitlines()[0].startswith("> **Stand-in weights")
     assert "different model weights" in md
@@ -125,7 +122,7 @@ def test_bad_input_exits_2_with_one_line(two_results, capsys):
     tmp_path, ref, _ = two_results
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
-    mod = load_script()
+    mod = load_07()
     assert mod.main(["--results", str(ref), str(bad), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err
@@ -136,7 +133,7 @@ def test_bad_input_exits_2_with_one_line(two_results, capsys):
 
 def test_defaults_skip_missing_results(two_results, monkeypatch, capsys):
     tmp_path, ref, opt = two_results
-    mod = load_script()
+    mod = load_07()
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "03_vanilla.json").write_text(ref.read_text(encoding="utf-8"))
@@ -152,7 +149,7 @@ def test_defaults_skip_missing_results(two_results, monkeypatch, capsys):
 
 def test_help_runs(capsys):
     with pytest.raises(SystemExit) as info:
-        load_script().main(["--help"])
+        load_07().main(["--help"])
     assert info.value.code == 0
     assert "--ground-truth" in capsys.readouterr().out
 
@@ -162,7 +159,7 @@ def test_official_weights_have_no_standin_line(tmp_path):
     official = {"name": "Task297_fast", "weights": "official", "sha256": "cd" * 32}
     ref = make_result(tmp_path, "03_vanilla", "official_pytorch", [4.0], a, model=official)
     opt = make_result(tmp_path, "06_inference", "inference_passport", [1.0], b, model=official)
-    assert load_script().main(["--results", str(ref), str(opt), "--out-dir", str(tmp_path / "o")]) == 0
+    assert load_07().main(["--results", str(ref), str(opt), "--out-dir", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o" / "comparison.md").read_text(encoding="utf-8")
     assert md.startswith("# TotalSegmentator")
     assert "Stand-in" not in md
@@ -172,12 +169,12 @@ def test_official_weights_have_no_standin_line(tmp_path):
 def test_reference_by_method_name(two_results):
     tmp_path, ref, opt = two_results
     out = tmp_path / "o"
-    assert load_script().main(["--results", str(ref), str(opt), "--reference", "optimized", "--out-dir", str(out)]) == 0
+    assert load_07().main(["--results", str(ref), str(opt), "--reference", "optimized", "--out-dir", str(out)]) == 0
     doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert doc["reference"]["method"] == "optimized"
     r = next(r for r in doc["rows"] if r["method"] == "official_pytorch")
     assert r["speedup"] == pytest.approx(0.25)
-    assert load_script().main(["--results", str(ref), "--reference", "nonsense", "--out-dir", str(out)]) == 2
+    assert load_07().main(["--results", str(ref), "--reference", "nonsense", "--out-dir", str(out)]) == 2
 
 
 GIB = 2**30
@@ -211,7 +208,7 @@ def test_report_shows_peak_rss_tiles_and_size_classes(tmp_path):
     ref = make_sized_result(tmp_path, "03_vanilla", "official_pytorch", official=True)
     ours = make_sized_result(tmp_path, "06_inference", "inference_passport", official=False)
     out = tmp_path / "out"
-    assert load_script().main(["--results", str(ref), str(ours), "--out-dir", str(out)]) == 0
+    assert load_07().main(["--results", str(ref), str(ours), "--out-dir", str(out)]) == 0
     doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     rows = {(r["scan_id"], r["method"]): r for r in doc["rows"]}
     r = rows[("clinical_512x512x500", "inference_passport")]

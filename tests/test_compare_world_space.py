@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_compare import STANDIN, load_script
+from test_compare import STANDIN, load_07
 
 from common.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
 from common.variants import reorient
@@ -69,7 +69,7 @@ def test_masks_stored_in_other_axis_orders_are_compared_in_world_space(tmp_path,
     r06 = _result(tmp_path, "06_inference", "inference_passport", ours_masks, 2.0)
 
     out = tmp_path / "report"
-    assert load_script().main(["--results", str(r03), str(r06), "--out-dir", str(out)]) == 0, capsys.readouterr().err
+    assert load_07().main(["--results", str(r03), str(r06), "--out-dir", str(out)]) == 0, capsys.readouterr().err
     doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     rows = {r["scan_id"]: r for r in doc["rows"] if not r["is_reference"]}
     for sid, reoriented in [("las", "LPS -> LAS"), ("psl", "LPS -> PSL"), ("same", None)]:
@@ -138,7 +138,7 @@ def test_07_on_a_dicom_scan_processed_by_03_and_06(tmp_path, example_ct_sm, tiny
         capsys.readouterr().err
 
     out = tmp_path / "report"
-    assert load_script().main(["--results", str(tmp_path / "03.json"), str(tmp_path / "06.json"),
+    assert load_07().main(["--results", str(tmp_path / "03.json"), str(tmp_path / "06.json"),
                                "--out-dir", str(out)]) == 0, capsys.readouterr().err
     doc = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     row = next(r for r in doc["rows"] if not r["is_reference"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import importlib.util
 import io
 import shutil
 import tarfile
@@ -17,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from http_server import local_server, url_of
+from script_loader import load_script
 
 from common import download
 from common.archives import extract_spleen
@@ -27,14 +27,7 @@ from common.errors import DownloadError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("download_data_cli", ROOT / "01_download_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("01_download_data.py")
 
 
 # ---- local HTTP server (tests/http_server.py) -------------------------------------------------

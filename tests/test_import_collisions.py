@@ -11,11 +11,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_download import _load_cli, _write_dicom_series
+from script_loader import load_script
+from test_download import _write_dicom_series
 
 from common.atomic import leftover_temp_files
 
-cli = _load_cli()
+cli = load_script("01_download_data.py")
 
 
 @pytest.fixture(scope="module")
