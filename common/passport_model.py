@@ -3,13 +3,13 @@
 World coordinates are mm, RAS+ (the NIfTI affine's frame); voxel indices are (x, y, z) array axes. ``Passport``,
 ``Grid``, ``Structure`` and ``Box`` are frozen pydantic models: ``Passport.from_json(doc, path)`` checks a decoded
 file (keys, types, array shapes, finite values; InputError naming ``path``, one line) and ``to_json()`` gives the
-document back, in its key order. Read access by key (``passport["grid"]["affine"]``, ``s["centroid_mm"]``) is kept
-for code written against the JSON dict; new code uses the attributes.
+document back, in its key order. In memory, fields are read as attributes (``passport.grid.affine``,
+``s.centroid_mm``); JSON appears only on save and load.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
@@ -82,8 +82,7 @@ Matrix3 = Annotated[np.ndarray, _array(3, 3)]
 
 
 class _Typed(BaseModel):
-    """Frozen (arrays read-only too), strict, arrays allowed; equality compares arrays by value; ``obj[key]``
-    reads a field."""
+    """Frozen (arrays read-only too), strict, arrays allowed; equality compares arrays by value."""
 
     model_config = ConfigDict(frozen=True, strict=True, arbitrary_types_allowed=True)
 
@@ -94,21 +93,10 @@ class _Typed(BaseModel):
 
     __hash__ = None  # type: ignore[assignment]  (arrays are mutable)
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        value = getattr(self, key)
-        return value.mapping() if isinstance(value, _Typed) else value
-
-    def __contains__(self, key: object) -> bool:
-        return key in type(self).model_fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
-
-    def mapping(self) -> dict[str, Any]:
-        """The fields by name (arrays stay arrays)."""
-        return {k: self[k] for k in type(self).model_fields}
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed (name=value), checked like a new object: arrays are converted,
+        checked and made read-only (``model_copy(update=...)`` would skip all that)."""
+        return self.model_validate({**{k: getattr(self, k) for k in type(self).model_fields}, **changes})
 
 
 def _same(a: Any, b: Any) -> bool:

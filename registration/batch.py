@@ -20,6 +20,7 @@ from registration.options import DeformableOptions, RigidOptions
 from registration.pipeline import TierError, register_passports
 from registration.register import load_checked_passport, load_checked_scan
 from registration.rigid import rotation_angle_deg
+from registration.structures import Structures
 from registration.transform import Transform, warp_labels
 
 
@@ -47,7 +48,7 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None, Any]:
+def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None, Structures | None]:
     """(labels, affine, passport-or-structures) for a scan from <scan>_seg / _labels / .passport.json."""
     stem = _scan_stem(scan)
     for suffix in ("_seg", "_labels"):

@@ -15,7 +15,7 @@ from common.geometry import even_indices
 from registration.options import DeformableOptions
 from registration.rigid import RigidResult
 from registration.spline import fit_tps
-from registration.structures import PassportLike, boundary_points, centroid, matched_names, structure_table
+from registration.structures import Structures, boundary_points, centroid, matched_names, structure_table
 
 _SEPARATION_MM = 1.0e7  # distance between structures in the 4-D search space (far beyond any anatomy)
 
@@ -116,7 +116,7 @@ class StructureSelection:
     moving_centroids: np.ndarray
 
 
-def select_structures(fixed: PassportLike, moving: PassportLike, rigid: RigidResult,
+def select_structures(fixed: Structures, moving: Structures, rigid: RigidResult,
                       options: DeformableOptions) -> StructureSelection:
     """Matched structures the spline may use and their points: drops rigid outliers (with
     ``exclude_rigid_outliers``), centroid residuals above ``max_structure_residual_mm`` and centroid

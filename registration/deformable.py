@@ -50,7 +50,7 @@ from registration.correspondence import StructureSelection, match_step, select_s
 from registration.options import DeformableOptions, with_overrides
 from registration.rigid import RigidResult
 from registration.spline import control_cells, displacement_grid, initial_field, refit
-from registration.structures import PassportLike
+from registration.structures import Structures
 from registration.transform import DisplacementGrid, Transform, invert_displacement
 
 
@@ -117,7 +117,7 @@ def _centroid_history(sel: StructureSelection, displacements: np.ndarray) -> dic
                                                             strict=True) if b}}
 
 
-def register_deformable(fixed: PassportLike, moving: PassportLike, rigid: RigidResult,
+def register_deformable(fixed: Structures, moving: Structures, rigid: RigidResult,
                         options: DeformableOptions | None = None, **overrides: Any) -> DeformableResult:
     """Fit the deformable tier after ``rigid`` (see the module docstring); returns a DeformableResult.
 

@@ -19,6 +19,7 @@ from common.errors import InputError
 from common.geometry import fov_bbox_mm, voxel_to_world
 from common.labels import as_label_array
 from common.passport import compute_structures
+from common.passport_model import Structure
 from registration.accuracy import (
     BODY_HU,
     dice_scores,
@@ -63,7 +64,7 @@ def checked_labels(data: np.ndarray, path: Path) -> np.ndarray:
 
 def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
                   known: KnownTransform, *, fixed_labels: np.ndarray | None = None,
-                  fixed_passport: list[dict] | None = None, label_sigma_vox: float = 1.0, n_points: int = 20000,
+                  fixed_passport: list[Structure] | None = None, label_sigma_vox: float = 1.0, n_points: int = 20000,
                   seed: int = 0, rigid_options: RigidOptions | None = None,
                   deformable_options: DeformableOptions | None = None, with_dice: bool = True) -> dict[str, Any]:
     """Make the moving scan from ``known``, register passports, and measure TRE / Dice / folding / time.
@@ -104,7 +105,7 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
         out["jacobian"] = folding_stats(defo.grid, pts["body"])
         out["icp_history"] = defo.history
     if with_dice:
-        labels = np.array([s["label"] for s in fp])
+        labels = np.array([s.label for s in fp])
         out["dice"] = {name: dice_scores(warp_labels(m_lab, m_aff, fixed_labels.shape, affine, est), fixed_labels,
                                          labels) for name, est in estimates.items()}
     return out
@@ -175,14 +176,11 @@ def timing_full_passport(n_structures: int = 117, n_points: int = 500, seed: int
     """Runtime (ms) of rigid and rigid + TPS on passports of ``n_structures`` x ``n_points`` boundary points."""
     rng = np.random.default_rng(seed)
     fixed = synthetic_structures(n_structures, n_points, rng)
-    known = random_known_transform(rng, np.zeros(3), np.array([s["centroid_mm"] for s in fixed]), peak_mm=10.0)
-    moving = []
-    for s in fixed:
-        m = dict(s)
-        m["centroid_mm"] = known.fixed_to_moving(np.array([s["centroid_mm"]]))[0].tolist()
-        m["eigenvectors"] = (known.rotation.T @ np.array(s["eigenvectors"])).tolist()
-        m["boundary_points_mm"] = known.fixed_to_moving(np.array(s["boundary_points_mm"])).tolist()
-        moving.append(m)
+    known = random_known_transform(rng, np.zeros(3), np.array([s.centroid_mm for s in fixed]), peak_mm=10.0)
+    # the moving passport: what registration reads, moved by the truth (the other fields are kept)
+    moving = [s.replace(centroid_mm=known.fixed_to_moving(s.centroid_mm[None])[0],
+                        eigenvectors=known.rotation.T @ s.eigenvectors,
+                        boundary_points_mm=known.fixed_to_moving(s.boundary_points_mm)) for s in fixed]
     rig, tps = [], []
     for _ in range(repeats):
         r, d, _ = register_passports(fixed, moving, rigid_options, deformable_options or DeformableOptions())

@@ -10,7 +10,7 @@ from typing import Any
 from registration.deformable import DeformableResult, register_deformable, to_transform
 from registration.options import DeformableOptions, RigidOptions
 from registration.rigid import RigidResult, register_rigid
-from registration.structures import PassportLike
+from registration.structures import Structures
 from registration.transform import Transform
 
 
@@ -23,7 +23,7 @@ class TierError(ValueError):
         self.tier = tier
 
 
-def register_passports(fixed: PassportLike, moving: PassportLike, rigid: RigidOptions | None = None,
+def register_passports(fixed: Structures, moving: Structures, rigid: RigidOptions | None = None,
                        deformable: DeformableOptions | None = DeformableOptions(),  # noqa: B008 - frozen
                        meta: dict[str, Any] | None = None
                        ) -> tuple[RigidResult, DeformableResult | None, Transform]:

@@ -34,6 +34,7 @@ from common.geometry import fov_bbox_mm
 from registration.options import DeformableOptions, RigidOptions
 
 if TYPE_CHECKING:
+    from common.passport_model import Passport
     from common.volume import Volume
 
 DEFAULT_SMOOTHING = 3e4
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_checked_passport(path: Path) -> dict:
+def load_checked_passport(path: Path) -> Passport:
     """A valid passport whose points can anchor a registration, else InputError naming ``path``."""
     from common.passport import load_passport
     from registration.structures import geometry_problem
@@ -136,11 +137,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fixed_vol = load_checked_scan(args.fixed_scan)
         moving_vol = load_checked_scan(args.moving_scan)
 
-    bbox = None  # the fixed scan's field of view (world mm): the deformable grid covers it too
+    # the deformable grid also covers the fixed scan's field of view (world mm), else its passport's grid
     if fixed_vol is not None:
         bbox = fov_bbox_mm(fixed_vol.shape, fixed_vol.affine)
-    elif isinstance(fixed_p.get("grid"), dict) and "affine" in fixed_p["grid"]:
-        bbox = fov_bbox_mm(tuple(fixed_p["grid"]["shape"]), np.asarray(fixed_p["grid"]["affine"], dtype=np.float64))
+    else:
+        bbox = fov_bbox_mm(tuple(fixed_p.grid.shape), np.asarray(fixed_p.grid.affine, dtype=np.float64))
     rigid_options = RigidOptions(residual_threshold_mm=args.residual_threshold)
     deformable_options = None if args.no_deformable else DeformableOptions(
         smoothing=args.smoothing, max_control_points=args.max_control_points, bbox_mm=bbox)

@@ -25,7 +25,7 @@ import numpy as np
 
 from registration.options import RigidOptions, with_overrides
 from registration.stability import structure_weight, weight_group
-from registration.structures import PassportLike, centroid, eigen, matched_names, size_mm3, structure_table
+from registration.structures import Structures, centroid, eigen, matched_names, structure_table
 
 
 def weighted_kabsch(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray | None = None
@@ -136,19 +136,6 @@ class RigidResult:
         }
 
 
-def _stack_eigen(structures: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(eigenvalues (n, 3), eigenvectors (n, 3, 3), valid (n,)) of a list of structures."""
-    vals = np.ones((len(structures), 3))
-    vecs = np.tile(np.eye(3), (len(structures), 1, 1))
-    valid = np.zeros(len(structures), dtype=bool)
-    for i, st in enumerate(structures):
-        e = eigen(st)
-        if e is not None:
-            vals[i], vecs[i] = e
-            valid[i] = True
-    return vals, vecs, valid
-
-
 def _robust_weights(r: np.ndarray, scale: float, loss: str) -> np.ndarray:
     """IRLS weights psi(r)/r for residuals r (mm)."""
     if loss == "none" or scale <= 0:
@@ -181,15 +168,14 @@ def _ransac(P: np.ndarray, Q: np.ndarray, w: np.ndarray, threshold: float, n_hyp
 
 
 def _axis_points(cf: np.ndarray, cm: np.ndarray, eig_f: tuple[np.ndarray, np.ndarray],
-                 eig_m: tuple[np.ndarray, np.ndarray], has_eig: np.ndarray, R: np.ndarray, min_gap: float,
+                 eig_m: tuple[np.ndarray, np.ndarray], R: np.ndarray, min_gap: float,
                  max_angle_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Extra correspondences along well-defined principal axes (vectorised over structures).
 
-    ``cf``/``cm`` (n, 3) centroids, ``eig_*`` = (eigenvalues (n, 3), eigenvectors (n, 3, 3) as columns),
-    ``has_eig`` (n,) which structures have valid eigen data in both passports. Axis k of a structure is
-    used when its eigenvalue's relative gap to the other two is >= ``min_gap`` in both passports and,
-    after choosing the moving eigenvector's sign so that R @ v_moving agrees with v_fixed, the two
-    agree within ``max_angle_deg``. Points: c +- L v, L = mean sqrt(eigenvalue) of the two passports
+    ``cf``/``cm`` (n, 3) centroids, ``eig_*`` = (eigenvalues (n, 3), eigenvectors (n, 3, 3) as columns).
+    Axis k of a structure is used when its eigenvalue's relative gap to the other two is >= ``min_gap`` in
+    both passports and, after choosing the moving eigenvector's sign so that R @ v_moving agrees with v_fixed,
+    the two agree within ``max_angle_deg``. Points: c +- L v, L = mean sqrt(eigenvalue) of the two passports
     (the same length on both sides: a rigid map cannot scale).
     Returns (moving points, fixed points, index of the owning structure).
     """
@@ -204,7 +190,7 @@ def _axis_points(cf: np.ndarray, cm: np.ndarray, eig_f: tuple[np.ndarray, np.nda
             out[:, k] = (vals[:, k] > 0) & (gap >= min_gap * vals.max(axis=1))
         return out
 
-    ok = gap_ok(lf) & gap_ok(lm) & has_eig[:, None]
+    ok = gap_ok(lf) & gap_ok(lm)
     cos = np.einsum("ij,njk,nik->nk", R, vm, vf)  # (R v_m_k) . v_f_k for each structure n, axis k
     ok &= np.abs(cos) >= np.cos(np.radians(max_angle_deg))
     sgn = np.where(cos >= 0, 1.0, -1.0)
@@ -219,14 +205,14 @@ def _axis_points(cf: np.ndarray, cm: np.ndarray, eig_f: tuple[np.ndarray, np.nda
     return mov, fix, np.concatenate([idx_n, idx_n])
 
 
-def register_rigid(fixed: PassportLike, moving: PassportLike, options: RigidOptions | None = None,
+def register_rigid(fixed: Structures, moving: Structures, options: RigidOptions | None = None,
                    **overrides: Any) -> RigidResult:
     """Rigid registration from two passports; the result maps MOVING world mm -> FIXED world mm.
 
-    ``fixed``/``moving``: passport dicts (or lists of structure dicts). ``options`` (default RigidOptions(),
-    or RigidOptions(**overrides) from keyword settings): structures are matched by name; those with fewer
-    than ``min_voxels`` voxels are ignored. ``residual_threshold_mm``: a structure whose centroid residual
-    exceeds it is an outlier. ``loss``: "cauchy" | "huber" | "none", IRLS weights with scale
+    ``fixed``/``moving``: passports (Passport, or a sequence of Structure). ``options`` (default
+    RigidOptions(), or RigidOptions(**overrides) from keyword settings): structures are matched by name;
+    those with fewer than ``min_voxels`` voxels are ignored. ``residual_threshold_mm``: a structure whose
+    centroid residual exceeds it is an outlier. ``loss``: "cauchy" | "huber" | "none", IRLS weights with scale
     ``loss_scale_mm``. ``use_axes`` adds principal-axis points (weight ``axis_weight`` x the structure's
     weight). The result's ``settings`` are ``asdict(options)`` plus each structure's stability group.
     Raises ValueError when no structure matches.
@@ -245,8 +231,8 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, options: RigidOpti
     groups = [weight_group(n, weight_table) for n in names]
     w = np.array([structure_weight(n, weight_table) for n in names])
     if opts.size_consistency:
-        sf = np.array([size_mm3(fixed_t[n]) for n in names])
-        sm = np.array([size_mm3(moving_t[n]) for n in names])
+        sf = np.array([fixed_t[n].volume_mm3 for n in names])
+        sm = np.array([moving_t[n].volume_mm3 for n in names])
         c = np.where((sf > 0) & (sm > 0), np.minimum(sf, sm) / np.maximum(np.maximum(sf, sm), 1e-12), 1.0)
         w = w * np.nan_to_num(c, nan=1.0)
     w = np.maximum(w, 1e-6)
@@ -274,15 +260,13 @@ def register_rigid(fixed: PassportLike, moving: PassportLike, options: RigidOpti
 
     R, t = fit(inl, None, None)
     if opts.use_axes:
-        lf, vf, ok_f = _stack_eigen([fixed_t[nm] for nm in names])
-        lm, vm, ok_m = _stack_eigen([moving_t[nm] for nm in names])
-        eig_f, eig_m, has_eig = (lf, vf), (lm, vm), ok_f & ok_m
+        eig_f = eigen([fixed_t[nm] for nm in names])
+        eig_m = eigen([moving_t[nm] for nm in names])
     for stage in ("centroids", "axes"):
         if stage == "axes":
             if not opts.use_axes:
                 break
-            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, has_eig, R, opts.axis_min_gap,
-                                          opts.axis_max_angle_deg)
+            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, R, opts.axis_min_gap, opts.axis_max_angle_deg)
             if not len(Pa):
                 break
         for _ in range(max_iter):

@@ -1,88 +1,63 @@
 """Access to passport structures for registration (only the fields registration needs).
 
-Registration reads, per structure: name, centroid_mm, eigenvectors (3x3, eigenvectors as COLUMNS),
-eigenvalues_mm2 (ascending), voxel_count and boundary_points_mm (n x 3). All coordinates are world
-millimetres, RAS+ (NIfTI affine convention). volume_mm3 is used when present. A passport is the typed
-common.passport_model.Passport (or its list of Structure); a passport-shaped dict ("structures": [{...}]) or a
-list of structure dicts is read the same way.
+Registration reads, per structure (common.passport_model.Structure): name, voxel_count, volume_mm3,
+centroid_mm, eigenvalues_mm2 (ascending), eigenvectors (3x3, eigenvectors as COLUMNS) and
+boundary_points_mm (n x 3). All coordinates are world millimetres, RAS+ (NIfTI affine convention). A passport
+here is a typed Passport or just its structures (``Structures``): what compute_structures returns, or
+synthetic structures that have no scan behind them.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from common.passport_model import Passport, Structure
 
-StructureLike = Structure | Mapping[str, Any]
-PassportLike = Passport | Mapping[str, Any] | Sequence[StructureLike]
+Structures = Passport | Sequence[Structure]
 
 
-def _get(s: StructureLike, key: str, default: Any = None) -> Any:
-    """A structure's field ``key`` (typed Structure or dict), ``default`` when a dict lacks it."""
-    return getattr(s, key) if isinstance(s, Structure) else s.get(key, default)
+def structure_table(passport: Structures, min_voxels: int = 1) -> dict[str, Structure]:
+    """Map name -> structure for a passport or a plain sequence of structures.
 
-
-def structure_table(passport: PassportLike, min_voxels: int = 1) -> dict[str, StructureLike]:
-    """Map name -> structure for a passport (typed, or a dict with "structures") or a plain list of structures.
-
-    Structures with fewer than ``min_voxels`` voxels or without a finite centroid are left out. When a
-    name occurs twice (should not happen in a valid passport) the larger structure is kept.
+    Structures with fewer than ``min_voxels`` voxels are left out (centroids are always finite: the model
+    checks them). When a name occurs twice (should not happen in a valid passport) the larger structure is
+    kept.
     """
-    structures = passport.structures if isinstance(passport, Passport) else \
-        passport["structures"] if isinstance(passport, Mapping) else passport
-    table: dict[str, StructureLike] = {}
+    structures = passport.structures if isinstance(passport, Passport) else passport
+    table: dict[str, Structure] = {}
     for s in structures:
-        if int(_get(s, "voxel_count", 1)) < min_voxels:
+        if s.voxel_count < min_voxels:
             continue
-        c = np.asarray(_get(s, "centroid_mm", [np.nan] * 3), dtype=np.float64)
-        if c.shape != (3,) or not np.all(np.isfinite(c)):
+        if s.name in table and table[s.name].voxel_count >= s.voxel_count:
             continue
-        name = str(_get(s, "name"))
-        if name in table and int(_get(table[name], "voxel_count", 0)) >= int(_get(s, "voxel_count", 0)):
-            continue
-        table[name] = s
+        table[s.name] = s
     return table
 
 
-def matched_names(fixed: Mapping[str, StructureLike], moving: Mapping[str, StructureLike]) -> list[str]:
+def matched_names(fixed: Mapping[str, Structure], moving: Mapping[str, Structure]) -> list[str]:
     """Names present in both tables, in the fixed table's order."""
     return [n for n in fixed if n in moving]
 
 
-def centroid(s: StructureLike) -> np.ndarray:
-    """Centroid (3,) in world mm (a fresh array, like every accessor here)."""
-    return np.array(s.centroid_mm if isinstance(s, Structure) else s["centroid_mm"], dtype=np.float64)
+def centroid(s: Structure) -> np.ndarray:
+    """Centroid (3,) in world mm (a fresh, writeable array, like every accessor here)."""
+    return np.array(s.centroid_mm, dtype=np.float64)
 
 
-def boundary_points(s: StructureLike) -> np.ndarray:
+def boundary_points(s: Structure) -> np.ndarray:
     """Boundary points (n, 3) in world mm (n may be 0)."""
-    pts = np.array(_get(s, "boundary_points_mm", []), dtype=np.float64)
-    return pts.reshape(-1, 3)
+    return np.array(s.boundary_points_mm, dtype=np.float64)
 
 
-def eigen(s: StructureLike) -> tuple[np.ndarray, np.ndarray] | None:
-    """(eigenvalues (3,) mm^2 ascending, eigenvectors (3, 3) as columns) or None when absent/invalid."""
-    vals, vecs = _get(s, "eigenvalues_mm2"), _get(s, "eigenvectors")
-    if vals is None or vecs is None:
-        return None
-    vals = np.array(vals, dtype=np.float64)
-    vecs = np.array(vecs, dtype=np.float64)
-    if vals.shape != (3,) or vecs.shape != (3, 3) or not (np.all(np.isfinite(vals)) and np.all(np.isfinite(vecs))):
-        return None
+def eigen(structures: Sequence[Structure]) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues (n, 3) mm^2 ascending, eigenvectors (n, 3, 3) as columns) of ``structures``."""
+    vals = np.array([s.eigenvalues_mm2 for s in structures], dtype=np.float64).reshape(-1, 3)
+    vecs = np.array([s.eigenvectors for s in structures], dtype=np.float64).reshape(-1, 3, 3)
     return vals, vecs
 
 
-def size_mm3(s: StructureLike) -> float:
-    """A resolution-independent size of a structure: volume_mm3 if present, else (sum of eigenvalues)^1.5."""
-    if _get(s, "volume_mm3") is not None:
-        return float(_get(s, "volume_mm3"))
-    e = eigen(s)
-    return float(np.sum(np.maximum(e[0], 0.0)) ** 1.5) if e is not None else float("nan")
-
-
-def geometry_problem(passport: PassportLike, tol_mm: float = 1e-6) -> str | None:
+def geometry_problem(passport: Structures, tol_mm: float = 1e-6) -> str | None:
     """Why a passport's points cannot anchor a registration (None if they can): all structure centroids at
     one point or on one line, or all boundary points at one point. Real passports never look like that;
     a corrupt or hand-edited one does, and the spline would then face a singular system. ``tol_mm``: mm."""

@@ -12,12 +12,12 @@ centroids by up to 1.5 mm per axis (measured: rigid TRE 1.66 mm instead of 0.31 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from common.geometry import grid_world, voxel_to_world, world_to_voxel
+from common.passport_model import Box, Structure
 
 
 def rotation_matrix(axis: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -195,7 +195,24 @@ def make_moving(fixed_img: np.ndarray, fixed_labels: np.ndarray, fixed_affine: n
     return img, lab, moving_affine
 
 
-def synthetic_structures(n_structures: int, n_points: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+def ellipsoid_structure(label: int, name: str, centre: np.ndarray, radii: np.ndarray, axes: np.ndarray,
+                        directions: np.ndarray, voxel_count: int) -> Structure:
+    """A solid ellipsoid as a passport Structure (world mm): ``centre`` (3,), semi-axes ``radii`` (3,) mm
+    along the columns of the rotation ``axes`` (3, 3); one boundary point on its surface per row of
+    ``directions`` (n, 3, normalised here). There is no scan grid behind it: the voxel box is the world box
+    rounded outwards, on 1 mm voxels at the world origin."""
+    directions = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    surf = centre + (directions * radii) @ axes.T
+    cov = axes @ np.diag(radii ** 2 / 5.0) @ axes.T  # solid ellipsoid second moments
+    vals, vecs = np.linalg.eigh(cov)
+    lo, hi = surf.min(axis=0), surf.max(axis=0)
+    return Structure(label=label, name=name, voxel_count=voxel_count, volume_mm3=float(4 / 3 * np.pi * np.prod(radii)),
+                     centroid_mm=centre, covariance_mm2=cov, eigenvalues_mm2=vals, eigenvectors=vecs,
+                     bbox_voxel=Box(min=np.floor(lo).astype(np.int64), max=np.ceil(hi).astype(np.int64)),
+                     bbox_mm=Box(min=lo, max=hi), boundary_points_mm=surf, n_boundary_voxels=len(surf))
+
+
+def synthetic_structures(n_structures: int, n_points: int, rng: np.random.Generator) -> list[Structure]:
     """Ellipsoid structures (world mm) with centroids, covariance eigen-decomposition and surface points."""
     out = []
     for i in range(n_structures):
@@ -203,12 +220,5 @@ def synthetic_structures(n_structures: int, n_points: int, rng: np.random.Genera
         radii = rng.uniform(8, 60, size=3)
         Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
         d = rng.normal(size=(n_points, 3))
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        surf = c + (d * radii) @ Q.T
-        cov = Q @ np.diag(radii ** 2 / 5.0) @ Q.T  # solid ellipsoid second moments
-        vals, vecs = np.linalg.eigh(cov)
-        out.append({"label": i + 1, "name": f"structure_{i + 1}", "voxel_count": 1000,
-                    "volume_mm3": float(4 / 3 * np.pi * np.prod(radii)), "centroid_mm": c.tolist(),
-                    "eigenvalues_mm2": vals.tolist(), "eigenvectors": vecs.tolist(),
-                    "boundary_points_mm": surf.tolist()})
+        out.append(ellipsoid_structure(i + 1, f"structure_{i + 1}", c, radii, Q, d, voxel_count=1000))
     return out

@@ -76,8 +76,8 @@ def test_a_cluster_batch_gives_the_single_process_masks_and_records(scans, confi
         a, b = _mask(one, scan_id), _mask(dask, scan_id)
         assert np.array_equal(a.affine, b.affine)
         assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), scan_id  # voxel for voxel
-        assert load_passport(one / f"{scan_id}_passport.json")["structures"] == \
-            load_passport(dask / f"{scan_id}_passport.json")["structures"]
+        assert load_passport(one / f"{scan_id}_passport.json").structures == \
+            load_passport(dask / f"{scan_id}_passport.json").structures
     cluster = r2["machine"]["cluster"]
     assert cluster["kind"] == "local" and cluster["cores"] == 2 and cluster["start_s"] > 0
     assert len(cluster["workers"]) == 2

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.passport_model import Structure
 from registration.deformable import jacobian_stats, register_deformable, to_transform
 from registration.rigid import register_rigid, rotation_angle_deg, weighted_kabsch
 from registration.stability import WEIGHT_TABLE, structure_weight, weight_group
+from registration.synthetic import ellipsoid_structure
 from registration.transform import (
     DisplacementGrid,
     Transform,
@@ -41,9 +43,10 @@ def rotation(axis, angle_deg: float) -> np.ndarray:
     return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * K @ K
 
 
-def make_passport(seed: int = 0, n_points: int = 300, names: list[str] = NAMES) -> dict:
-    """A passport-shaped dict of ellipsoids: centroids, covariance eigen-decomposition (eigenvectors as
-    columns, eigenvalues ascending), voxel counts and surface points, all in world mm."""
+def make_passport(seed: int = 0, n_points: int = 300, names: list[str] = NAMES) -> list[Structure]:
+    """A passport's structures (no scan behind them, so no Passport): ellipsoids with centroids, covariance
+    eigen-decomposition (eigenvectors as columns, eigenvalues ascending), voxel counts and surface points, all
+    in world mm."""
     rng = np.random.default_rng(seed)
     structures = []
     for i, name in enumerate(names):
@@ -51,34 +54,36 @@ def make_passport(seed: int = 0, n_points: int = 300, names: list[str] = NAMES) 
         radii = np.sort(rng.uniform(10, 50, size=3))
         Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
         d = rng.normal(size=(n_points, 3))
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        surf = c + (d * radii) @ Q.T
-        cov = Q @ np.diag(radii ** 2 / 5.0) @ Q.T
-        vals, vecs = np.linalg.eigh(cov)
-        structures.append({"label": i + 1, "name": name, "voxel_count": int(4 / 3 * np.pi * np.prod(radii) / 27),
-                           "volume_mm3": float(4 / 3 * np.pi * np.prod(radii)), "centroid_mm": c.tolist(),
-                           "eigenvalues_mm2": vals.tolist(), "eigenvectors": vecs.tolist(),
-                           "boundary_points_mm": surf.tolist()})
-    return {"schema": "anatomical-passport", "schema_version": 1, "structures": structures}
+        structures.append(ellipsoid_structure(i + 1, name, c, radii, Q, d,
+                                              voxel_count=int(4 / 3 * np.pi * np.prod(radii) / 27)))
+    return structures
 
 
-def moved_passport(passport: dict, R: np.ndarray, t: np.ndarray, flip_signs: bool = True) -> dict:
-    """The passport of the same anatomy in a MOVING frame where x_fixed = R x_moving + t.
+def moved_passport(passport: list[Structure], R: np.ndarray, t: np.ndarray,
+                   flip_signs: bool = True) -> list[Structure]:
+    """The structures of the same anatomy in a MOVING frame where x_fixed = R x_moving + t (centroids,
+    eigenvectors and boundary points moved; the other fields kept).
 
     Eigenvector signs are flipped at random (a passport's signs carry no meaning)."""
     rng = np.random.default_rng(123)
-    out = {"structures": []}
-    for s in passport["structures"]:
-        m = dict(s)
-        to_m = lambda p: (np.asarray(p) - t) @ R  # noqa: E731 - fixed -> moving
-        m["centroid_mm"] = to_m(s["centroid_mm"]).tolist()
-        vecs = R.T @ np.asarray(s["eigenvectors"])
+    out = []
+    for s in passport:
+        to_m = lambda p: (p - t) @ R  # noqa: E731 - fixed -> moving
+        vecs = R.T @ s.eigenvectors
         if flip_signs:
             vecs = vecs * rng.choice([-1.0, 1.0], size=3)
-        m["eigenvectors"] = vecs.tolist()
-        m["boundary_points_mm"] = to_m(s["boundary_points_mm"]).tolist()
-        out["structures"].append(m)
+        out.append(s.replace(centroid_mm=to_m(s.centroid_mm), eigenvectors=vecs,
+                             boundary_points_mm=to_m(s.boundary_points_mm)))
     return out
+
+
+def displaced(structures: list[Structure], name: str, offset_mm: list[float],
+              points: bool = True) -> list[Structure]:
+    """``structures`` with structure ``name`` moved by ``offset_mm`` (a mislabelled structure): its centroid
+    and, with ``points``, its boundary points."""
+    return [s.replace(centroid_mm=s.centroid_mm + offset_mm,
+                      boundary_points_mm=s.boundary_points_mm + offset_mm if points else s.boundary_points_mm)
+            if s.name == name else s for s in structures]
 
 
 def angle_between(Ra: np.ndarray, Rb: np.ndarray) -> float:
@@ -127,7 +132,7 @@ def test_rigid_recovers_known_transform(angle, axis, shift):
     t = np.asarray(shift, dtype=np.float64)
     res = register_rigid(fixed, moved_passport(fixed, R, t))
     assert angle_between(res.rotation, R) < 0.5
-    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    pts = np.array([s.centroid_mm for s in fixed])
     moving_pts = (pts - t) @ R
     assert np.abs(res.apply(moving_pts) - pts).max() < 0.5
     assert res.outliers == []
@@ -138,7 +143,7 @@ def test_rigid_recovers_known_transform(angle, axis, shift):
 def test_rigid_self_registration_is_exact():
     fixed = make_passport(2)
     res = register_rigid(fixed, fixed)
-    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"]])
+    pts = np.concatenate([s.boundary_points_mm for s in fixed])
     assert np.linalg.norm(res.apply(pts) - pts, axis=1).max() < 0.01
     assert max(res.residuals_mm.values()) < 1e-6
 
@@ -147,15 +152,13 @@ def test_rigid_robust_to_mislabelled_structure():
     fixed = make_passport(3)
     R = rotation([0.3, 1, 0.2], 12.0)
     t = np.array([10.0, -20.0, 15.0])
-    moving = moved_passport(fixed, R, t)
-    bad = next(s for s in moving["structures"] if s["name"] == "kidney_left")
-    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + np.array([0.0, 50.0, 0.0])).tolist()  # mislabelled
+    moving = displaced(moved_passport(fixed, R, t), "kidney_left", [0.0, 50.0, 0.0], points=False)  # mislabelled
     res = register_rigid(fixed, moving)
     assert "kidney_left" in res.outliers
     assert res.outliers == ["kidney_left"]
     assert res.residuals_mm["kidney_left"] > 40.0
     assert angle_between(res.rotation, R) < 0.5
-    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    pts = np.array([s.centroid_mm for s in fixed])
     assert np.abs(res.apply((pts - t) @ R) - pts).max() < 0.5
 
 
@@ -164,8 +167,8 @@ def test_rigid_robust_to_missing_structures():
     R = rotation([1, 0, 0], 8.0)
     t = np.array([0.0, 5.0, -5.0])
     moving = moved_passport(fixed, R, t)
-    moving["structures"] = [s for s in moving["structures"] if s["name"] not in ("liver", "vertebrae_L1")]
-    fixed["structures"].append({**fixed["structures"][0], "name": "only_in_fixed"})
+    moving = [s for s in moving if s.name not in ("liver", "vertebrae_L1")]
+    fixed.append(fixed[0].replace(name="only_in_fixed"))
     res = register_rigid(fixed, moving)
     assert "liver" not in res.residuals_mm and "only_in_fixed" not in res.residuals_mm
     assert angle_between(res.rotation, R) < 0.5
@@ -193,7 +196,7 @@ def test_deformable_self_registration_is_zero():
     defo = register_deformable(fixed, fixed, rigid)
     assert np.abs(defo.grid.fixed_to_moving).max() < 0.01
     T = to_transform(rigid, defo)
-    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"]])
+    pts = np.concatenate([s.boundary_points_mm for s in fixed])
     assert np.linalg.norm(T.fixed_to_moving(pts) - pts, axis=1).max() < 0.01
     assert np.linalg.norm(T.moving_to_fixed(pts) - pts, axis=1).max() < 0.01
     assert jacobian_stats(defo.grid)["fraction_nonpositive"] == 0.0
@@ -207,7 +210,7 @@ def test_deformable_rigid_truth_stays_rigid():
     moving = moved_passport(fixed, R, t)
     rigid = register_rigid(fixed, moving)
     T = to_transform(rigid, register_deformable(fixed, moving, rigid))
-    pts = np.array([s["centroid_mm"] for s in fixed["structures"]])
+    pts = np.array([s.centroid_mm for s in fixed])
     assert np.linalg.norm(T.fixed_to_moving(pts) - (pts - t) @ R, axis=1).max() < 0.5
 
 
@@ -223,16 +226,11 @@ def test_deformable_reduces_error_of_smooth_deformation():
         z = x + np.exp(-np.sum((x - c0) ** 2, axis=1) / (2 * sig ** 2))[:, None] * amp
         return (z - t) @ R
 
-    moving = {"structures": []}
-    for s in fixed["structures"]:
-        m = dict(s)
-        m["centroid_mm"] = fixed_to_moving(np.asarray(s["centroid_mm"]))[0].tolist()
-        m["eigenvectors"] = (R.T @ np.asarray(s["eigenvectors"])).tolist()
-        m["boundary_points_mm"] = fixed_to_moving(np.asarray(s["boundary_points_mm"])).tolist()
-        moving["structures"].append(m)
+    moving = [s.replace(centroid_mm=fixed_to_moving(s.centroid_mm)[0], eigenvectors=R.T @ s.eigenvectors,
+                        boundary_points_mm=fixed_to_moving(s.boundary_points_mm)) for s in fixed]
     rigid = register_rigid(fixed, moving, residual_threshold_mm=30.0)
     T = to_transform(rigid, register_deformable(fixed, moving, rigid))
-    pts = np.concatenate([np.asarray(s["boundary_points_mm"])[::10] for s in fixed["structures"]])
+    pts = np.concatenate([s.boundary_points_mm[::10] for s in fixed])
     truth = fixed_to_moving(pts)
     err_rigid = np.linalg.norm(T.rigid_only().fixed_to_moving(pts) - truth, axis=1).mean()
     err_tps = np.linalg.norm(T.fixed_to_moving(pts) - truth, axis=1).mean()
@@ -244,16 +242,13 @@ def test_deformable_ignores_rigid_outlier():
     fixed = make_passport(9)
     R = rotation([0, 1, 0], 6.0)
     t = np.array([2.0, 3.0, -4.0])
-    moving = moved_passport(fixed, R, t)
-    bad = next(s for s in moving["structures"] if s["name"] == "spleen")
-    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + [50.0, 0.0, 0.0]).tolist()
-    bad["boundary_points_mm"] = (np.asarray(bad["boundary_points_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    moving = displaced(moved_passport(fixed, R, t), "spleen", [50.0, 0.0, 0.0])
     rigid = register_rigid(fixed, moving)
     assert rigid.outliers == ["spleen"]
     defo = register_deformable(fixed, moving, rigid)
     assert "spleen" in defo.structures_excluded and "spleen" not in defo.structures_used
     T = to_transform(rigid, defo)
-    pts = np.concatenate([np.asarray(s["boundary_points_mm"]) for s in fixed["structures"] if s["name"] != "spleen"])
+    pts = np.concatenate([s.boundary_points_mm for s in fixed if s.name != "spleen"])
     assert np.linalg.norm(T.fixed_to_moving(pts) - (pts - t) @ R, axis=1).max() < 0.5
 
 
@@ -265,10 +260,7 @@ def test_deformable_phases_on_their_own():
 
     fixed = make_passport(9)
     R, t = rotation([0, 1, 0], 6.0), np.array([2.0, 3.0, -4.0])
-    moving = moved_passport(fixed, R, t)
-    bad = next(s for s in moving["structures"] if s["name"] == "spleen")  # mislabelled: 50 mm off
-    bad["centroid_mm"] = (np.asarray(bad["centroid_mm"]) + [50.0, 0.0, 0.0]).tolist()
-    bad["boundary_points_mm"] = (np.asarray(bad["boundary_points_mm"]) + [50.0, 0.0, 0.0]).tolist()
+    moving = displaced(moved_passport(fixed, R, t), "spleen", [50.0, 0.0, 0.0])  # mislabelled: 50 mm off
     rigid = register_rigid(fixed, moving)
     o = DeformableOptions(max_control_points=60, iterations=2)
     # point selection: the rigid-frame centroids agree, the mislabelled structure is left out

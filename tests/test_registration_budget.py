@@ -129,8 +129,8 @@ def test_register_deformable_small_budget_terminates(synthetic_pair, budget):
     assert json.loads(json.dumps(defo.to_dict()))["settings"]["budget_floor_applied"] == s["budget_floor_applied"]
     # rigid truth: the spline must not invent a deformation, at the floor either
     T = to_transform(rigid, defo)
-    fixed_c = np.array([st["centroid_mm"] for st in fixed["structures"]])
-    moving_c = np.array([st["centroid_mm"] for st in moving["structures"]])
+    fixed_c = np.array([st.centroid_mm for st in fixed])
+    moving_c = np.array([st.centroid_mm for st in moving])
     assert np.linalg.norm(T.fixed_to_moving(fixed_c) - moving_c, axis=1).max() < 0.5
 
 

@@ -141,8 +141,8 @@ def test_06_writes_masks_and_passports_and_reports_bad_files(ran_06, workdir):
     src = nib.load(workdir["scans"] / "crop_ct.nii.gz")
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
     passport = load_passport(ok["passport"])
-    assert passport["model"]["weights"] == "standin"
-    assert {s["label"] for s in passport["structures"]} == set(ok["labels_present"])
+    assert passport.model["weights"] == "standin"
+    assert {s.label for s in passport.structures} == set(ok["labels_present"])
     assert ok["median"]["stages"]["passport"] > 0
     assert scans["garbage"]["status"] == "failed" and scans["truncated"]["status"] == "failed"
     assert not leftover_temp_files(workdir["dir"] / "m06")
