@@ -33,15 +33,6 @@ _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)],
 _CHUNK_VOXELS = 1 << 20
 
 
-def _label_map(labels: np.ndarray) -> np.ndarray:
-    """``labels`` as a 3-D (x, y, z) integer map (common.labels.as_label_array); negative labels are no
-    structure, like background (0)."""
-    arr = np.asarray(labels)
-    if arr.dtype.kind in "if" and arr.size and arr.min() < 0:
-        arr = np.maximum(arr, 0) if arr.dtype.kind == "i" else np.where((arr < 0) & (arr == np.rint(arr)), 0, arr)
-    return as_label_array(arr, ndim=3)
-
-
 def canonical_eigenvectors(vectors: np.ndarray) -> np.ndarray:
     """Flip eigenvector columns of (..., 3, 3) so each column's largest-|component| entry is positive."""
     vectors = np.asarray(vectors, dtype=np.float64)
@@ -131,7 +122,7 @@ def compute_structures(labels: np.ndarray, affine: np.ndarray, label_names: Mapp
     grow with how scattered the labels are: a fragmented map whose every label spans the whole
     volume costs about the same as a compact one.
     """
-    labels = _label_map(labels)
+    labels = as_label_array(labels, ndim=3, negative_as_background=True)  # negative: no structure
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
@@ -212,7 +203,7 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, label_names: Mapping[
     ``resolution`` says which grid the labels are on: "model" (the network's resampled grid) or
     "original" (the scan's own grid). ``timing_s`` is the wall time of compute_structures in seconds.
     """
-    labels = _label_map(labels)
+    labels = as_label_array(labels, ndim=3, negative_as_background=True)  # negative: no structure
     grid = grid_info(labels.shape, affine, resolution)
     t0 = time.perf_counter()
     structures = compute_structures(labels, affine, label_names, max_points=max_points)

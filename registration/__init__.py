@@ -1,7 +1,7 @@
 """Two-tier registration from anatomical passports (world mm, RAS+; arrays (x, y, z)).
 
 - registration.options: RigidOptions, DeformableOptions (every parameter; recorded as dataclasses.asdict)
-- registration.pipeline.register_passports(fixed, moving, rigid_options, deformable_options) -> (rigid,
+- registration.two_tier.register_passports(fixed, moving, rigid_options, deformable_options) -> (rigid,
   deformable, Transform): the one rigid -> TPS -> Transform pipeline
 - registration.rigid.register_rigid(fixed, moving, options) -> RigidResult   (MOVING -> FIXED world mm)
 - registration.deformable.register_deformable(fixed, moving, rigid, options) -> DeformableResult (TPS grid);

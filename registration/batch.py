@@ -17,11 +17,11 @@ from registration.accuracy import dice_scores
 from registration.deformable import jacobian_stats
 from registration.harness import checked_labels, class_names
 from registration.options import DeformableOptions, RigidOptions
-from registration.pipeline import TierError, register_passports
 from registration.register import load_checked_passport, load_checked_scan
 from registration.rigid import rotation_angle_deg
 from registration.structures import Structures
 from registration.transform import Transform, warp_labels
+from registration.two_tier import TierError, register_passports
 
 
 def _scan_stem(p: Path) -> str:

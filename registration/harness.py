@@ -29,7 +29,6 @@ from registration.accuracy import (
     tre_table,
 )
 from registration.options import DeformableOptions, RigidOptions
-from registration.pipeline import register_passports
 from registration.register import load_checked_scan
 from registration.rigid import rotation_angle_deg
 from registration.structures import centroid
@@ -41,6 +40,7 @@ from registration.synthetic import (
     synthetic_structures,
 )
 from registration.transform import Transform, warp_labels
+from registration.two_tier import register_passports
 
 
 def class_names() -> dict[int, str]:

@@ -124,8 +124,8 @@ def save_overlay(fixed: np.ndarray, warped: np.ndarray, spacing: tuple[float, ..
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from registration.pipeline import TierError, register_passports
     from registration.transform import warp_image
+    from registration.two_tier import TierError, register_passports
 
     if (args.fixed_scan is None) != (args.moving_scan is None):
         missing = "--moving-scan" if args.moving_scan is None else "--fixed-scan"

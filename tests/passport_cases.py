@@ -2,7 +2,6 @@
 the numbered scripts imported as modules."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -61,9 +60,3 @@ def passport_for(labels, affine, tmp_path: Path, **kwargs) -> Passport:
                           model={"name": "test"}, resolution="original", **kwargs)
 
 
-def load_script(filename: str):
-    """Import a numbered script (its name is not a valid module name) as a module."""
-    spec = importlib.util.spec_from_file_location("script_" + filename.removesuffix(".py"), ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

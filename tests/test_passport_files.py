@@ -10,7 +10,8 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-from passport_cases import ROOT, ellipsoid_volume, load_script, passport_for
+from passport_cases import ROOT, ellipsoid_volume, passport_for
+from script_loader import load_script
 
 from common.errors import InputError
 from common.passport import (

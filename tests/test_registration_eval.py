@@ -20,9 +20,9 @@ from common.passport import build_passport, compute_structures, save_passport
 from registration.accuracy import BODY_HU
 from registration.batch import find_pairs, run_batch
 from registration.harness import class_names, evaluate_case, load_ct_and_labels
-from registration.pipeline import register_passports
 from registration.synthetic import KnownTransform, make_moving, model_labels, random_known_transform
 from registration.transform import load_transform, warp_labels
+from registration.two_tier import register_passports
 
 ROOT = Path(__file__).resolve().parents[1]
 

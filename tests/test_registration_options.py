@@ -14,11 +14,11 @@ from test_registration import make_passport, moved_passport, rotation
 from common.passport import build_passport, save_passport
 from registration.deformable import register_deformable
 from registration.options import DeformableOptions, RigidOptions
-from registration.pipeline import register_passports
 from registration.register import load_checked_passport
 from registration.register import main as register_main
 from registration.rigid import register_rigid
 from registration.transform import load_transform
+from registration.two_tier import register_passports
 
 
 def ellipsoid_labels(shape=(48, 44, 40), n_labels: int = 10, seed: int = 0) -> np.ndarray:
