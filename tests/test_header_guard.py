@@ -29,7 +29,7 @@ CHILD_ADDRESS_SPACE = 3 * 1024**3  # a child that tried to allocate the declared
 SCRIPT_TIMEOUT_S = 60
 
 # The suite's loaders, each as called by its scripts: 03-06/registration (load_scan), 07's label maps
-# (report.load_label_map), 08/09's display scans (plots_passport.load_display_scan).
+# (mask_io.load_label_map), 08/09's display scans (plots_passport.load_display_scan).
 LOADERS = {
     "load_scan": "from common.validation import load_scan as load",
     "load_label_map": "from common.mask_io import load_label_map as load",
