@@ -15,13 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from common.atomic import atomic_path
-from common.errors import DownloadError
+from common.errors import DownloadError, one_line
 
 CHUNK = 1 << 20
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def safe_member_name(name: str) -> PurePosixPath:
@@ -77,7 +73,7 @@ def extract_spleen(tar_path: str | Path, out_dir: str | Path, max_samples: int |
     try:
         tar = tarfile.open(tar_path, "r:*")
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise DownloadError(f"{tar_path}: corrupt or unreadable tar archive ({_one_line(exc)}); "
+        raise DownloadError(f"{tar_path}: corrupt or unreadable tar archive ({one_line(exc)}); "
                             "delete it and re-run to download again") from exc
     try:
         with tar:
@@ -91,7 +87,7 @@ def extract_spleen(tar_path: str | Path, out_dir: str | Path, max_samples: int |
                 target = out_dir / PurePosixPath(name).name
                 _copy_member(lambda n=name: tar.extractfile(members[n]), target, force, result)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise DownloadError(f"{tar_path}: corrupt or unreadable tar archive ({_one_line(exc)}); "
+        raise DownloadError(f"{tar_path}: corrupt or unreadable tar archive ({one_line(exc)}); "
                             "delete it and re-run to download again") from exc
     return result
 
@@ -121,7 +117,7 @@ def extract_learn2reg(zip_path: str | Path, out_dir: str | Path, max_pairs: int 
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
-        raise DownloadError(f"{zip_path}: corrupt or unreadable zip archive ({_one_line(exc)}); "
+        raise DownloadError(f"{zip_path}: corrupt or unreadable zip archive ({one_line(exc)}); "
                             "delete it and re-run to download again") from exc
     try:
         with zf:
@@ -136,6 +132,6 @@ def extract_learn2reg(zip_path: str | Path, out_dir: str | Path, max_pairs: int 
                     target = out_dir / PurePosixPath(name).name
                     _copy_member(lambda n=name: zf.open(n), target, force, result)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise DownloadError(f"{zip_path}: corrupt or unreadable zip archive ({_one_line(exc)}); "
+        raise DownloadError(f"{zip_path}: corrupt or unreadable zip archive ({one_line(exc)}); "
                             "delete it and re-run to download again") from exc
     return result

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.comparison_doc import InputInfo
 from common.errors import InputError
-from common.labels import total_class_names
+from common.labels import total_class_names_if_installed
 from common.results import read_result
 
 REFERENCE_METHOD = "official_pytorch"
@@ -107,10 +107,7 @@ def structure_names(entries: Sequence[Entry], reference: Entry) -> dict[int, str
                 return out
     name = str(reference.model.get("name", "")).lower()
     if "297" in name or "total" in name:
-        try:
-            return total_class_names()
-        except Exception:  # optional: names are cosmetic
-            pass
+        return total_class_names_if_installed()
     return {}
 
 

@@ -15,8 +15,6 @@ from common.pipeline import SegmentOptions
 from common.session import OrtSettings
 
 CONFIG_SCHEMA = "ts-bench-run-config"
-# keys 05 adds beside the configuration (how it was chosen); anything else unknown is a typo
-CONFIG_EXTRA_KEYS = {"chosen_by", "threshold", "reference", "sweep_seconds", "sweep_agreement"}
 
 
 def _one_of(*values: str) -> BeforeValidator:
@@ -109,14 +107,14 @@ def _message(errors: list[ErrorDetails]) -> str:
     return f"'{where(err)}' {text}, not {err['input']!r}"
 
 
-def config_problem(d: Any) -> str | None:
-    """Why ``d`` (a parsed run-configuration file) is not a valid configuration, or None."""
+def read_config_document(d: Any) -> RunConfigDoc:
+    """``d`` (a parsed run-configuration file) as a checked RunConfigDoc; ValueError (one line: why not) when it
+    is not a valid configuration."""
     if not isinstance(d, dict):
-        return f"a run configuration is a JSON object, not a JSON {type(d).__name__}"
+        raise ValueError(f"a run configuration is a JSON object, not a JSON {type(d).__name__}")
     if d.get("schema") != CONFIG_SCHEMA or d.get("schema_version") != 1:
-        return f"not a {CONFIG_SCHEMA} version 1 file"
+        raise ValueError(f"not a {CONFIG_SCHEMA} version 1 file")
     try:
-        RunConfigDoc.model_validate(d)
+        return RunConfigDoc.model_validate(d)
     except ValidationError as exc:
-        return _message(exc.errors(include_url=False))
-    return None
+        raise ValueError(_message(exc.errors(include_url=False))) from None

@@ -37,15 +37,13 @@ import nibabel as nib
 import numpy as np
 
 from common.dicom_checks import check_series, drop_localizers
-from common.dicom_series import (  # noqa: F401 (is_dicom_file, is_zip_path: imported from here by discovery, cli, 01)
+from common.dicom_series import (
     FOLDER_KIND,
     MIN_SLICES,
     ZIP_KIND,
     Source,
     choose_series,
     first_line,
-    is_dicom_file,
-    is_zip_path,
     read_series,
 )
 from common.dicom_zip import extract_zip

@@ -3,7 +3,7 @@
 - A scan is a NIfTI file, a zip archive (``*.zip``: a DICOM series, possibly in a sub-folder of the zip; its id
   is the name without .zip), any other regular file (it then fails to load with its own one-line error, e.g.
   "not a NIfTI file"), or a DICOM series folder (a folder holding a DICOM file, recognised by its content:
-  common.dicom.is_dicom_file, whatever the name, as PACS exports without extensions have).
+  common.dicom_series.is_dicom_file, whatever the name, as PACS exports without extensions have).
 - Folders are searched recursively; symbolic links are followed once (a loop is refused, not followed).
 - Ignored, with the reason in the result: files named like label maps (``*_seg``, ``*_labels``, ``*_mask``,
   ``*_gt``), README/LICENSE files, files inside a DICOM series folder that are neither DICOM nor NIfTI.
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.dicom import is_dicom_file, is_zip_path
+from common.dicom_series import is_dicom_file, is_zip_path
 from common.volume import is_nifti_path
 
 LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")

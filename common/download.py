@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from common.errors import DownloadError
+from common.errors import DownloadError, one_line
 
 CHUNK = 1 << 20
 OFFLINE_HINT = "Offline? Import your own scans with: python 01_download_data.py --from DIR"
@@ -64,10 +64,6 @@ LEARN2REG = Source(
 )
 
 SOURCES: dict[str, Source] = {SPLEEN.name: SPLEEN, LEARN2REG.name: LEARN2REG}
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def _reason(exc: BaseException, url: str, connect_timeout: float) -> str:
         return "network is unreachable"
     if isinstance(exc, requests.exceptions.SSLError):
         return f"TLS error talking to {where}"
-    return _one_line(f"{type(exc).__name__}: {text}")[:300]
+    return one_line(f"{type(exc).__name__}: {text}")[:300]
 
 
 def _connect_timeout(timeout: float | tuple[float, float] | None) -> float:
@@ -196,7 +192,7 @@ def download_file(url: str, dest: str | Path, *, expected_size: int | None = Non
             part.unlink(missing_ok=True)
             return download_file(url, dest, timeout=timeout, progress=progress, session=session, **checks)
         if resp.status_code >= 400:
-            raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {_one_line(resp.reason or '')}. "
+            raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {one_line(resp.reason or '')}. "
                                 "Check the address or import your own scans with: python 01_download_data.py --from DIR")
         mode = "ab"
         if resp.status_code == 206 and offset:

@@ -4,12 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
 class InputError(ValueError):
     """Bad user input (file, scan, passport...). ``str(err)`` is one line: '<path>: <problem>'."""
 
     def __init__(self, path: str | Path | None, problem: str):
         self.path = None if path is None else str(path)
-        self.problem = " ".join(str(problem).split())  # always one line
+        self.problem = one_line(problem)
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from common.dicom import is_zip_path
+from common.dicom_series import is_zip_path
 from common.discovery import Batch, discover, merge
 from common.errors import InputError
 from common.paths import CT_DATA, EMBEDDED_DIR, PROJECT_ROOT

@@ -5,8 +5,11 @@ A label map is an integer array, (x, y, z) like nibabel's; 0 is background, ever
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
+
+from common.errors import InputError
 
 GRID_ATOL_MM = 1e-4  # two voxel grids are the same when their 4x4 affines agree to this (mm; float32 NIfTI keeps it)
 
@@ -22,6 +25,15 @@ def total_class_names() -> dict[int, str]:
     """TotalSegmentator's "total" task (Task 297): label id -> class name, ids ascending. ImportError when the
     official package is not installed."""
     return dict(_total_class_map())
+
+
+def total_class_names_if_installed() -> dict[int, str]:
+    """total_class_names(), or {} where the official package is not installed (names are then cosmetic:
+    callers fall back to "label_<id>")."""
+    try:
+        return total_class_names()
+    except ImportError:
+        return {}
 
 
 def total_class_ids() -> dict[str, int]:
@@ -46,7 +58,8 @@ def as_label_array(data: np.ndarray, ndim: int | None = None, *, negative_as_bac
         rounded = np.rint(arr)
         if not np.array_equal(rounded, arr):  # NaN is never equal: rejected too
             raise ValueError("label map holds non-integer values")
-        arr = rounded.astype(np.int32)
+        small = not arr.size or np.abs(rounded).max() <= np.iinfo(np.int32).max
+        arr = rounded.astype(np.int32 if small else np.int64)  # int32 halves the memory; no overflow either way
     elif not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"label map has non-integer dtype {arr.dtype}")
     if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
@@ -54,6 +67,15 @@ def as_label_array(data: np.ndarray, ndim: int | None = None, *, negative_as_bac
             raise ValueError("label map holds negative labels")
         arr = np.maximum(arr, 0)
     return arr
+
+
+def checked_label_array(data: np.ndarray, path: str | Path | None, ndim: int | None = 3, *,
+                        negative_as_background: bool = False) -> np.ndarray:
+    """as_label_array for a label map read from ``path``: its ValueError becomes an InputError naming the file."""
+    try:
+        return as_label_array(data, ndim, negative_as_background=negative_as_background)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
 
 
 def same_grid(shape_a: tuple[int, ...], affine_a: np.ndarray, shape_b: tuple[int, ...], affine_b: np.ndarray) -> bool:

@@ -15,7 +15,7 @@ import nibabel.orientations as nio
 import numpy as np
 
 from common.errors import InputError
-from common.labels import GRID_ATOL_MM, as_label_array, same_grid
+from common.labels import GRID_ATOL_MM, checked_label_array, same_grid
 from common.volume import check_declared_size
 
 GROUND_TRUTH_PATTERNS = ("{}.nii.gz", "{}_labels.nii.gz", "{}_seg.nii.gz", "{}.nii", "{}_labels.nii", "{}_seg.nii")
@@ -69,11 +69,7 @@ def load_label_map(path: Path) -> LabelMap:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise InputError(path, f"not a readable NIfTI label map ({type(exc).__name__}: {exc})") from exc
-    try:
-        data = as_label_array(data, ndim=3)
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
-    return LabelMap(data, np.asarray(img.affine, dtype=np.float64))
+    return LabelMap(checked_label_array(data, path), np.asarray(img.affine, dtype=np.float64))
 
 
 class MaskCache:

@@ -203,11 +203,10 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, label_names: Mapping[
     ``resolution`` says which grid the labels are on: "model" (the network's resampled grid) or
     "original" (the scan's own grid). ``timing_s`` is the wall time of compute_structures in seconds.
     """
-    labels = as_label_array(labels, ndim=3, negative_as_background=True)  # negative: no structure
-    grid = grid_info(labels.shape, affine, resolution)
     t0 = time.perf_counter()
-    structures = compute_structures(labels, affine, label_names, max_points=max_points)
+    structures = compute_structures(labels, affine, label_names, max_points=max_points)  # checks the label map
     elapsed = time.perf_counter() - t0
+    grid = grid_info(np.shape(labels), affine, resolution)
     return Passport(world_frame=WORLD_FRAME, scan=scan, model=model, grid=grid, max_points=int(max_points),
                     structures=structures, timing_s=float(elapsed))
 

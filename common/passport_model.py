@@ -38,10 +38,11 @@ def _numeric(value: Any, shape: tuple[int | None, ...]) -> np.ndarray:
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
-    """A read-only view of ``arr`` (the caller's array stays writeable)."""
-    view = arr.view()
-    view.flags.writeable = False
-    return view
+    """A read-only copy of ``arr``: the model owns its arrays, so the caller's later writes cannot change it
+    (passport arrays are small: at most max_points x 3 per structure)."""
+    copy = np.array(arr, copy=True)
+    copy.flags.writeable = False
+    return copy
 
 
 def _array(*shape: int | None) -> BeforeValidator:

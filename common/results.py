@@ -35,6 +35,7 @@ import numpy as np
 
 from common.atomic import atomic_write_json
 from common.errors import InputError
+from common.errors import one_line as _collapse
 from common.machine import library_versions, machine_info
 from common.metrics import latency_stats
 from common.result_schema import SCHEMA_NAME, SCHEMA_VERSION, STAGES, WEIGHTS, is_int, is_number, validate_result
@@ -50,7 +51,7 @@ def utc_now() -> str:
 
 def one_line(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
     """``text`` collapsed to one line of at most ``limit`` characters."""
-    line = " ".join(str(text).split())
+    line = _collapse(text)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

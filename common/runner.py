@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write_json
-from common.config_schema import CONFIG_SCHEMA, config_problem
+from common.config_schema import CONFIG_SCHEMA, RunConfigDoc, read_config_document
 from common.errors import InputError
 from common.official_output import official_header
 from common.pipeline import SegmentOptions, SegmentResult, segment
@@ -44,11 +44,10 @@ class RunConfig:
                 "ort": self.ort.to_dict(), "onnx_norm": self.onnx_norm, "torch_threads": self.torch_threads, "segment": self.segment.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return cls(backend=d.get("backend", "onnxruntime"), ort=OrtSettings(**d.get("ort", {})),
-                   onnx_norm=d.get("onnx_norm", "precise"),
-                   torch_threads=int(d.get("torch_threads", 0)), segment=SegmentOptions(**d.get("segment", {})),
-                   name=d.get("name", "loaded"))
+    def from_document(cls, doc: RunConfigDoc) -> RunConfig:
+        """The configuration a checked run-configuration file (common.config_schema) describes."""
+        return cls(backend=doc.backend, ort=OrtSettings(**doc.ort.model_dump()), onnx_norm=doc.onnx_norm,
+                   torch_threads=doc.torch_threads, segment=SegmentOptions(**doc.segment.model_dump()), name=doc.name)
 
 
 def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -62,10 +61,11 @@ def load_config(path: Path) -> RunConfig:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"unreadable run configuration ({exc})") from exc
-    problem = config_problem(d)
-    if problem:
-        raise InputError(path, f"invalid run configuration: {problem}")
-    return RunConfig.from_dict(d)
+    try:
+        doc = read_config_document(d)
+    except ValueError as exc:
+        raise InputError(path, f"invalid run configuration: {exc}") from None
+    return RunConfig.from_document(doc)
 
 
 def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_path, atomic_save_nifti
-from common.dicom import is_zip_path
+from common.dicom_series import is_zip_path
 from common.discovery import is_label_file
 from common.errors import InputError
 from common.labels import same_grid
@@ -137,7 +137,7 @@ def _same_image(img: nib.Nifti1Image, target: Path) -> bool:
     (common.labels.same_grid)."""
     try:
         other = nib.load(str(target))
-        if other.shape != img.shape or not same_grid(other.shape, other.affine, img.shape, img.affine):
+        if not same_grid(other.shape, other.affine, img.shape, img.affine):
             return False
         return bool(np.array_equal(np.asanyarray(other.dataobj), np.asanyarray(img.dataobj)))
     except Exception:  # an unreadable earlier output is not the same scan

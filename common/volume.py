@@ -69,7 +69,8 @@ def _load_dicom_series(path: Path) -> nib.Nifti1Image:
     (load_scan reports them). A missing/duplicated/unevenly spaced slice, gantry tilt or a truncated file is
     an InputError (one line), never a silently wrong grid.
     """
-    from common.dicom import is_zip_path, load_dicom_folder, load_dicom_zip
+    from common.dicom import load_dicom_folder, load_dicom_zip
+    from common.dicom_series import is_zip_path
 
     return load_dicom_zip(path) if path.is_file() and is_zip_path(path) else load_dicom_folder(path)
 
