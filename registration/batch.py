@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 
 from common.errors import InputError
+from common.labels import checked_label_array, total_class_names_if_installed
 from common.passport import compute_structures
 from registration.accuracy import dice_scores
 from registration.deformable import jacobian_stats
-from registration.harness import checked_labels, class_names
+from registration.inputs import load_checked_passport, load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
-from registration.register import load_checked_passport, load_checked_scan
 from registration.rigid import rotation_angle_deg
 from registration.structures import Structures
 from registration.transform import Transform, warp_labels
@@ -56,8 +56,11 @@ def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | Non
             p = scan.parent / f"{stem}{suffix}{ext}"
             if p.is_file():
                 img = load_checked_scan(p, modality="ANY").image  # header size, RGB, 4-D, NaN... : InputError
-                lab = checked_labels(np.asarray(img.dataobj), p).astype(np.int32)  # non-integer labels: InputError
-                return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine, class_names())
+                # non-integer labels: InputError; negative ones are background (as in passports)
+                lab = checked_label_array(np.asarray(img.dataobj), p, ndim=3,
+                                          negative_as_background=True).astype(np.int32)
+                names = total_class_names_if_installed()
+                return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine, names)
     p = scan.parent / f"{stem}.passport.json"
     if p.is_file():
         return None, None, load_checked_passport(p)

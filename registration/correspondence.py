@@ -104,7 +104,6 @@ class StructureSelection:
     ``fixed_centroids`` / ``moving_centroids``: (n_used, 3), the moving ones rigidly mapped.
     """
 
-    names: list[str]
     candidates: list[str]
     inconsistent: np.ndarray
     consistency_err_mm: np.ndarray
@@ -157,7 +156,7 @@ def select_structures(fixed: Structures, moving: Structures, rigid: RigidResult,
         pf, pm = boundary_points(fixed_t[n]), boundary_points(moving_t[n])
         F.append(pf[even_indices(len(pf), per_structure)])
         M.append(rigid.apply(pm[even_indices(len(pm), per_structure)]) if len(pm) else np.zeros((0, 3)))
-    return StructureSelection(names, [c[0] for c in candidates], inconsistent, consistency_err, used, excluded,
+    return StructureSelection([c[0] for c in candidates], inconsistent, consistency_err, used, excluded,
                               F, M, np.array(cf).reshape(-1, 3), np.array(cm).reshape(-1, 3))
 
 

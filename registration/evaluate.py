@@ -50,17 +50,15 @@ from common.args import (
 )
 from common.atomic import atomic_write_json
 from common.errors import InputError
+from common.paths import BENCHMARKS, CT_DATA, PROJECT_ROOT
 from registration.batch import run_batch
 from registration.harness import run_synthetic, timing_full_passport
+from registration.inputs import FLOOR_HELP
 from registration.options import DeformableOptions, RigidOptions
-from registration.register import FLOOR_HELP
 
-ROOT = Path(__file__).resolve().parents[1]
-
-DEFAULT_CT = ROOT.parent / "shared" / "data" / "ct" / "example_ct_sm.nii.gz"
-DEFAULT_SEG = ROOT.parent / "shared" / "data" / "ct" / "example_seg.nii.gz"
-DEFAULT_OUT = ROOT / "benchmarks" / "registration_eval.json"
-DEFAULT_BATCH = ROOT / "ct_data" / "learn2reg"
+DEFAULT_CT = PROJECT_ROOT.parent / "shared" / "data" / "ct" / "example_ct_sm.nii.gz"
+DEFAULT_OUT = BENCHMARKS / "registration_eval.json"
+DEFAULT_BATCH = CT_DATA / "learn2reg"
 
 
 def _fmt_line(key: str, s: dict[str, Any]) -> str:

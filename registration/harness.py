@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InputError
 from common.geometry import fov_bbox_mm, voxel_to_world
-from common.labels import as_label_array
+from common.labels import checked_label_array, total_class_names_if_installed
 from common.passport import compute_structures
 from common.passport_model import Structure
 from registration.accuracy import (
@@ -28,8 +27,8 @@ from registration.accuracy import (
     summarise_cases,
     tre_table,
 )
+from registration.inputs import load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
-from registration.register import load_checked_scan
 from registration.rigid import rotation_angle_deg
 from registration.structures import centroid
 from registration.synthetic import (
@@ -43,25 +42,6 @@ from registration.transform import Transform, warp_labels
 from registration.two_tier import register_passports
 
 
-def class_names() -> dict[int, str]:
-    """TotalSegmentator "total" class names (label id -> name) from common.labels; {} when the package is
-    unavailable (compute_structures then names structures "label_<id>")."""
-    from common.labels import total_class_names
-
-    try:
-        return total_class_names()
-    except Exception:  # noqa: BLE001 - the package is optional for the harness
-        return {}
-
-
-def checked_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    """An integer (x, y, z) label array (common.labels.as_label_array); InputError naming ``path`` otherwise."""
-    try:
-        return as_label_array(data)
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
-
-
 def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
                   known: KnownTransform, *, fixed_labels: np.ndarray | None = None,
                   fixed_passport: list[Structure] | None = None, label_sigma_vox: float = 1.0, n_points: int = 20000,
@@ -72,7 +52,8 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
     Arrays (x, y, z), ``affine`` voxel -> world mm RAS+. ``anatomy_labels``: the original label map of
     the fixed CT. Fixed labels (``model_labels``; pass them precomputed as ``fixed_labels``) and moving
     labels are both samples of its smooth anatomy model (``label_sigma_vox``). The deformable grid also
-    covers the fixed scan's field of view (``bbox_mm`` of ``deformable_options`` is set to it).
+    covers ``bbox_mm`` of ``deformable_options``: when that is None (or no options are given), the fixed
+    scan's field of view (run_synthetic sets it once for all its cases).
     """
     rng = np.random.default_rng(seed)
     if fixed_labels is None:
@@ -80,7 +61,9 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
     m_img, m_lab, m_aff = make_moving(fixed_img, anatomy_labels, affine, known, label_sigma_vox=label_sigma_vox)
     fp = fixed_passport if fixed_passport is not None else compute_structures(fixed_labels, affine, names)
     mp = compute_structures(m_lab, m_aff, names)
-    defo_options = replace(deformable_options or DeformableOptions(), bbox_mm=fov_bbox_mm(fixed_img.shape, affine))
+    defo_options = deformable_options or DeformableOptions()
+    if defo_options.bbox_mm is None:
+        defo_options = replace(defo_options, bbox_mm=fov_bbox_mm(fixed_img.shape, affine))
     rigid, defo, T = register_passports(fp, mp, rigid_options, defo_options)
     pts = sample_points(fixed_img, fixed_labels, affine, n_points, rng)
     pts["centroids"] = np.array([centroid(s) for s in fp]).reshape(-1, 3)
@@ -114,8 +97,8 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
 def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image float32 (x,y,z), labels int (x,y,z), affine) after checking that the grids agree.
 
-    Bad files, a label map whose shape or affine differs from the scan's and one with non-integer or
-    negative values raise InputError (one line).
+    Bad files, a label map whose shape or affine differs from the scan's and one with non-integer values raise
+    InputError (one line); negative labels are background (0), as in passports.
     """
     from common.validation import check_label_map_matches
 
@@ -123,7 +106,7 @@ def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.nd
     seg = load_checked_scan(seg_path, modality="ANY").image
     check_label_map_matches(ct, seg, ct_path, seg_path)
     img = np.asarray(ct.dataobj, dtype=np.float32)
-    lab = checked_labels(np.asarray(seg.dataobj), seg_path)
+    lab = checked_label_array(np.asarray(seg.dataobj), seg_path, ndim=3, negative_as_background=True)
     return img, lab, np.asarray(ct.affine, dtype=np.float64)
 
 
@@ -136,19 +119,19 @@ def run_synthetic(ct_path: Path, seg_path: Path, *, magnitudes: tuple[float, ...
     """Self-registration, rigid-only truths and rigid + deformation truths for each peak magnitude."""
     img, anatomy, aff = load_ct_and_labels(ct_path, seg_path)
     lab = model_labels(anatomy, label_sigma_vox)  # fixed labels: the smooth anatomy model on the fixed grid
-    names = class_names()
+    names = total_class_names_if_installed()
     fp = compute_structures(lab, aff, names)
+    # what every case's deformable tier runs with: the grid also covers the CT's field of view
+    defo_options = replace(deformable_options or DeformableOptions(), bbox_mm=fov_bbox_mm(img.shape, aff))
     body = voxel_to_world(np.argwhere(img > BODY_HU), aff)
     center = voxel_to_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]
     kw = {"fixed_labels": lab, "fixed_passport": fp, "label_sigma_vox": label_sigma_vox,
           "n_points": n_points, "rigid_options": rigid_options,
-          "deformable_options": deformable_options, "with_dice": with_dice}
+          "deformable_options": defo_options, "with_dice": with_dice}
     out: dict[str, Any] = {"ct": str(ct_path), "labels": str(seg_path), "shape": list(img.shape),
                            "n_structures": len(fp), "label_sigma_vox": label_sigma_vox, "seed": seed, "n_cases": n_cases,
                            "max_angle_deg": max_angle_deg, "max_shift_mm": max_shift_mm,
-                           # what every case's deformable tier ran with (evaluate_case adds the CT's field of view)
-                           "deformable_settings": asdict(replace(deformable_options or DeformableOptions(),
-                                                                 bbox_mm=fov_bbox_mm(img.shape, aff))),
+                           "deformable_settings": asdict(defo_options),
                            "results": {}}
     if include_self:
         case = evaluate_case(img, anatomy, aff, names, KnownTransform.identity(), seed=seed, **kw)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,14 +31,10 @@ from common.args import (
 from common.atomic import atomic_path, atomic_write_json
 from common.errors import InputError
 from common.geometry import fov_bbox_mm
+from registration.inputs import FLOOR_HELP, load_checked_passport, load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
 
-if TYPE_CHECKING:
-    from common.passport_model import Passport
-    from common.volume import Volume
-
-DEFAULT_SMOOTHING = 3e4
-FLOOR_HELP = "0 or any value below the floor means the floor: one control point per structure plus the centroids"
+_RIGID_DEFAULTS, _DEFORMABLE_DEFAULTS = RigidOptions(), DeformableOptions()  # the CLI defaults: one source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,34 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-scan", type=Path, metavar="B.nii.gz", help="moving scan, warped onto the fixed grid")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--no-deformable", action="store_true", help="rigid only (skip the thin-plate spline)")
-    p.add_argument("--smoothing", type=nonnegative_float, default=DEFAULT_SMOOTHING,
+    p.add_argument("--smoothing", type=nonnegative_float, default=_DEFORMABLE_DEFAULTS.smoothing,
                    help="thin-plate spline smoothing (RBFInterpolator units; larger = smoother). Default: %(default)g")
-    p.add_argument("--residual-threshold", type=positive_float, default=15.0, metavar="MM",
+    p.add_argument("--residual-threshold", type=positive_float, default=_RIGID_DEFAULTS.residual_threshold_mm,
+                   metavar="MM",
                    help="rigid: centroid residual (mm) above which a structure is an outlier. Default: %(default)g")
-    p.add_argument("--max-control-points", type=nonnegative_int, default=1000, metavar="N",
+    p.add_argument("--max-control-points", type=nonnegative_int, default=_DEFORMABLE_DEFAULTS.max_control_points,
+                   metavar="N",
                    help=f"thin-plate spline control points (cells + centroids); {FLOOR_HELP}. "
                         "Default: %(default)d")
     return p
-
-
-def load_checked_passport(path: Path) -> Passport:
-    """A valid passport whose points can anchor a registration, else InputError naming ``path``."""
-    from common.passport import load_passport
-    from registration.structures import geometry_problem
-
-    passport = load_passport(path)
-    problem = geometry_problem(passport)
-    if problem:
-        raise InputError(path, f"{problem}: the passport is corrupt; rebuild it from its label map")
-    return passport
-
-
-def load_checked_scan(path: Path, modality: str = "CT") -> Volume:
-    """The scan (or label map, modality "ANY") as a checked common.volume.Volume: RGB, 2-D/4-D, voxel size,
-    NaN, truncated data, a header that claims more than the file holds...: InputError naming ``path``."""
-    from common.validation import load_scan
-
-    return load_scan(path, modality)[0]
 
 
 def _normalise(img: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:

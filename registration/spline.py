@@ -64,9 +64,13 @@ class ControlCells:
 
     cell: np.ndarray
     size_mm: float
-    n_cells: int
     floor_applied: bool
     centres: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        """The number of cells (rows of ``centres``)."""
+        return len(self.centres)
 
 
 def control_cells(points: np.ndarray, owner: np.ndarray, n_centroids: int,
@@ -85,7 +89,7 @@ def control_cells(points: np.ndarray, owner: np.ndarray, n_centroids: int,
     centres = np.zeros((n_cells, 3))
     for d in range(3):
         centres[:, d] = np.bincount(cell, weights=points[:, d], minlength=n_cells) / np.maximum(counts, 1)
-    return ControlCells(cell, h, n_cells, bool(floor_applied), centres)
+    return ControlCells(cell, h, bool(floor_applied), centres)
 
 
 def initial_field(centroids: np.ndarray, displacements: np.ndarray, centres: np.ndarray,

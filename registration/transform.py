@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from common.atomic import atomic_write_json
 from common.errors import InputError
-from common.geometry import grid_world, voxel_to_world
+from common.geometry import grid_world, world_to_voxel
 
 SCHEMA_NAME = "registration-transform"
 SCHEMA_VERSION = 1
@@ -259,7 +259,6 @@ def warp_array(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: tuple
     moving = np.asarray(moving)
     fixed_shape = tuple(int(s) for s in fixed_shape[:3])
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
-    inv_m = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64))
     out = np.empty(fixed_shape, dtype=moving.dtype if order == 0 else np.float32)
     per_plane = max(fixed_shape[0] * fixed_shape[1], 1)
     step = max(1, chunk_voxels // per_plane)
@@ -268,7 +267,7 @@ def warp_array(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: tuple
         sl = slice(k0, min(k0 + step, fixed_shape[2]))
         world = grid_world(fixed_shape, fixed_affine, sl)
         y = transform.fixed_to_moving(world)
-        vox = voxel_to_world(y, inv_m)  # moving voxel (i, j, k)
+        vox = world_to_voxel(y, moving_affine)  # moving voxel (i, j, k)
         if order == 0:
             vox = np.rint(vox)  # exact nearest neighbour, also for coordinates a hair off an integer
         vals = ndimage.map_coordinates(src, vox.T, order=order, mode="constant", cval=cval, prefilter=False)

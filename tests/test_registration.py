@@ -14,7 +14,7 @@ from common.passport_model import Structure
 from registration.deformable import jacobian_stats, register_deformable, to_transform
 from registration.rigid import register_rigid, rotation_angle_deg, weighted_kabsch
 from registration.stability import WEIGHT_TABLE, structure_weight, weight_group
-from registration.synthetic import ellipsoid_structure
+from registration.synthetic import ellipsoid_structure, rotation_matrix
 from registration.transform import (
     invert_displacement,
 )
@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_T12", "sacrum", "hip_left", "hip_right",
          "rib_left_10", "rib_right_10", "liver", "spleen", "kidney_left", "kidney_right", "pancreas",
          "lung_lower_lobe_left", "lung_lower_lobe_right", "aorta", "stomach", "colon", "gallbladder"]
-
-
-def rotation(axis, angle_deg: float) -> np.ndarray:
-    a = np.asarray(axis, dtype=np.float64)
-    a = a / np.linalg.norm(a)
-    th = np.radians(angle_deg)
-    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * K @ K
 
 
 def make_passport(seed: int = 0, n_points: int = 300, names: list[str] = NAMES) -> list[Structure]:
@@ -100,7 +92,7 @@ def test_weight_table_groups():
 def test_weighted_kabsch_exact_and_weights():
     rng = np.random.default_rng(1)
     P = rng.normal(size=(10, 3)) * 50
-    R = rotation([1, 2, 3], 25.0)
+    R = rotation_matrix([1, 2, 3], 25.0)
     t = np.array([5.0, -3.0, 12.0])
     Q = P @ R.T + t
     R_est, t_est = weighted_kabsch(P, Q, rng.uniform(0.1, 1.0, size=10))
@@ -119,7 +111,7 @@ def test_weighted_kabsch_exact_and_weights():
                                               (3.0, [0.2, -1, 0.5], [0.0, 0.0, -30.0])])
 def test_rigid_recovers_known_transform(angle, axis, shift):
     fixed = make_passport(0)
-    R = rotation(axis, angle)
+    R = rotation_matrix(axis, angle)
     t = np.asarray(shift, dtype=np.float64)
     res = register_rigid(fixed, moved_passport(fixed, R, t))
     assert angle_between(res.rotation, R) < 0.5
@@ -141,7 +133,7 @@ def test_rigid_self_registration_is_exact():
 
 def test_rigid_robust_to_mislabelled_structure():
     fixed = make_passport(3)
-    R = rotation([0.3, 1, 0.2], 12.0)
+    R = rotation_matrix([0.3, 1, 0.2], 12.0)
     t = np.array([10.0, -20.0, 15.0])
     moving = displaced(moved_passport(fixed, R, t), "kidney_left", [0.0, 50.0, 0.0], points=False)  # mislabelled
     res = register_rigid(fixed, moving)
@@ -155,7 +147,7 @@ def test_rigid_robust_to_mislabelled_structure():
 
 def test_rigid_robust_to_missing_structures():
     fixed = make_passport(4)
-    R = rotation([1, 0, 0], 8.0)
+    R = rotation_matrix([1, 0, 0], 8.0)
     t = np.array([0.0, 5.0, -5.0])
     moving = moved_passport(fixed, R, t)
     moving = [s for s in moving if s.name not in ("liver", "vertebrae_L1")]
@@ -168,7 +160,7 @@ def test_rigid_robust_to_missing_structures():
 def test_rigid_two_structures_use_axes():
     """With two structures the centroids alone cannot fix the rotation; principal axes do."""
     fixed = make_passport(5, names=["liver", "spleen"])
-    R = rotation([0, 1, 1], 10.0)
+    R = rotation_matrix([0, 1, 1], 10.0)
     t = np.array([3.0, 4.0, 5.0])
     res = register_rigid(fixed, moved_passport(fixed, R, t))
     assert angle_between(res.rotation, R) < 0.5
@@ -196,7 +188,7 @@ def test_deformable_self_registration_is_zero():
 def test_deformable_rigid_truth_stays_rigid():
     """Noise-free rigid truth: the spline must not invent a deformation."""
     fixed = make_passport(7)
-    R = rotation([1, 2, 0], 7.0)
+    R = rotation_matrix([1, 2, 0], 7.0)
     t = np.array([4.0, -6.0, 9.0])
     moving = moved_passport(fixed, R, t)
     rigid = register_rigid(fixed, moving)
@@ -208,7 +200,7 @@ def test_deformable_rigid_truth_stays_rigid():
 def test_deformable_reduces_error_of_smooth_deformation():
     """Synthetic ellipsoids displaced by a smooth Gaussian field: rigid + TPS beats rigid alone."""
     fixed = make_passport(8, n_points=400)
-    R = rotation([0, 0, 1], 5.0)
+    R = rotation_matrix([0, 0, 1], 5.0)
     t = np.array([5.0, 0.0, 0.0])
     c0, amp, sig = np.array([0.0, 0.0, 0.0]), np.array([0.0, 8.0, 4.0]), 80.0
 
@@ -231,7 +223,7 @@ def test_deformable_reduces_error_of_smooth_deformation():
 def test_deformable_ignores_rigid_outlier():
     """A mislabelled structure (50 mm off) is flagged by the rigid tier and kept out of the spline."""
     fixed = make_passport(9)
-    R = rotation([0, 1, 0], 6.0)
+    R = rotation_matrix([0, 1, 0], 6.0)
     t = np.array([2.0, 3.0, -4.0])
     moving = displaced(moved_passport(fixed, R, t), "spleen", [50.0, 0.0, 0.0])
     rigid = register_rigid(fixed, moving)
@@ -250,7 +242,7 @@ def test_deformable_phases_on_their_own():
     from registration.spline import control_cells, displacement_grid, initial_field, refit
 
     fixed = make_passport(9)
-    R, t = rotation([0, 1, 0], 6.0), np.array([2.0, 3.0, -4.0])
+    R, t = rotation_matrix([0, 1, 0], 6.0), np.array([2.0, 3.0, -4.0])
     moving = displaced(moved_passport(fixed, R, t), "spleen", [50.0, 0.0, 0.0])  # mislabelled: 50 mm off
     rigid = register_rigid(fixed, moving)
     o = DeformableOptions(max_control_points=60, iterations=2)
@@ -286,7 +278,7 @@ def test_deformable_phases_on_their_own():
 
 def test_rigid_result_dict_is_json_ready():
     fixed = make_passport(10)
-    res = register_rigid(fixed, moved_passport(fixed, rotation([1, 0, 0], 4.0), np.array([1.0, 2.0, 3.0])))
+    res = register_rigid(fixed, moved_passport(fixed, rotation_matrix([1, 0, 0], 4.0), np.array([1.0, 2.0, 3.0])))
     d = json.loads(json.dumps(res.to_dict()))
     assert d["n_matched"] == len(NAMES) and d["settings"]["groups"]["liver"] == "solid_organ"
     assert d["weights"]["vertebrae_L1"] > d["weights"]["lung_lower_lobe_left"]

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_registration import NAMES, make_passport, moved_passport, rotation
+from test_registration import NAMES, make_passport, moved_passport
 
+from common.labels import total_class_names_if_installed
 from common.passport import build_passport, save_passport
 from registration.deformable import register_deformable, to_transform
-from registration.harness import class_names, load_ct_and_labels
+from registration.harness import load_ct_and_labels
 from registration.register import main as register_main
 from registration.rigid import register_rigid
 from registration.spline import assign_cells
 from registration.structures import structure_table
+from registration.synthetic import rotation_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_PROCESS_LIMIT_S = 10.0  # measured 0.2-0.9 s each; generous for a loaded 2-core machine
@@ -107,7 +109,7 @@ N_SYN = len(NAMES)  # 20 structures -> 20 centroids
 @pytest.fixture(scope="module")
 def synthetic_pair():
     fixed = make_passport(21)
-    moving = moved_passport(fixed, rotation([0, 1, 1], 6.0), np.array([4.0, -5.0, 3.0]))
+    moving = moved_passport(fixed, rotation_matrix([0, 1, 1], 6.0), np.array([4.0, -5.0, 3.0]))
     return fixed, moving, register_rigid(fixed, moving)
 
 
@@ -148,9 +150,9 @@ def ct_passports(example_ct_sm, example_seg, tmp_path_factory) -> tuple[Path, Pa
     """Fixed: the passport of example_seg on its own grid. Moving: the same label map on a grid
     rotated by 4 deg and shifted (a known rigid change of frame; no resampling)."""
     _, anatomy, aff = load_ct_and_labels(example_ct_sm, example_seg)
-    names = class_names()
+    names = total_class_names_if_installed()
     moved = np.eye(4)
-    moved[:3, :3] = rotation([0.2, 0.3, 1.0], 4.0)
+    moved[:3, :3] = rotation_matrix([0.2, 0.3, 1.0], 4.0)
     moved[:3, 3] = [6.0, -4.0, 5.0]
     d = tmp_path_factory.mktemp("budget_passports")
     a = save_passport(build_passport(anatomy, aff, names, scan={}, model={}, resolution="original"), d / "A.json")

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from common.geometry import voxel_to_world
+from common.labels import total_class_names_if_installed
 from common.passport import build_passport, compute_structures, save_passport
 from registration.accuracy import BODY_HU
 from registration.batch import find_pairs, run_batch
-from registration.harness import class_names, evaluate_case, load_ct_and_labels
+from registration.harness import evaluate_case, load_ct_and_labels
 from registration.synthetic import KnownTransform, make_moving, model_labels, random_known_transform
 from registration.transform import load_transform, warp_labels
 from registration.two_tier import register_passports
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ct_case(example_ct_sm, example_seg):
     img, anatomy, aff = load_ct_and_labels(example_ct_sm, example_seg)
-    names = class_names()
+    names = total_class_names_if_installed()
     lab = model_labels(anatomy)
     fp = compute_structures(lab, aff, names)
     body = voxel_to_world(np.argwhere(img > BODY_HU), aff)

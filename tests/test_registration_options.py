@@ -9,14 +9,15 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
-from test_registration import make_passport, moved_passport, rotation
+from test_registration import make_passport, moved_passport
 
 from common.passport import build_passport, save_passport
 from registration.deformable import register_deformable
+from registration.inputs import load_checked_passport
 from registration.options import DeformableOptions, RigidOptions
-from registration.register import load_checked_passport
 from registration.register import main as register_main
 from registration.rigid import register_rigid
+from registration.synthetic import rotation_matrix
 from registration.transform import load_transform
 from registration.two_tier import register_passports
 
@@ -40,7 +41,7 @@ def passport_files(tmp_path_factory):
     lab = ellipsoid_labels()
     aff = np.diag([3.0, 3.0, 3.0, 1.0])
     moved = np.eye(4)
-    moved[:3, :3] = rotation([0.3, 0.1, 1.0], 3.0)
+    moved[:3, :3] = rotation_matrix([0.3, 0.1, 1.0], 3.0)
     moved[:3, 3] = [5.0, -3.0, 4.0]
     names = {i: f"structure_{i}" for i in range(1, 11)}
     d = tmp_path_factory.mktemp("options")
@@ -79,7 +80,7 @@ def test_registration_json_rebuilds_the_options_and_the_transform(passport_files
 def test_result_settings_rebuild_the_options_exactly():
     """Non-default options through the API: settings -> from_record -> the same grids to the last bit."""
     fixed = make_passport(4)
-    moving = moved_passport(fixed, rotation([1, 0, 1], 5.0), np.array([3.0, 2.0, -4.0]))
+    moving = moved_passport(fixed, rotation_matrix([1, 0, 1], 5.0), np.array([3.0, 2.0, -4.0]))
     rigid_options = RigidOptions(residual_threshold_mm=12.0, loss="huber", n_hypotheses=50,
                                  weight_table=(("bones", 2.0, ("vertebrae_*",)),))
     options = DeformableOptions(smoothing=1e4, mode="point", mutual=False, cell_mm=7.0, iterations=2,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_registration import rotation
 
 from registration.deformable import jacobian_stats
+from registration.synthetic import rotation_matrix
 from registration.transform import (
     DisplacementGrid,
     Transform,
@@ -51,7 +51,7 @@ def make_transform_with_grid() -> Transform:
     nodes = grid.nodes_mm()
     grid.fixed_to_moving = (3.0 * np.sin(nodes / 40.0)).reshape(shape + (3,))
     grid.moving_to_fixed = invert_displacement(grid)
-    return Transform(rotation([1, 1, 1], 9.0), np.array([1.0, 2.0, 3.0]), grid, {"note": "test"})
+    return Transform(rotation_matrix([1, 1, 1], 9.0), np.array([1.0, 2.0, 3.0]), grid, {"note": "test"})
 
 
 def test_transform_json_round_trip(tmp_path):
@@ -66,7 +66,7 @@ def test_transform_json_round_trip(tmp_path):
     assert d["schema"] == "registration-transform" and "base64" in d["deformable"]["fixed_to_moving"]["displacement_mm"]
     assert list(tmp_path.glob(".tmp-*")) == []
     # rigid-only transforms round-trip too
-    R = Transform(rotation([0, 0, 1], 30.0), np.array([5.0, 0, 0]))
+    R = Transform(rotation_matrix([0, 0, 1], 30.0), np.array([5.0, 0, 0]))
     R2 = load_transform(R.save(tmp_path / "rigid.json"))
     assert R2.grid is None and np.allclose(R2.rotation, R.rotation) and np.allclose(R2.translation, R.translation)
 
