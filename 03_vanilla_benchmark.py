@@ -80,11 +80,10 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
             labels = np.asanyarray(img.dataobj)
         extra = {"peak_rss_bytes": call.peak_rss_bytes, "peak_rss_method": METHOD_OFFICIAL_WORKER}
         if spec is not None:
-            from common.tiles import tiles_for_scan
+            from common.tiles import tiles_for_image
 
             with contextlib.suppress(Exception):  # the count is informative; never fail a scan over it
-                extra["n_tiles"] = tiles_for_scan(img.shape[:3], np.linalg.norm(img.affine[:3, :3], axis=0),
-                                                  spec, "".join(nib.aff2axcodes(img.affine)))
+                extra["n_tiles"] = tiles_for_image(img, spec)
         return total, {}, labels, extra
 
     run.close = close

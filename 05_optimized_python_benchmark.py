@@ -2,7 +2,7 @@
 """Stage 05: find the fastest faithful configuration on this machine, then benchmark it.
 
 Sweep (one factor at a time from the baseline, then the best factors combined): backend and threads
-(ONNX Runtime intra-op threads 1..cores, PyTorch threads), ONNX Runtime graph optimisation level and
+(ONNX Runtime intra-op threads 1..cores, PyTorch and PyTorch channels-last threads), ONNX Runtime graph optimisation level and
 execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8, 1.0), float16 vs float32
 logit sums, tiles per predictor call, threads for resampling. Each configuration runs the sweep scans
 (after one untimed warm-up) and is compared voxel by voxel with the reference masks of 03 (or, without a
@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__)
     add_run_arguments(p, "05_optimized")
     p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP + " (for the final benchmark of "
-                   "the chosen configuration, when it runs on ONNX Runtime)")
+                   "the chosen configuration)")
     p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
                    help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
     p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
-    p.add_argument("--sweep-scans", type=positive_int, default=3, help="scans used for the sweep (default: first 3)")
+    p.add_argument("--sweep-scans", type=positive_int, default=3, help="scans used for the sweep (default 3): the first that are valid, with the smallest multi-tile "
+                        "scan in place of the last when all of them fit in one tile")
     p.add_argument("--finalist-runs", type=positive_int, default=3,
                    help="timed runs per scan when re-timing the 3 fastest faithful configurations and the "
                         "baseline, which decides the choice (default 3)")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     from common.results import new_result
     from common.runner import build_predictor, load_config, save_config
     from common.sweep import SweepRow, select_fastest
-    from common.sweep_run import reference_masks, run_sweep
+    from common.sweep_run import pick_sweep_scans, reference_masks, run_sweep
 
     try:
         if not args.no_sweep:
@@ -63,17 +64,7 @@ def main(argv=None) -> int:
         return fail(exc)
     source = batch.source
     print(f"data: {source}")
-    from common.validation import load_scan
-
-    sweep_scans = []
-    for s in batch.scans:  # bad scans are reported by the final benchmark, not swept
-        try:
-            load_scan(s)
-            sweep_scans.append(s)
-        except InputError:
-            continue
-        if len(sweep_scans) == args.sweep_scans:
-            break
+    sweep_scans = [] if args.no_sweep else pick_sweep_scans(batch.scans, args.sweep_scans, spec)
     rows: list[SweepRow] = []
     retimed: list[SweepRow] = []
     chosen_row = None
@@ -105,11 +96,8 @@ def main(argv=None) -> int:
     result["sweep"] = [r.to_json() for r in rows]
     result["finalists"] = [r.to_json() for r in retimed]
     result["chosen"] = chosen_row.name if chosen_row else cfg.name
-    if args.efficiency:
-        if cfg.backend != "onnxruntime":
-            print(f"--efficiency: not measured: the chosen configuration runs on {cfg.backend}, not an ONNX graph")
-        else:
-            report_efficiency(result, onnx, spec, cfg.ort.intra_op_threads)
+    if args.efficiency:  # the tile's FLOPs are counted from the ONNX graph, whichever backend runs it
+        report_efficiency(result, onnx, spec, cfg.threads)
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "05 optimized")
 
 

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
             raise InputError(None, problem)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()  # bad config: before any work
-        batch, spec, onnx = start_onnx_run(args, export=cfg.backend == "onnxruntime")
+        # the ONNX file is the network for ONNX Runtime, and what --efficiency counts the tile's FLOPs from
+        batch, spec, onnx = start_onnx_run(args, export=cfg.backend == "onnxruntime" or args.efficiency)
         predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)  # before any scan
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
@@ -166,10 +167,7 @@ def main(argv=None) -> int:
         tqdm.write(f"FAILED {ref['error']}")
     opts = _job_options(args, key_config)
     if args.efficiency:
-        if onnx is None:
-            return fail("--efficiency counts the FLOPs of the ONNX graph; the run configuration uses the "
-                        f"{cfg.backend} backend")
-        report_efficiency(result, onnx, spec, cfg.ort.intra_op_threads)
+        report_efficiency(result, onnx, spec, cfg.threads)
     t0 = time.perf_counter()
     try:
         if wants_cluster(args):

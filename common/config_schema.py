@@ -13,8 +13,10 @@ from pydantic_core import ErrorDetails
 from common.json_errors import EXPECTED, problem, where
 from common.pipeline import SegmentOptions
 from common.session import OrtSettings
+from common.torch_channels_last import BACKEND as CHANNELS_LAST
 
 CONFIG_SCHEMA = "ts-bench-run-config"
+BACKENDS = ("onnxruntime", "pytorch", CHANNELS_LAST)  # common.runner.build_predictor
 
 
 def _one_of(*values: str) -> BeforeValidator:
@@ -75,10 +77,11 @@ class RunConfigDoc(_Section):
     schema_name: str = Field(CONFIG_SCHEMA, alias="schema")
     schema_version: int = 1
     name: str = "loaded"
-    backend: Annotated[str, _one_of("onnxruntime", "pytorch")] = "onnxruntime"
+    backend: Annotated[str, _one_of(*BACKENDS)] = "onnxruntime"
     ort: OrtDoc = Field(default_factory=OrtDoc)
     onnx_norm: Annotated[str, _one_of("precise", "native")] = "precise"
     torch_threads: Annotated[int, _integer(0)] = 0
+    keep_freed_memory: bool = False
     segment: SegmentDoc = Field(default_factory=SegmentDoc)
     chosen_by: Any = None
     threshold: Any = None

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(None, problem)
         providers = _check_device(args.device)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
-        cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()
+        if cfg_path:
+            cfg = load_config(cfg_path)
+        else:  # the GPU runs through ONNX Runtime's CUDA provider
+            cfg = RunConfig.fastest_exact_onnx() if args.device == "gpu" else RunConfig.fastest_exact()
         cfg.segment.resample_threads = args.nr_thr_resamp
         cfg.ort.providers = providers
         batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))

@@ -15,6 +15,8 @@ from common.errors import InputError
 from common.official_output import official_header
 from common.pipeline import SegmentOptions, SegmentResult, segment
 from common.session import OnnxPredictor, OrtSettings, TorchPredictor
+from common.torch_channels_last import BACKEND as CHANNELS_LAST
+from common.torch_channels_last import ChannelsLastTorchPredictor
 from common.validation import load_scan
 from common.volume import Volume, save_labels
 
@@ -23,31 +25,49 @@ from common.volume import Volume, save_labels
 class RunConfig:
     """Everything that decides how a scan is segmented: backend, its settings, pipeline options."""
 
-    backend: str = "onnxruntime"              # or "pytorch"
+    backend: str = "onnxruntime"              # or "pytorch", "pytorch_channels_last" (common.config_schema.BACKENDS)
     ort: OrtSettings = field(default_factory=OrtSettings)
     onnx_norm: str = "precise"                # ONNX export variant: "precise" or "native" InstanceNorm
-    torch_threads: int = 0                    # 0 = torch's default
+    torch_threads: int = 0                    # 0 = torch's default (one per physical core)
+    keep_freed_memory: bool = False           # glibc keeps freed memory for reuse (common.heap): faster, more RSS
     segment: SegmentOptions = field(default_factory=SegmentOptions)
     name: str = "default"
 
     @classmethod
     def fastest_exact(cls) -> RunConfig:
-        """The fastest configuration with the official arithmetic known on a 2-core x86 CPU (06's default
-        when no 05 result exists): ONNX Runtime, graph optimisation disabled (the precise-InstanceNorm export
-        runs faster without the optimizer's layout rewrites), memory pattern off (same speed, 1.2 GB less
-        peak), faithful pipeline options. 05 re-measures it on each machine."""
+        """The fastest configuration with the official arithmetic known on a 2-core x86 CPU (06's and the
+        console's default when no 05 result exists): nnU-Net's PyTorch network run channels-last on oneDNN
+        (common.torch_channels_last), faithful pipeline options. Per 112x112x128 tile on 2 threads it took
+        4.0-4.3 s against 5.8-7.2 s for ONNX Runtime (graph optimisation off or on) and 6.5-7.7 s for the
+        plain PyTorch network (benchmarks/profile_tile.json has the breakdown). 05 re-measures it on
+        each machine."""
+        return cls(backend="pytorch_channels_last", keep_freed_memory=True,
+                   name="built-in fastest exact (PyTorch channels-last on oneDNN, freed memory kept)")
+
+    @classmethod
+    def fastest_exact_onnx(cls) -> RunConfig:
+        """The fastest exact ONNX Runtime configuration (for ONNX Runtime's other providers, e.g. CUDA):
+        graph optimisation disabled (the precise-InstanceNorm export runs faster without the optimizer's
+        layout rewrites), memory pattern off (same speed, 1.2 GB less peak), faithful pipeline options."""
         return cls(ort=OrtSettings(graph_optimization="disable", mem_pattern=False),
-                   name="built-in fastest exact (ORT, graph optimisation disabled, memory pattern off)")
+                   name="built-in fastest exact ONNX Runtime (graph optimisation disabled, memory pattern off)")
+
+    @property
+    def threads(self) -> int:
+        """The backend's configured thread count (0: the library's default)."""
+        return self.ort.intra_op_threads if self.backend == "onnxruntime" else self.torch_threads
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": CONFIG_SCHEMA, "schema_version": 1, "name": self.name, "backend": self.backend,
-                "ort": self.ort.to_dict(), "onnx_norm": self.onnx_norm, "torch_threads": self.torch_threads, "segment": self.segment.to_dict()}
+                "ort": self.ort.to_dict(), "onnx_norm": self.onnx_norm, "torch_threads": self.torch_threads,
+                "keep_freed_memory": self.keep_freed_memory, "segment": self.segment.to_dict()}
 
     @classmethod
     def from_document(cls, doc: RunConfigDoc) -> RunConfig:
         """The configuration a checked run-configuration file (common.config_schema) describes."""
         return cls(backend=doc.backend, ort=OrtSettings(**doc.ort.model_dump()), onnx_norm=doc.onnx_norm,
-                   torch_threads=doc.torch_threads, segment=SegmentOptions(**doc.segment.model_dump()), name=doc.name)
+                   torch_threads=doc.torch_threads, keep_freed_memory=doc.keep_freed_memory,
+                   segment=SegmentOptions(**doc.segment.model_dump()), name=doc.name)
 
 
 def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -72,8 +92,12 @@ def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
     """The predictor for ``cfg``: one ONNX Runtime session or the PyTorch network, created once.
 
     ``onnx_path`` is the base ONNX file (precise InstanceNorm); the variant ``cfg.onnx_norm`` asks for is
-    exported beside it on first use.
+    exported beside it on first use. ``cfg.keep_freed_memory`` is applied here, to the whole process (the
+    last predictor built decides it; 05's sweep builds one per configuration).
     """
+    from common.heap import set_keep_freed_memory
+
+    set_keep_freed_memory(cfg.keep_freed_memory)
     if cfg.backend == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an ONNX file")
@@ -82,6 +106,8 @@ def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
         return OnnxPredictor(ensure_onnx(spec, onnx_path, precise_norm=cfg.onnx_norm == "precise"), cfg.ort)
     if cfg.backend == "pytorch":
         return TorchPredictor(spec.build_network(), threads=cfg.torch_threads)
+    if cfg.backend == CHANNELS_LAST:
+        return ChannelsLastTorchPredictor(spec.build_network(), threads=cfg.torch_threads)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 

@@ -63,10 +63,10 @@ def start_onnx_run(args: argparse.Namespace, *, export: bool = True) -> tuple[Ba
     return batch, spec, ensure_onnx(spec, args.onnx) if export else None
 
 
-def report_efficiency(result: dict, onnx: Path, spec: ModelSpec, intra_op_threads: int | None) -> None:
-    """--efficiency of 04-06: measure this machine's GEMM peak and the tile's FLOPs (on ``intra_op_threads``
-    ONNX Runtime threads, else all usable cores) into ``result``; print the one-line summary."""
+def report_efficiency(result: dict, onnx: Path, spec: ModelSpec, threads: int | None) -> None:
+    """--efficiency of 04-06: measure this machine's GEMM peak (on the backend's ``threads``, else all usable
+    cores) and the tile's FLOPs (from the ONNX graph) into ``result``; print the one-line summary."""
     from common.efficiency import measure_into
     from common.machine import usable_cores
 
-    print(measure_into(result, onnx, spec.patch_size, intra_op_threads or usable_cores()))
+    print(measure_into(result, onnx, spec.patch_size, threads or usable_cores()))

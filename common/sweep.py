@@ -7,10 +7,11 @@ from typing import Any
 
 from common.machine import usable_cores
 from common.runner import RunConfig
+from common.torch_channels_last import BACKEND as CHANNELS_LAST
 
 AGREEMENT_THRESHOLD = 0.999
 FACTORS = ("backend", "onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
-           "batch_size", "resample_threads")
+           "batch_size", "resample_threads", "keep_freed_memory")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,10 @@ class SweepRow:
 def one_factor_configs(cores: int | None = None) -> list[Candidate]:
     """The baseline (faithful pipeline, ONNX Runtime defaults) and one variation per factor.
 
-    Factors: backend (ONNX Runtime / PyTorch, with thread counts 1..cores), graph optimisation level,
-    execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8, 1.0), float32 vs float16
-    logit sums, tiles per predictor call, threads for the resampling steps.
+    Factors: backend (ONNX Runtime / PyTorch / PyTorch channels-last on oneDNN, with thread counts 1..cores),
+    graph optimisation level, execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8,
+    1.0), float32 vs float16 logit sums, tiles per predictor call, threads for the resampling steps, glibc
+    keeping freed memory (common.heap).
     """
     cores = cores or usable_cores()
     base = RunConfig(name="baseline: ort defaults")
@@ -62,7 +64,7 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
         for key, value in changes.items():
             if key.startswith("ort_"):
                 setattr(cfg.ort, key[4:], value)
-            elif key in ("backend", "torch_threads", "onnx_norm"):
+            elif key in ("backend", "torch_threads", "onnx_norm", "keep_freed_memory"):
                 setattr(cfg, key, value)
             else:
                 cfg.segment = replace(cfg.segment, **{key: value})
@@ -72,6 +74,7 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
     for t in sorted({1, cores}):
         vary("backend", f"ort intra_op_threads={t}", ort_intra_op_threads=t)
         vary("backend", f"pytorch threads={t}", backend="pytorch", torch_threads=t)
+        vary("backend", f"pytorch channels-last threads={t}", backend=CHANNELS_LAST, torch_threads=t)
     for level in ("disable", "basic", "extended"):
         vary("graph_optimization", f"ort graph_optimization={level}", ort_graph_optimization=level)
     vary("execution_mode", "ort execution_mode=parallel", ort_execution_mode="parallel")
@@ -81,6 +84,7 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
         vary("tile_step", f"tile_step={step}", tile_step=step)
     vary("accumulate", "accumulate=float32", accumulate="float32")
     vary("batch_size", "batch_size=2", batch_size=2)
+    vary("keep_freed_memory", "keep freed memory (glibc heap)", keep_freed_memory=True)
     if cores > 1:
         vary("resample_threads", f"resample_threads={cores}", resample_threads=cores)
     return out
@@ -93,6 +97,8 @@ def combine(best: dict[str, RunConfig]) -> RunConfig:
     for factor in ("accumulate", "batch_size", "resample_threads"):
         if factor in best:
             setattr(cfg.segment, factor, getattr(best[factor].segment, factor))
+    if "keep_freed_memory" in best:
+        cfg.keep_freed_memory = True
     if cfg.backend == "onnxruntime":
         if "onnx_norm" in best:
             cfg.onnx_norm = best["onnx_norm"].onnx_norm

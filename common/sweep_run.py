@@ -12,6 +12,53 @@ from common.runner import RunConfig
 from common.sweep import SweepRow, combine, one_factor_configs, select_fastest
 
 
+def _valid_tiles(scan: Path, spec: ModelSpec) -> int | None:
+    """Tiles of a scan that loads and validates (common.validation.load_scan), else None."""
+    from common.errors import InputError
+    from common.tiles import tiles_for_image
+    from common.validation import load_scan
+
+    try:
+        vol, _ = load_scan(scan)
+    except InputError:
+        return None
+    return tiles_for_image(vol.image, spec)
+
+
+def _header_tiles(scan: Path, spec: ModelSpec) -> int:
+    """Tiles of a NIfTI scan from its header alone (0 when it cannot be read that way: DICOM, broken)."""
+    import nibabel as nib
+
+    from common.tiles import tiles_for_image
+
+    try:
+        return tiles_for_image(nib.load(str(scan)), spec)
+    except Exception:  # only a preference: a scan that cannot be counted is simply not preferred
+        return 0
+
+
+def pick_sweep_scans(scans: list[Path], n: int, spec: ModelSpec) -> list[Path]:
+    """The scans 05 sweeps on: the first ``n`` that load and validate; when all of them fit in one tile and a
+    later scan needs more, the last pick is replaced by the later scan with the fewest tiles (> 1), because
+    clinical-size CTs are what the choice must be right for (issue 9). Ordered by tiles, so that the warm-up
+    on the first scan stays short. Invalid scans are skipped (the final benchmark reports them)."""
+    picked: list[tuple[Path, int]] = []
+    rest = list(scans)
+    while rest and len(picked) < n:
+        scan = rest.pop(0)
+        tiles = _valid_tiles(scan, spec)
+        if tiles is not None:
+            picked.append((scan, tiles))
+    if picked and all(t <= 1 for _, t in picked):
+        larger = sorted((t, i, scan) for i, scan in enumerate(rest) if (t := _header_tiles(scan, spec)) > 1)
+        for _, _, scan in larger:
+            tiles = _valid_tiles(scan, spec)
+            if tiles is not None:
+                picked[-1] = (scan, tiles)
+                break
+    return [scan for scan, _ in sorted(picked, key=lambda st: st[1])]
+
+
 def reference_masks(ref_json: Path, scans: list[Path], spec: ModelSpec, log=print) -> tuple[dict, str]:
     """Scan path -> reference label array: 03's masks when its result lists them, else the faithful
     PyTorch pipeline's output (identical to the official tool's: see tests/test_parity.py)."""

@@ -93,3 +93,12 @@ def tile_band(n_tiles: int | None) -> str:
 
 
 TILE_BANDS = ("1 tile", "2-8 tiles", "9-16 tiles", ">16 tiles", "unknown")
+
+
+def tiles_for_image(img, spec, step: float = 0.8) -> int:
+    """``tiles_for_scan`` of a nibabel image: its (x, y, z) shape, voxel sizes (affine column norms, mm) and
+    axis codes."""
+    import nibabel as nib
+
+    return tiles_for_scan(img.shape[:3], np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0), spec,
+                          "".join(nib.aff2axcodes(img.affine)), step=step)

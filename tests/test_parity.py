@@ -1,10 +1,11 @@
 """Our segment() vs the official TotalSegmentator (python API, fast, CPU) on the same stand-in weights.
 
 Real CT from ../shared plus a variant made here (reoriented to LPS, resampled to 1.5 mm). The official
-tool runs offline inside the test. Both backends of segment() must agree >= 99.9 % with it and reach
-Dice >= 0.99 for every class with >= 100 voxels. PyTorch-backed, the output is identical; ONNX-backed, the
-few voxels that differ must sit where the reference's top-2 logits are closer than the two backends'
-logit difference (float arithmetic decides those; random weights produce many near-ties).
+tool runs offline inside the test. Every backend of segment() must agree >= 99.9 % with it and reach
+Dice >= 0.99 for every class with >= 100 voxels. PyTorch-backed, the output is identical; backed by ONNX
+Runtime or by the channels-last oneDNN network (06's default), the few voxels that differ must sit where
+the reference's top-2 logits are closer than that backend's logit difference from PyTorch's (float
+arithmetic decides those; random weights produce many near-ties).
 """
 from __future__ import annotations
 
@@ -73,11 +74,15 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
         assert min_dice >= 0.99, name
 
 
-def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.ndarray:
+_TORCH_LOGITS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # case -> (PyTorch logits, Gaussian weight sum)
+
+
+def _near_tie_map(name, data_img, model_spec, torch_predictor, other_predictor) -> np.ndarray:
     """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
     reference network is within what the two backends' logit differences plus float16 rounding can flip:
-    gap <= 2 * max_k |logit_torch - logit_ort| + 8 float16 units, where a float16 unit is the coarser of
-    the spacing at the winning logit and at the Gaussian-weighted sum (subnormal near tile edges)."""
+    gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units, where a float16 unit is the coarser of
+    the spacing at the winning logit and at the Gaussian-weighted sum (subnormal near tile edges). The
+    PyTorch logits of case ``name`` are computed once per session."""
     from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
     from common.preprocess import (
         crop_to_nonzero,
@@ -94,14 +99,16 @@ def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.nd
     data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(rs.dataobj), model_spec.transpose_forward))
     x = ct_normalize(data, model_spec.normalization)[None]
     kw = dict(num_classes=model_spec.num_classes, patch_size=model_spec.patch_size, step=0.8, accumulate="float32")
-    lt = sliding_window_logits(x, torch_predictor, **kw)
-    lo = sliding_window_logits(x, ort_predictor, **kw)
+    if name not in _TORCH_LOGITS:
+        ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
+        wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
+                                     accumulate="float32", normalize=False)[0]
+        _TORCH_LOGITS[name] = (sliding_window_logits(x, torch_predictor, **kw), wsum)
+    lt, wsum = _TORCH_LOGITS[name]
+    lo = sliding_window_logits(x, other_predictor, **kw)
     top2 = np.sort(lt, axis=0)[-2:]
     gap = top2[1] - top2[0]
     diff = np.abs(lt - lo).max(axis=0)
-    ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
-    wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
-                                 accumulate="float32", normalize=False)[0]
     unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
     unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
     fp16_unit = np.maximum(unit_final, unit_sum)
@@ -111,21 +118,30 @@ def _near_tie_map(data_img, model_spec, torch_predictor, ort_predictor) -> np.nd
     return np.asanyarray(undo_canonical(np.ascontiguousarray(full), can.affine, data_img.affine).dataobj) > 0
 
 
-def test_onnx_backed_segment_matches_official(cases, model_spec, ort_predictor, torch_predictor,
-                                             record_property):
+@pytest.fixture(scope="module")
+def channels_last_predictor(model_spec):
+    from common.torch_channels_last import ChannelsLastTorchPredictor
+
+    return ChannelsLastTorchPredictor(model_spec.build_network())
+
+
+@pytest.mark.parametrize("backend", ["onnx", "channels_last"])
+def test_float32_backends_match_official_up_to_near_ties(backend, cases, model_spec, ort_predictor, torch_predictor,
+                                                        request, record_property):
+    predictor = ort_predictor if backend == "onnx" else request.getfixturevalue("channels_last_predictor")
     for name, path, ref in cases:
         img = nib.load(path)
-        res = segment(img, model_spec, ort_predictor, SegmentOptions())
+        res = segment(img, model_spec, predictor, SegmentOptions())
         ours = np.asanyarray(res.labels.dataobj)
         agree = voxel_agreement(ours, ref)
         min_dice, _ = _min_dice_over_big_classes(ours, ref)
         differ = ours != ref
-        near = _near_tie_map(img, model_spec, torch_predictor, ort_predictor)
+        near = _near_tie_map(name, img, model_spec, torch_predictor, predictor)
         near_tie_share = float(np.mean(near[differ])) if differ.any() else 1.0
         tie_rate = float(np.mean(near))
-        record_property(f"{name}_onnx", json.dumps({"agreement": agree, "min_dice": min_dice,
+        record_property(f"{name}_{backend}", json.dumps({"agreement": agree, "min_dice": min_dice,
                                                     "near_tie_share": near_tie_share, "tie_rate": tie_rate}))
-        print(f"{name}: ONNX backend agreement {agree:.6f}, min Dice {min_dice:.4f}; near-tie voxels "
+        print(f"{name}: {backend} backend agreement {agree:.6f}, min Dice {min_dice:.4f}; near-tie voxels "
               f"{tie_rate:.4%} of all, {near_tie_share:.2%} of the disagreeing ones")
         # The pipeline is the same; only the backend's arithmetic differs. Every disagreement must sit where
         # the reference's top-2 logits are closer than the two backends' logit difference (+ float16).

@@ -27,7 +27,7 @@ def test_each_candidate_changes_only_its_factor():
     base = candidates[0].config.to_dict()
     for cand in candidates[1:]:
         got = cand.config.to_dict()
-        changed = {k for k in ("backend", "onnx_norm", "torch_threads") if got[k] != base[k]}
+        changed = {k for k in ("backend", "onnx_norm", "torch_threads", "keep_freed_memory") if got[k] != base[k]}
         changed |= {k for section in ("ort", "segment") for k in got[section] if got[section][k] != base[section][k]}
         owner = {"intra_op_threads": "backend", "torch_threads": "backend"}
         assert {owner.get(k, k) for k in changed} == {cand.factor}, cand
@@ -68,3 +68,42 @@ def test_combine_takes_each_winning_factor_and_round_trips(tmp_path):
     back = load_config(path)
     assert back.to_dict() == combo.to_dict()
     assert isinstance(back, RunConfig)
+
+
+def test_combine_keeps_the_channels_last_backend_and_the_heap_setting(tmp_path):
+    cfgs = {c.config.name: c.config for c in one_factor_configs(cores=2)}
+    best = {"backend": cfgs["pytorch channels-last threads=2"], "keep_freed_memory": cfgs["keep freed memory (glibc heap)"],
+            "graph_optimization": cfgs["ort graph_optimization=basic"]}
+    combo = combine(best)
+    assert combo.backend == "pytorch_channels_last" and combo.torch_threads == 2 and combo.keep_freed_memory
+    assert combo.ort.graph_optimization == cfgs["baseline: ort defaults"].ort.graph_optimization  # ORT only
+    assert load_config(save_config(combo, tmp_path / "c.json")).to_dict() == combo.to_dict()
+
+
+def test_the_sweep_takes_a_multi_tile_scan_when_the_first_scans_fit_in_one_tile(tmp_path, model_spec, example_ct_sm,
+                                                                                 example_ct):
+    import nibabel as nib
+    import numpy as np
+
+    from common.sweep_run import pick_sweep_scans
+    from common.tiles import tiles_for_image
+
+    sm = nib.load(example_ct_sm)
+    scans = {}
+    for name, extra in (("two_rows", 120), ("three_rows", 200)):  # mirrored along z: more rows of tiles
+        data = np.pad(np.asanyarray(sm.dataobj), ((0, 0), (0, 0), (0, extra)), mode="symmetric")
+        scans[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, sm.affine, sm.header), scans[name])
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a scan")
+    tiles = {name: tiles_for_image(nib.load(path), model_spec) for name, path in scans.items()}
+    assert tiles_for_image(sm, model_spec) == 1 and 1 < tiles["two_rows"] < tiles["three_rows"]
+
+    order = [example_ct_sm, broken, scans["three_rows"], example_ct, scans["two_rows"]]
+    # the first 2 valid scans are example_ct_sm and three_rows: one is multi-tile already, kept as is, tiles last
+    assert pick_sweep_scans(order, 2, model_spec) == [example_ct_sm, scans["three_rows"]]
+    # the first 2 valid scans both fit in one tile: the multi-tile scan with the fewest tiles replaces the last
+    order = [example_ct_sm, broken, example_ct, scans["three_rows"], scans["two_rows"]]
+    assert pick_sweep_scans(order, 2, model_spec) == [example_ct_sm, scans["two_rows"]]
+    assert pick_sweep_scans([example_ct_sm, example_ct], 3, model_spec) == [example_ct_sm, example_ct]
+    assert pick_sweep_scans([broken], 3, model_spec) == []

@@ -1,0 +1,201 @@
+"""Where one tile's seconds go, per network backend: ``python -m common.profile_tile`` (issue 9's profile).
+
+For each backend, in a child process of its own (so that peak memory and thread pools are its own):
+one warm-up call, ``--runs`` timed calls of the network on one (1, 1, *patch) float32 tile (seeded
+standard-normal values: dense float32 convolutions cost the same whatever the values), the process's peak
+RSS, then one profiled call broken down by operator: ONNX Runtime's own profiler (per node kernel time,
+summed by op type) or torch.profiler (self CPU time per aten op). The parent adds the tile's FLOPs (from the
+ONNX graph) and this machine's float32 GEMM peak, so every backend gets its ratio to the compute limit, and
+writes one JSON (atomically) plus a table on stdout.
+
+Backends: ``ort`` (ONNX Runtime, graph optimisation disabled, 04/05's exact ONNX baseline), ``ort_all``
+(all graph optimisations), ``pytorch`` (nnU-Net's network as the official tool runs it), ``channels_last``
+(common.torch_channels_last, 06's default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("ort", "ort_all", "pytorch", "channels_last")
+CHILD_TIMEOUT_S = 900  # one backend: model load + (runs + 2) tiles; a tile takes 4-8 s on 2 cores
+TOP_OPS = 12
+
+
+def _ort_ops(trace_path: str) -> dict[str, float]:
+    """Seconds per op type from an ONNX Runtime profile (Chrome trace JSON): the "Node" events' kernel time."""
+    events = json.loads(Path(trace_path).read_text(encoding="utf-8"))
+    ops: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            ops[op] = ops.get(op, 0.0) + ev.get("dur", 0) / 1e6  # microseconds
+    return ops
+
+
+def _ort_predictor(onnx_path: str, level: str, threads: int, profile_dir: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.enable_mem_pattern = False
+    if profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / "ort")
+    session = ort.InferenceSession(onnx_path, sess_options=so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return session, (lambda x: session.run(None, {name: x})[0])
+
+
+def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: str) -> dict[str, Any]:
+    """Time and profile one backend in this process; the record the parent collects."""
+    from common.model import load_model_spec
+    from common.peak_memory import track_peak_rss
+
+    spec = load_model_spec(model_folder)
+    x = np.random.default_rng(0).standard_normal((1, 1, *spec.patch_size)).astype(np.float32)
+    with track_peak_rss() as peak:
+        if backend.startswith("ort"):
+            level = "ORT_ENABLE_ALL" if backend == "ort_all" else "ORT_DISABLE_ALL"
+            _, predict = _ort_predictor(onnx_path, level, threads)
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+            if backend == "pytorch":
+                from common.session import TorchPredictor
+
+                predict = TorchPredictor(spec.build_network(), threads=threads)
+            else:
+                from common.torch_channels_last import ChannelsLastTorchPredictor
+
+                predict = ChannelsLastTorchPredictor(spec.build_network(), threads=threads)
+        predict(x)  # warm-up: oneDNN/MLAS kernels are created on the first call
+        seconds = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            predict(x)
+            seconds.append(time.perf_counter() - t0)
+    ops = _profile_ops(backend, predict, x, onnx_path, threads)
+    total = sum(ops.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:TOP_OPS]
+    return {"backend": backend, "threads": threads, "runs": runs, "seconds": seconds,
+            "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "peak_rss_bytes": peak.peak_bytes, "peak_rss_method": peak.method,
+            "profiled_total_s": total, "ops": [{"op": k, "seconds": v, "share": v / total if total else None}
+                                               for k, v in top]}
+
+
+def _profile_ops(backend: str, predict, x: np.ndarray, onnx_path: str, threads: int) -> dict[str, float]:
+    """Seconds per operator for one call, from the library's own profiler."""
+    if backend.startswith("ort"):
+        level = "ORT_ENABLE_ALL" if backend == "ort_all" else "ORT_DISABLE_ALL"
+        with tempfile.TemporaryDirectory(prefix="ts-bench-ortprof-") as tmp:
+            session, run = _ort_predictor(onnx_path, level, threads, profile_dir=tmp)
+            run(x)  # warm-up of the profiled session
+            run(x)
+            return _ort_ops(session.end_profiling())
+    from torch.profiler import profile
+
+    with profile() as prof:
+        predict(x)
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
+def _run_child(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One backend in a fresh interpreter, with a time limit; the child's record, or {"error": one line}."""
+    with tempfile.TemporaryDirectory(prefix="ts-bench-profile-") as tmp:
+        out = Path(tmp) / "record.json"
+        cmd = [sys.executable, "-m", "common.profile_tile", "--child", backend, "--runs", str(args.runs),
+               "--threads", str(args.threads), "--onnx", str(args.onnx), "--child-out", str(out),
+               "--child-model", str(args.child_model)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"backend": backend, "error": f"did not finish within {CHILD_TIMEOUT_S} s"}
+        if proc.returncode != 0 or not out.exists():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"backend": backend, "error": f"exit {proc.returncode}: {last}"}
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from common.args import positive_int
+    from common.machine import usable_cores
+    from common.paths import BENCHMARKS, DEFAULT_ONNX
+
+    p = argparse.ArgumentParser(prog="python -m common.profile_tile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
+    p.add_argument("--runs", type=positive_int, default=3, help="timed calls per backend after a warm-up (default 3)")
+    p.add_argument("--threads", type=positive_int, default=usable_cores(), help="threads (default: usable cores)")
+    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="ONNX model (exported on first use)")
+    p.add_argument("--weights", choices=["auto", "official", "standin"], default="auto", help="weights (default auto)")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "profile_tile.json", help="result JSON")
+    p.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-model", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.args import fail, setup_console
+
+    setup_console()
+    args = _parser().parse_args(argv)
+    if args.child:
+        rec = _child(args.child, args.runs, args.threads, str(args.onnx), str(args.child_model))
+        args.child_out.write_text(json.dumps(rec), encoding="utf-8")
+        return 0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown or not backends:
+        return fail(f"--backends: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
+    from common.atomic import atomic_write_json
+    from common.efficiency import efficiency_record
+    from common.errors import InputError
+    from common.model_cache import ensure_onnx, model_record, prepare_model
+    from common.results import new_result
+
+    try:
+        spec = prepare_model(args.weights)
+        onnx = ensure_onnx(spec, args.onnx)
+    except (InputError, OSError, RuntimeError) as exc:
+        return fail(exc)
+    args.onnx, args.child_model = onnx, spec.folder  # the children load the same weights and graph
+    eff = efficiency_record(onnx, spec.patch_size, args.threads)
+    print(f"tile {spec.patch_size}: {eff['tile_flops'] / 1e12:.3f} TFLOP; GEMM peak {eff['gemm_peak_gflops']:.0f} "
+          f"GFLOPS on {args.threads} threads -> limit {eff['limit_s_per_tile']:.2f} s per tile")
+    records = []
+    for b in backends:
+        rec = _run_child(b, args)
+        if "error" not in rec:
+            rec["x_limit"] = rec["median_s"] / eff["limit_s_per_tile"]
+            ops = ", ".join(f"{o['op']} {o['seconds']:.2f}" for o in rec["ops"][:5])
+            print(f"{b:>14}: {rec['median_s']:.2f} s per tile [{rec['min_s']:.2f}-{rec['max_s']:.2f}], "
+                  f"{rec['x_limit']:.2f}x the limit, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB; {ops}")
+        else:
+            print(f"{b:>14}: FAILED {rec['error']}")
+        records.append(rec)
+    result = new_result("common/profile_tile.py", method="profile_tile",
+                        settings={"runs": args.runs, "threads": args.threads, "backends": backends},
+                        model=model_record(spec))
+    result["efficiency"] = eff
+    result["backends"] = records
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
