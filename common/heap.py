@@ -4,8 +4,8 @@ glibc serves every allocation above 32 MB with a fresh ``mmap`` and gives it bac
 so each of the network's activations (one 32-channel 112x112x128 float32 tensor is 205 MB) is faulted in
 and zeroed by the kernel again on every tile: 0.88 M page faults and 1.6 s of system CPU time per tile on
 2 threads, measured with getrusage around one call of the channels-last network. ``mallopt`` with
-``M_MMAP_MAX = 0`` (no mmap for allocations) and a high ``M_TRIM_THRESHOLD`` (never give the heap's top
-back) keeps freed blocks for reuse: after the first tile, no page faults and 3.0 s instead of 3.9-4.9 s
+``M_MMAP_MAX = 0`` (no mmap for allocations) and no ``M_TRIM_THRESHOLD`` (never give the heap's top back)
+keeps freed blocks for reuse: after the first tile, no page faults and 3.0 s instead of 3.9-4.9 s
 per tile. The price is a higher resident peak, because freed blocks are not all reusable for the next
 request (3.2 GB instead of 1.8 GB for one tile's network alone).
 
@@ -20,7 +20,10 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
-KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # 2**31 - 1: the largest value mallopt takes (an int)
+# mallopt takes an int and glibc stores the trim threshold as a size_t: -1 becomes SIZE_MAX, "never trim". The
+# largest positive value (2**31 - 1) is not enough: the heap's free top reaches 2 GB during a tile, and was then
+# trimmed and faulted in again on every tile (0.54 M faults per tile in some processes, none in others).
+KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 DEFAULTS = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 128 * 1024}  # glibc's documented defaults
 
 _kept = False

@@ -2,20 +2,22 @@
 
 For each backend, in a child process of its own (so that peak memory and thread pools are its own):
 one warm-up call, ``--runs`` timed calls of the network on one (1, 1, *patch) float32 tile (seeded
-standard-normal values: dense float32 convolutions cost the same whatever the values), the process's peak
-RSS, then one profiled call broken down by operator: ONNX Runtime's own profiler (per node kernel time,
+standard-normal values: dense float32 convolutions cost the same whatever the values) with the page faults
+and system CPU seconds of each, the process's peak RSS, then one profiled call broken down by operator: ONNX Runtime's own profiler (per node kernel time,
 summed by op type) or torch.profiler (self CPU time per aten op). The parent adds the tile's FLOPs (from the
 ONNX graph) and this machine's float32 GEMM peak, so every backend gets its ratio to the compute limit, and
 writes one JSON (atomically) plus a table on stdout.
 
-Backends: ``ort`` (ONNX Runtime, graph optimisation disabled, 04/05's exact ONNX baseline), ``ort_all``
-(all graph optimisations), ``pytorch`` (nnU-Net's network as the official tool runs it), ``channels_last``
-(common.torch_channels_last, 06's default).
+Backends: ``ort`` (ONNX Runtime, graph optimisation disabled, memory pattern off: the fastest exact ONNX
+Runtime configuration), ``ort_all`` (all graph optimisations), ``pytorch`` (nnU-Net's network as the official
+tool runs it), ``channels_last`` (common.torch_channels_last with glibc keeping freed memory, common.heap:
+06's default), ``channels_last_mmap`` (the same network with glibc's default malloc).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,16 +28,20 @@ from typing import Any
 
 import numpy as np
 
-BACKENDS = ("ort", "ort_all", "pytorch", "channels_last")
+BACKENDS = ("ort", "ort_all", "pytorch", "channels_last", "channels_last_mmap")
 CHILD_TIMEOUT_S = 900  # one backend: model load + (runs + 2) tiles; a tile takes 4-8 s on 2 cores
 TOP_OPS = 12
 
 
 def _ort_ops(trace_path: str) -> dict[str, float]:
-    """Seconds per op type from an ONNX Runtime profile (Chrome trace JSON): the "Node" events' kernel time."""
+    """Seconds per op type in the last run of an ONNX Runtime profile (Chrome trace JSON): the kernel time of
+    the "Node" events that start after the last "model_run" began."""
     events = json.loads(Path(trace_path).read_text(encoding="utf-8"))
+    last_run = max((ev.get("ts", 0) for ev in events if ev.get("name") == "model_run"), default=0)
     ops: dict[str, float] = {}
     for ev in events:
+        if ev.get("ts", 0) < last_run:
+            continue
         if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
             op = ev.get("args", {}).get("op_name", "?")
             ops[op] = ops.get(op, 0.0) + ev.get("dur", 0) / 1e6  # microseconds
@@ -59,10 +65,12 @@ def _ort_predictor(onnx_path: str, level: str, threads: int, profile_dir: str | 
 
 def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: str) -> dict[str, Any]:
     """Time and profile one backend in this process; the record the parent collects."""
+    from common.heap import set_keep_freed_memory
     from common.model import load_model_spec
     from common.peak_memory import track_peak_rss
 
     spec = load_model_spec(model_folder)
+    kept = set_keep_freed_memory(backend == "channels_last")
     x = np.random.default_rng(0).standard_normal((1, 1, *spec.patch_size)).astype(np.float32)
     with track_peak_rss() as peak:
         if backend.startswith("ort"):
@@ -81,16 +89,21 @@ def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: 
 
                 predict = ChannelsLastTorchPredictor(spec.build_network(), threads=threads)
         predict(x)  # warm-up: oneDNN/MLAS kernels are created on the first call
-        seconds = []
+        seconds, faults, system_s = [], [], []
         for _ in range(runs):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             predict(x)
             seconds.append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults.append(after.ru_minflt - before.ru_minflt)
+            system_s.append(after.ru_stime - before.ru_stime)
     ops = _profile_ops(backend, predict, x, onnx_path, threads)
     total = sum(ops.values())
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:TOP_OPS]
-    return {"backend": backend, "threads": threads, "runs": runs, "seconds": seconds,
+    return {"backend": backend, "threads": threads, "freed_memory_kept": kept, "runs": runs, "seconds": seconds,
             "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "page_faults_per_call": faults, "system_cpu_s_per_call": system_s,
             "peak_rss_bytes": peak.peak_bytes, "peak_rss_method": peak.method,
             "profiled_total_s": total, "ops": [{"op": k, "seconds": v, "share": v / total if total else None}
                                                for k, v in top]}
@@ -183,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             rec["x_limit"] = rec["median_s"] / eff["limit_s_per_tile"]
             ops = ", ".join(f"{o['op']} {o['seconds']:.2f}" for o in rec["ops"][:5])
             print(f"{b:>14}: {rec['median_s']:.2f} s per tile [{rec['min_s']:.2f}-{rec['max_s']:.2f}], "
-                  f"{rec['x_limit']:.2f}x the limit, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB; {ops}")
+                  f"{rec['x_limit']:.2f}x the limit, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                  f"{statistics.median(rec['page_faults_per_call']):.0f} page faults per call; {ops}")
         else:
             print(f"{b:>14}: FAILED {rec['error']}")
         records.append(rec)

@@ -155,8 +155,8 @@ def estimate_memory_bytes(shape_xyz: Sequence[int], spacing_mm: Sequence[float],
 
     float64 scan as loaded + float32 scan resampled to the model spacing (padded to at least one patch per
     axis) + the float16 logit sums of one row of tiles (n_classes x model x-y plane x patch z: the sliding
-    window finalises slabs as it goes) + one tile's float32 logits + the network's activations for one
-    tile (~1 KiB per patch voxel, measured with ONNX Runtime) + two uint8 label maps at the original
+    window finalises slabs as it goes) + one tile's float32 logits + the network's working memory for one
+    tile (2 KiB per patch voxel, measured: ACTIVATION_BYTES_PER_VOXEL) + two uint8 label maps at the original
     resolution (the resampled-back segmentation and the copy being written).
     ``patch_size`` is (x, y, z); the sliding window's first axis is z.
     """
@@ -171,7 +171,11 @@ def estimate_memory_bytes(shape_xyz: Sequence[int], spacing_mm: Sequence[float],
                + 2 * n_orig * 1)
 
 
-ACTIVATION_BYTES_PER_VOXEL = 1024  # ONNX Runtime, Task 297 network, memory pattern off: 1.63 GB / 1.6 M voxels
+# The network's working memory per patch voxel, the largest of the backends: 06's default (PyTorch
+# channels-last with glibc keeping freed memory, common.heap) peaked at 2.85 GiB for one 112x112x128 tile
+# with the model loaded (python -m common.profile_tile), 1.9 KB per voxel; ONNX Runtime with the memory
+# pattern off 1.80 GiB, the same network with glibc's default malloc 1.66 GiB.
+ACTIVATION_BYTES_PER_VOXEL = 2048
 
 
 def check_memory(path: str | Path | None, estimate: int, available: int | None = None) -> None:

@@ -255,7 +255,7 @@ def test_memory_estimate_and_huge_scan():
     m = 128 * 119 * 333  # x padded up to the patch
     window = 128 * 119 * 112  # the logit sums of one row of tiles (slab-wise argmax)
     patch = 128 * 112 * 112
-    assert est == n * 8 + m * 4 + FAST_CLASSES * window * 2 + FAST_CLASSES * patch * 4 + 1024 * patch + 2 * n
+    assert est == n * 8 + m * 4 + FAST_CLASSES * window * 2 + FAST_CLASSES * patch * 4 + 2048 * patch + 2 * n
     path = "huge.nii.gz"
     with pytest.raises(InputError) as exc:
         check_memory(path, est, available=2 * 1024**3)
@@ -264,7 +264,7 @@ def test_memory_estimate_and_huge_scan():
     check_memory(path, est, available=est)  # exactly enough: fine
     # a small scan is padded up to a patch at model resolution
     small = estimate_memory_bytes((10, 10, 10), (3, 3, 3), FAST_SPACING, 2, FAST_PATCH_XYZ)
-    assert small == 1000 * 10 + int(np.prod(FAST_PATCH_XYZ)) * (4 + 2 * 2 + 2 * 4 + 1024)
+    assert small == 1000 * 10 + int(np.prod(FAST_PATCH_XYZ)) * (4 + 2 * 2 + 2 * 4 + 2048)
 
 
 def test_available_memory_is_read():
