@@ -66,6 +66,22 @@ class OnnxPredictor:
                 "providers_used": self.session.get_providers()}
 
 
+_TORCH_DEFAULT_THREADS: int | None = None
+
+
+def set_torch_threads(threads: int) -> None:
+    """torch's intra-op threads for the predictor built next: ``threads`` (> 0), else torch's own default (as
+    found before the first predictor of this process changed it). The setting is process-wide, so every
+    predictor sets it, and one configuration's threads never leak into the next (05's sweep builds many).
+    torch's float32 results depend on the thread count in their last bits (oneDNN blocks its work by it)."""
+    import torch
+
+    global _TORCH_DEFAULT_THREADS
+    if _TORCH_DEFAULT_THREADS is None:
+        _TORCH_DEFAULT_THREADS = torch.get_num_threads()
+    torch.set_num_threads(threads if threads > 0 else _TORCH_DEFAULT_THREADS)
+
+
 class TorchPredictor:
     """The PyTorch network (nnU-Net's own module) behind the predictor interface, CPU, inference mode."""
 
@@ -77,8 +93,7 @@ class TorchPredictor:
         self.torch = torch
         self.network = network.eval()
         self.threads = threads
-        if threads > 0:
-            torch.set_num_threads(threads)
+        set_torch_threads(threads)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():

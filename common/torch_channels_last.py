@@ -13,7 +13,9 @@ the same function in float32, laid out as (N, D, H, W, C) in memory (torch's ``c
   the order the float16 accumulation reads, so no 118-channel transpose is needed afterwards.
 
 Only the float32 summation order inside convolutions and norms changes (as with ONNX Runtime); the tile
-order and the float16 sums of the sliding window are untouched, so this is exact mode. Its agreement with
+order and the float16 sums of the sliding window are untouched, so this is exact mode. Like the plain
+PyTorch network, its last bits depend on the thread count (deterministic for a given count), so labels at
+near-ties can differ between, say, a 2-thread process and 1-thread Dask workers. Its agreement with
 the official output is measured by tests/test_parity.py.
 """
 from __future__ import annotations
@@ -144,9 +146,10 @@ class ChannelsLastTorchPredictor:
     def __init__(self, network, threads: int = 0):
         import torch
 
+        from common.session import set_torch_threads
+
         self.torch = torch
-        if threads > 0:
-            torch.set_num_threads(threads)
+        set_torch_threads(threads)
         self.network = channels_last_network(network)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
