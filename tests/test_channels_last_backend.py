@@ -9,6 +9,7 @@ tests/test_parity.py's.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -111,7 +112,10 @@ _FAULTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere set_keep_freed_memory is a no-op")
 def test_kept_freed_memory_is_reused_without_page_faults():
     """64 MB arrays allocated and freed 6 times: by default every one is faulted in afresh (at least 32 faults:
     16 k pages of 4 KiB, or 32 huge pages where numpy asks for them); with freed memory kept, the ones after
@@ -126,6 +130,7 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     assert max(runs["keep"]["faults"][1:]) <= 4
 
 
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere set_keep_freed_memory is a no-op")
 def test_the_setting_goes_back_to_glibcs_defaults():
     from common.heap import freed_memory_kept, set_keep_freed_memory
 
