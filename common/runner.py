@@ -37,11 +37,11 @@ class RunConfig:
     def fastest_exact(cls) -> RunConfig:
         """The fastest configuration with the official arithmetic known on a 2-core x86 CPU (06's and the
         console's default when no 05 result exists): nnU-Net's PyTorch network run channels-last on oneDNN
-        (common.torch_channels_last), faithful pipeline options. Per 112x112x128 tile on 2 threads it took
-        4.0-4.3 s against 5.8-7.2 s for ONNX Runtime (graph optimisation off or on) and 6.5-7.7 s for the
-        plain PyTorch network (benchmarks/profile_tile.json has the breakdown). 05 re-measures it on
-        each machine."""
-        return cls(backend="pytorch_channels_last", keep_freed_memory=True,
+        (common.torch_channels_last) with glibc keeping freed memory (common.heap), faithful pipeline options.
+        Per 112x112x128 tile on 2 threads it took 3.45-3.98 s against 5.50-6.59 s for ONNX Runtime and
+        5.81 s for the plain PyTorch network (python -m common.profile_tile, two runs; PERFORMANCE.md). 05
+        re-measures it on each machine."""
+        return cls(backend=CHANNELS_LAST, keep_freed_memory=True,
                    name="built-in fastest exact (PyTorch channels-last on oneDNN, freed memory kept)")
 
     @classmethod

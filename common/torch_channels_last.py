@@ -21,6 +21,7 @@ the official output is measured by tests/test_parity.py.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,9 @@ import numpy as np
 BACKEND = "pytorch_channels_last"
 
 
+@functools.cache
 def _modules():
-    """torch.nn module classes, built on first use so that importing this file does not import torch."""
+    """torch.nn module classes, built once on first use so that importing this file does not import torch."""
     import torch
     import torch.nn.functional as F
     from torch import nn
