@@ -48,46 +48,37 @@ def _ort_ops(trace_path: str) -> dict[str, float]:
     return ops
 
 
-def _ort_predictor(onnx_path: str, level: str, threads: int, profile_dir: str | None = None):
-    import onnxruntime as ort
+def _config(backend: str, threads: int):
+    """The RunConfig that 06/05 would run for ``backend`` on ``threads`` threads (common.runner)."""
+    from common.runner import RunConfig
+    from common.session import OrtSettings
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.enable_mem_pattern = False
-    if profile_dir:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(profile_dir) / "ort")
-    session = ort.InferenceSession(onnx_path, sess_options=so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return session, (lambda x: session.run(None, {name: x})[0])
+    if backend.startswith("ort"):
+        cfg = RunConfig.fastest_exact_onnx()
+        cfg.ort = OrtSettings(intra_op_threads=threads, mem_pattern=False,
+                              graph_optimization="all" if backend == "ort_all" else "disable")
+    elif backend == "pytorch":
+        cfg = RunConfig(backend="pytorch")
+    else:
+        cfg = RunConfig.fastest_exact()
+        cfg.keep_freed_memory = backend == "channels_last"
+    cfg.torch_threads = threads
+    return cfg
 
 
 def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: str) -> dict[str, Any]:
-    """Time and profile one backend in this process; the record the parent collects."""
-    from common.heap import set_keep_freed_memory
+    """Time and profile one backend in this process, built as the pipeline builds it
+    (common.runner.build_predictor); the record the parent collects."""
+    from common.heap import freed_memory_kept
     from common.model import load_model_spec
     from common.peak_memory import track_peak_rss
+    from common.runner import build_predictor
 
     spec = load_model_spec(model_folder)
-    kept = set_keep_freed_memory(backend == "channels_last")
+    cfg = _config(backend, threads)
     x = np.random.default_rng(0).standard_normal((1, 1, *spec.patch_size)).astype(np.float32)
     with track_peak_rss() as peak:
-        if backend.startswith("ort"):
-            level = "ORT_ENABLE_ALL" if backend == "ort_all" else "ORT_DISABLE_ALL"
-            _, predict = _ort_predictor(onnx_path, level, threads)
-        else:
-            import torch
-
-            torch.set_num_threads(threads)
-            if backend == "pytorch":
-                from common.session import TorchPredictor
-
-                predict = TorchPredictor(spec.build_network(), threads=threads)
-            else:
-                from common.torch_channels_last import ChannelsLastTorchPredictor
-
-                predict = ChannelsLastTorchPredictor(spec.build_network(), threads=threads)
+        predict = build_predictor(cfg, spec, Path(onnx_path))
         predict(x)  # warm-up: oneDNN/MLAS kernels are created on the first call
         seconds, faults, system_s = [], [], []
         for _ in range(runs):
@@ -98,10 +89,11 @@ def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: 
             after = resource.getrusage(resource.RUSAGE_SELF)
             faults.append(after.ru_minflt - before.ru_minflt)
             system_s.append(after.ru_stime - before.ru_stime)
-    ops = _profile_ops(backend, predict, x, onnx_path, threads)
+    ops = _profile_ops(predict, x)
     total = sum(ops.values())
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:TOP_OPS]
-    return {"backend": backend, "threads": threads, "freed_memory_kept": kept, "runs": runs, "seconds": seconds,
+    return {"backend": backend, "config": cfg.to_dict(), "threads": threads, "freed_memory_kept": freed_memory_kept(),
+            "runs": runs, "seconds": seconds,
             "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
             "page_faults_per_call": faults, "system_cpu_s_per_call": system_s,
             "peak_rss_bytes": peak.peak_bytes, "peak_rss_method": peak.method,
@@ -109,15 +101,17 @@ def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: 
                                                for k, v in top]}
 
 
-def _profile_ops(backend: str, predict, x: np.ndarray, onnx_path: str, threads: int) -> dict[str, float]:
-    """Seconds per operator for one call, from the library's own profiler."""
-    if backend.startswith("ort"):
-        level = "ORT_ENABLE_ALL" if backend == "ort_all" else "ORT_DISABLE_ALL"
+def _profile_ops(predict, x: np.ndarray) -> dict[str, float]:
+    """Seconds per operator for one call, from the library's own profiler: for ONNX Runtime a second session
+    with the same settings and its profiler on, for torch torch.profiler around the same predictor."""
+    from common.session import OnnxPredictor
+
+    if isinstance(predict, OnnxPredictor):
         with tempfile.TemporaryDirectory(prefix="ts-bench-ortprof-") as tmp:
-            session, run = _ort_predictor(onnx_path, level, threads, profile_dir=tmp)
-            run(x)  # warm-up of the profiled session
-            run(x)
-            return _ort_ops(session.end_profiling())
+            profiled = OnnxPredictor(predict.model_path, predict.settings, profile_prefix=Path(tmp) / "ort")
+            profiled(x)  # warm-up of the profiled session
+            profiled(x)
+            return _ort_ops(profiled.session.end_profiling())
     from torch.profiler import profile
 
     with profile() as prof:

@@ -40,7 +40,10 @@ class OnnxPredictor:
 
     backend = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, settings: OrtSettings | None = None):
+    def __init__(self, model_path: str | Path, settings: OrtSettings | None = None,
+                 profile_prefix: str | Path | None = None):
+        """``profile_prefix``: turn on ONNX Runtime's profiler, its trace written as <prefix>_<date>.json
+        (``self.session.end_profiling()`` returns the file); for common.profile_tile, not a run setting."""
         import onnxruntime as ort
 
         self.settings = settings or OrtSettings()
@@ -50,6 +53,9 @@ class OnnxPredictor:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[self.settings.graph_optimization])
         so.enable_mem_pattern = self.settings.mem_pattern
         so.enable_cpu_mem_arena = self.settings.cpu_mem_arena
+        if profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.settings.execution_mode == "parallel"
                              else ort.ExecutionMode.ORT_SEQUENTIAL)
         available = ort.get_available_providers()
