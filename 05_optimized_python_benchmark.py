@@ -2,9 +2,11 @@
 """Stage 05: find the fastest faithful configuration on this machine, then benchmark it.
 
 Sweep (one factor at a time from the baseline, then the best factors combined): backend and threads
-(ONNX Runtime intra-op threads 1..cores, PyTorch and PyTorch channels-last threads), ONNX Runtime graph optimisation level and
-execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8, 1.0), float16 vs float32
-logit sums, tiles per predictor call, threads for resampling. Each configuration runs the sweep scans
+(ONNX Runtime intra-op threads 1..cores, PyTorch and PyTorch channels-last threads), ONNX Runtime graph
+optimisation level and execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8, 1.0),
+float16 vs float32 logit sums, tiles per predictor call, threads for resampling, glibc keeping freed
+memory. The sweep scans are the first --sweep-scans valid inputs, with the smallest multi-tile input in
+place of the last when all of them fit in one tile. Each configuration runs the sweep scans
 (after one untimed warm-up) and is compared voxel by voxel with the reference masks of 03 (or, without a
 03 result, with the faithful PyTorch pipeline, which reproduces the official output). The three fastest
 configurations with >= 99.9 % agreement on every sweep scan and the baseline are re-timed (median of
@@ -35,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=BENCHMARKS / "03_vanilla.json",
                    help="03's result JSON whose masks are the reference (default benchmarks/03_vanilla.json)")
     p.add_argument("--config-out", type=Path, default=OPTIMIZED_CONFIG, help="where the chosen configuration goes")
-    p.add_argument("--sweep-scans", type=positive_int, default=3, help="scans used for the sweep (default 3): the first that are valid, with the smallest multi-tile "
-                        "scan in place of the last when all of them fit in one tile")
+    p.add_argument("--sweep-scans", type=positive_int, default=3,
+                   help="scans used for the sweep (default 3): the first that are valid, with the smallest "
+                        "multi-tile scan in place of the last when all of them fit in one tile")
     p.add_argument("--finalist-runs", type=positive_int, default=3,
                    help="timed runs per scan when re-timing the 3 fastest faithful configurations and the "
                         "baseline, which decides the choice (default 3)")
