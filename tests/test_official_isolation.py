@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from processes import live_processes
+from threadpoolctl import threadpool_limits
 
 from common.official import OfficialCallError, OfficialRunner
 from common.official_worker import INJECT_HANG_ENV
@@ -78,7 +79,8 @@ def tiny_scans(tmp_path_factory, example_ct_sm) -> Path:
 
 def _busy(stop: list[bool]) -> int:
     """A pool thread that keeps taking the GIL and BLAS's locks (small products), with short pauses so that
-    the official worker still gets the CPU."""
+    the official worker still gets the CPU (the test limits BLAS to one thread: OpenBLAS's own threads
+    spin-wait between products and took 40 % of the worker's CPU, doubling every call's time)."""
     a = np.random.default_rng(0).random((200, 200))
     n = 0
     while not stop:
@@ -94,6 +96,7 @@ def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads
     previous = signal.getsignal(signal.SIGTERM)
     stop: list[bool] = []
     exit_cleanly_on_sigterm()
+    blas = threadpool_limits(limits=1, user_api="blas")  # this process only; the worker is a fresh process
     pool = concurrent.futures.ThreadPoolExecutor(2)
     busy = [pool.submit(_busy, stop) for _ in range(2)]
     times = []
@@ -108,6 +111,7 @@ def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads
     finally:
         stop.append(True)
         pool.shutdown(wait=True)
+        blas.restore_original_limits()
         signal.signal(signal.SIGTERM, previous)
     assert all(f.result() > 0 for f in busy)
     labels = np.asanyarray(nib.load(tmp_path / "call_19.nii.gz").dataobj)

@@ -9,6 +9,7 @@ arithmetic decides those; random weights produce many near-ties).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import nibabel as nib
@@ -64,7 +65,9 @@ def test_official_runs_offline_and_labels_many_classes(cases, model_spec):
 
 def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predictor, record_property):
     for name, path, ref in cases:
-        res = segment(nib.load(path), model_spec, torch_predictor, SegmentOptions())
+        memo = _TileMemo(torch_predictor)
+        res = segment(nib.load(path), model_spec, memo, SegmentOptions())
+        _torch_logits(name, nib.load(path), model_spec, memo)  # for the near-tie maps below, from the same tiles
         ours = np.asanyarray(res.labels.dataobj)
         agree = voxel_agreement(ours, ref)
         min_dice, dice = _min_dice_over_big_classes(ours, ref)
@@ -74,44 +77,75 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
         assert min_dice >= 0.99, name
 
 
-_TORCH_LOGITS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # case -> (PyTorch logits, Gaussian weight sum)
+# case -> (PyTorch logits, top-2 gap, float16 unit at the winner), computed once per session
+_TORCH_LOGITS: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+class _TileMemo:
+    """A predictor that remembers each tile's logits (keyed by the sha1 of the tile's input), so that the
+    near-tie map's second sliding window over a case replays the tiles that segment() has just computed
+    instead of running the network again (every tile costs 4-6 s). Outputs are the backend's own, unchanged."""
+
+    def __init__(self, predictor):
+        self.predictor, self.outputs, self.hits = predictor, {}, 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        keys = [hashlib.sha1(np.ascontiguousarray(tile).tobytes()).hexdigest() for tile in batch]
+        if all(k in self.outputs for k in keys):
+            self.hits += len(keys)
+            return np.stack([self.outputs[k] for k in keys])
+        out = self.predictor(batch)
+        self.outputs.update((k, o.copy()) for k, o in zip(keys, out, strict=True))  # the caller scales out in place
+        return out
+
+
+def _model_input(data_img, model_spec):
+    """The network input (1, *spatial) float32 of a scan, as segment() prepares it, and what undoes it."""
+    from common.preprocess import crop_to_nonzero, ct_normalize, resample_to_spacing, to_canonical, to_nnunet_axes
+
+    can = to_canonical(data_img)
+    rs = resample_to_spacing(can, model_spec.spacing_xyz, order=1)
+    data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(rs.dataobj), model_spec.transpose_forward))
+    return ct_normalize(data, model_spec.normalization)[None], crop, can
+
+
+def _float32_logits(x, model_spec, predictor) -> np.ndarray:
+    from common.sliding_window import sliding_window_logits
+
+    return sliding_window_logits(x, predictor, num_classes=model_spec.num_classes, patch_size=model_spec.patch_size,
+                                 step=0.8, accumulate="float32")
+
+
+def _torch_logits(name, data_img, model_spec, torch_predictor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Case ``name``'s float32-summed PyTorch logits (K, *spatial), the gap between its top two logits, and
+    the float16 unit there: the coarser of the spacing at the winning logit and at the Gaussian-weighted
+    sum (subnormal near tile edges). Computed once per session."""
+    from common.sliding_window import sliding_window_logits
+
+    if name not in _TORCH_LOGITS:
+        x = _model_input(data_img, model_spec)[0]
+        ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
+        wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
+                                     accumulate="float32", normalize=False)[0]
+        lt = _float32_logits(x, model_spec, torch_predictor)
+        top2 = np.partition(lt, lt.shape[0] - 2, axis=0)[-2:]  # [second, first]
+        unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
+        unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
+        _TORCH_LOGITS[name] = (lt, top2[1] - top2[0], np.maximum(unit_final, unit_sum))
+    return _TORCH_LOGITS[name]
 
 
 def _near_tie_map(name, data_img, model_spec, torch_predictor, other_predictor) -> np.ndarray:
     """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
     reference network is within what the two backends' logit differences plus float16 rounding can flip:
-    gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units, where a float16 unit is the coarser of
-    the spacing at the winning logit and at the Gaussian-weighted sum (subnormal near tile edges). The
-    PyTorch logits of case ``name`` are computed once per session."""
+    gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units (see _torch_logits)."""
     from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
-    from common.preprocess import (
-        crop_to_nonzero,
-        ct_normalize,
-        from_nnunet_axes,
-        resample_to_spacing,
-        to_canonical,
-        to_nnunet_axes,
-    )
-    from common.sliding_window import sliding_window_logits
+    from common.preprocess import from_nnunet_axes
 
-    can = to_canonical(data_img)
-    rs = resample_to_spacing(can, model_spec.spacing_xyz, order=1)
-    data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(rs.dataobj), model_spec.transpose_forward))
-    x = ct_normalize(data, model_spec.normalization)[None]
-    kw = dict(num_classes=model_spec.num_classes, patch_size=model_spec.patch_size, step=0.8, accumulate="float32")
-    if name not in _TORCH_LOGITS:
-        ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
-        wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
-                                     accumulate="float32", normalize=False)[0]
-        _TORCH_LOGITS[name] = (sliding_window_logits(x, torch_predictor, **kw), wsum)
-    lt, wsum = _TORCH_LOGITS[name]
-    lo = sliding_window_logits(x, other_predictor, **kw)
-    top2 = np.sort(lt, axis=0)[-2:]
-    gap = top2[1] - top2[0]
+    x, crop, can = _model_input(data_img, model_spec)
+    lt, gap, fp16_unit = _torch_logits(name, data_img, model_spec, torch_predictor)
+    lo = _float32_logits(x, model_spec, other_predictor)
     diff = np.abs(lt - lo).max(axis=0)
-    unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
-    unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
-    fp16_unit = np.maximum(unit_final, unit_sum)
     near = (gap <= 2 * diff + 8 * fp16_unit).astype(np.uint8)
     near = from_nnunet_axes(uncrop(near, crop), model_spec.transpose_backward)
     full = resample_labels_to_shape(near, can.shape[:3])
@@ -131,12 +165,14 @@ def test_float32_backends_match_official_up_to_near_ties(backend, cases, model_s
     predictor = ort_predictor if backend == "onnx" else request.getfixturevalue("channels_last_predictor")
     for name, path, ref in cases:
         img = nib.load(path)
-        res = segment(img, model_spec, predictor, SegmentOptions())
+        memo = _TileMemo(predictor)  # the near-tie map below replays segment()'s tiles
+        res = segment(img, model_spec, memo, SegmentOptions())
         ours = np.asanyarray(res.labels.dataobj)
         agree = voxel_agreement(ours, ref)
         min_dice, _ = _min_dice_over_big_classes(ours, ref)
         differ = ours != ref
-        near = _near_tie_map(name, img, model_spec, torch_predictor, predictor)
+        near = _near_tie_map(name, img, model_spec, torch_predictor, memo)
+        assert memo.hits == res.n_tiles, f"{name}: the near-tie map did not see segment()'s tiles"
         near_tie_share = float(np.mean(near[differ])) if differ.any() else 1.0
         tie_rate = float(np.mean(near))
         record_property(f"{name}_{backend}", json.dumps({"agreement": agree, "min_dice": min_dice,
