@@ -1,11 +1,12 @@
 """Our segment() vs the official TotalSegmentator (python API, fast, CPU) on the same stand-in weights.
 
-Real CT from ../shared plus a variant made here (reoriented to LPS, resampled to 1.5 mm). The official
-tool runs offline inside the test. Every backend of segment() must agree >= 99.9 % with it and reach
+Real CT from ../shared plus two variants made here (reoriented to LPS and resampled to 1.5 mm; extended
+along z to two rows of tiles). The official tool runs offline inside the test, once per case. Every backend of segment() must agree >= 99.9 % with it and reach
 Dice >= 0.99 for every class with >= 100 voxels. PyTorch-backed, the output is identical; backed by ONNX
 Runtime or by the channels-last oneDNN network (06's default), the few voxels that differ must sit where
 the reference's top-2 logits are closer than that backend's logit difference from PyTorch's (float
-arithmetic decides those; random weights produce many near-ties).
+arithmetic decides those; random weights produce many near-ties). The near-tie maps replay the tile logits
+that segment() has just computed (_TileMemo) instead of running each network a second time.
 """
 from __future__ import annotations
 
@@ -63,11 +64,11 @@ def test_official_runs_offline_and_labels_many_classes(cases, model_spec):
         assert len(np.unique(ref)) > 50, f"{name}: stand-in output should contain many classes"
 
 
-def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predictor, record_property):
+def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predictor, torch_reference, record_property):
     for name, path, ref in cases:
         memo = _TileMemo(torch_predictor)
         res = segment(nib.load(path), model_spec, memo, SegmentOptions())
-        _torch_logits(name, nib.load(path), model_spec, memo)  # for the near-tie maps below, from the same tiles
+        torch_reference.get(name, nib.load(path), memo)  # for the near-tie maps below, from the same tiles
         ours = np.asanyarray(res.labels.dataobj)
         agree = voxel_agreement(ours, ref)
         min_dice, dice = _min_dice_over_big_classes(ours, ref)
@@ -75,10 +76,6 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
         print(f"{name}: PyTorch backend agreement {agree:.6f}, min Dice {min_dice:.4f} over {len(dice)} classes")
         assert agree >= 0.999, name
         assert min_dice >= 0.99, name
-
-
-# case -> (PyTorch logits, top-2 gap, float16 unit at the winner), computed once per session
-_TORCH_LOGITS: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
 class _TileMemo:
@@ -116,34 +113,47 @@ def _float32_logits(x, model_spec, predictor) -> np.ndarray:
                                  step=0.8, accumulate="float32")
 
 
-def _torch_logits(name, data_img, model_spec, torch_predictor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Case ``name``'s float32-summed PyTorch logits (K, *spatial), the gap between its top two logits, and
-    the float16 unit there: the coarser of the spacing at the winning logit and at the Gaussian-weighted
-    sum (subnormal near tile edges). Computed once per session."""
-    from common.sliding_window import sliding_window_logits
+class _TorchReference:
+    """Per parity case, computed once per module: the float32-summed PyTorch logits (K, *spatial), the gap
+    between their top two, and the float16 unit there: the coarser of the spacing at the winning logit and
+    at the Gaussian-weighted sum (subnormal near tile edges)."""
 
-    if name not in _TORCH_LOGITS:
-        x = _model_input(data_img, model_spec)[0]
-        ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
-        wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=model_spec.patch_size, step=0.8,
-                                     accumulate="float32", normalize=False)[0]
-        lt = _float32_logits(x, model_spec, torch_predictor)
-        top2 = np.partition(lt, lt.shape[0] - 2, axis=0)[-2:]  # [second, first]
-        unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
-        unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
-        _TORCH_LOGITS[name] = (lt, top2[1] - top2[0], np.maximum(unit_final, unit_sum))
-    return _TORCH_LOGITS[name]
+    def __init__(self, model_spec, torch_predictor):
+        self.spec, self.predictor = model_spec, torch_predictor
+        self.cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def get(self, name: str, data_img, predictor=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, top-2 gap, float16 unit) of case ``name``; ``predictor`` (default: the PyTorch one) may
+        be a _TileMemo of it that replays tiles already computed."""
+        from common.sliding_window import sliding_window_logits
+
+        if name not in self.cases:
+            x = _model_input(data_img, self.spec)[0]
+            ones = lambda batch: np.ones((batch.shape[0], 1, *batch.shape[2:]), np.float32)  # noqa: E731
+            wsum = sliding_window_logits(x, ones, num_classes=1, patch_size=self.spec.patch_size, step=0.8,
+                                         accumulate="float32", normalize=False)[0]
+            lt = _float32_logits(x, self.spec, predictor or self.predictor)
+            top2 = np.partition(lt, lt.shape[0] - 2, axis=0)[-2:]  # [second, first]
+            unit_final = np.spacing(np.abs(top2[1]).astype(np.float16)).astype(np.float32)
+            unit_sum = np.spacing(np.abs(top2[1] * wsum).astype(np.float16)).astype(np.float32) / wsum
+            self.cases[name] = (lt, top2[1] - top2[0], np.maximum(unit_final, unit_sum))
+        return self.cases[name]
 
 
-def _near_tie_map(name, data_img, model_spec, torch_predictor, other_predictor) -> np.ndarray:
+@pytest.fixture(scope="module")
+def torch_reference(model_spec, torch_predictor) -> _TorchReference:
+    return _TorchReference(model_spec, torch_predictor)
+
+
+def _near_tie_map(data_img, model_spec, reference, other_predictor) -> np.ndarray:
     """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
     reference network is within what the two backends' logit differences plus float16 rounding can flip:
-    gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units (see _torch_logits)."""
+    gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units (``reference``: _TorchReference.get)."""
     from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
     from common.preprocess import from_nnunet_axes
 
     x, crop, can = _model_input(data_img, model_spec)
-    lt, gap, fp16_unit = _torch_logits(name, data_img, model_spec, torch_predictor)
+    lt, gap, fp16_unit = reference
     lo = _float32_logits(x, model_spec, other_predictor)
     diff = np.abs(lt - lo).max(axis=0)
     near = (gap <= 2 * diff + 8 * fp16_unit).astype(np.uint8)
@@ -160,7 +170,7 @@ def channels_last_predictor(model_spec):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "channels_last"])
-def test_float32_backends_match_official_up_to_near_ties(backend, cases, model_spec, ort_predictor, torch_predictor,
+def test_float32_backends_match_official_up_to_near_ties(backend, cases, model_spec, ort_predictor, torch_reference,
                                                         request, record_property):
     predictor = ort_predictor if backend == "onnx" else request.getfixturevalue("channels_last_predictor")
     for name, path, ref in cases:
@@ -171,7 +181,7 @@ def test_float32_backends_match_official_up_to_near_ties(backend, cases, model_s
         agree = voxel_agreement(ours, ref)
         min_dice, _ = _min_dice_over_big_classes(ours, ref)
         differ = ours != ref
-        near = _near_tie_map(name, img, model_spec, torch_predictor, memo)
+        near = _near_tie_map(img, model_spec, torch_reference.get(name, img), memo)
         assert memo.hits == res.n_tiles, f"{name}: the near-tie map did not see segment()'s tiles"
         near_tie_share = float(np.mean(near[differ])) if differ.any() else 1.0
         tie_rate = float(np.mean(near))
