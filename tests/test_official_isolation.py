@@ -80,7 +80,7 @@ def tiny_scans(tmp_path_factory, example_ct_sm) -> Path:
 def _busy(stop: list[bool]) -> int:
     """A pool thread that keeps taking the GIL and BLAS's locks (small products), with short pauses so that
     the official worker still gets the CPU (the test limits BLAS to one thread: OpenBLAS's own threads
-    spin-wait between products and took 40 % of the worker's CPU, doubling every call's time)."""
+    spin-wait between products and made every official call 1.4-1.6x slower)."""
     a = np.random.default_rng(0).random((200, 200))
     n = 0
     while not stop:
