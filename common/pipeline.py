@@ -17,6 +17,7 @@ import numpy as np
 from common.model import ModelSpec
 from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
 from common.preprocess import (
+    Crop,
     crop_to_nonzero,
     ct_normalize,
     from_nnunet_axes,
@@ -51,6 +52,16 @@ class SegmentResult:
     n_tiles: int = 0
 
 
+def model_input(canonical: nib.Nifti1Image, spec: ModelSpec, order: int = 1,
+                threads: int = 1) -> tuple[np.ndarray, Crop, nib.Nifti1Image]:
+    """The network input of a canonical (x, y, z) scan: float32 (1, *spatial) in nnU-Net's axes (z, y, x),
+    resampled to the plans' spacing (``order``, ``threads``: see resample_to_spacing), cropped to non-zero
+    and CT-normalised; with the crop (for uncrop) and the resampled image (its affine: the model grid)."""
+    resampled = resample_to_spacing(canonical, spec.spacing_xyz, order=order, threads=threads)
+    data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(resampled.dataobj), spec.transpose_forward))
+    return ct_normalize(data, spec.normalization)[None], crop, resampled  # one channel
+
+
 def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: SegmentOptions | None = None,
             progress=None) -> SegmentResult:
     """Segment one CT scan (nibabel image) with ``predict`` (see common.session)."""
@@ -59,13 +70,9 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
     t0 = time.perf_counter()
 
     canonical = to_canonical(img)
-    resampled = resample_to_spacing(canonical, spec.spacing_xyz, order=opt.resample_order,
-                                    threads=opt.resample_threads)
+    data, crop, resampled = model_input(canonical, spec, order=opt.resample_order, threads=opt.resample_threads)
     canonical_shape, canonical_affine = canonical.shape[:3], canonical.affine
     del canonical  # the full-resolution float64 copy is not needed past resampling (memory: 8 bytes/voxel)
-    data = to_nnunet_axes(np.asanyarray(resampled.dataobj), spec.transpose_forward)
-    data, crop = crop_to_nonzero(data)
-    data = ct_normalize(data, spec.normalization)[None]  # (1, *spatial) one channel
     t1 = time.perf_counter()
     timings["preprocess"] = t1 - t0
 

@@ -1,12 +1,13 @@
 """Our segment() vs the official TotalSegmentator (python API, fast, CPU) on the same stand-in weights.
 
 Real CT from ../shared plus two variants made here (reoriented to LPS and resampled to 1.5 mm; extended
-along z to two rows of tiles). The official tool runs offline inside the test, once per case. Every backend of segment() must agree >= 99.9 % with it and reach
-Dice >= 0.99 for every class with >= 100 voxels. PyTorch-backed, the output is identical; backed by ONNX
-Runtime or by the channels-last oneDNN network (06's default), the few voxels that differ must sit where
-the reference's top-2 logits are closer than that backend's logit difference from PyTorch's (float
-arithmetic decides those; random weights produce many near-ties). The near-tie maps replay the tile logits
-that segment() has just computed (_TileMemo) instead of running each network a second time.
+along z to two rows of tiles). The official tool runs offline inside the test, once per case. Every backend
+of segment() must agree >= 99.9 % with it and reach Dice >= 0.99 for every class with >= 100 voxels.
+PyTorch-backed, the output is identical; backed by ONNX Runtime or by the channels-last oneDNN network
+(06's default), the few voxels that differ must sit where the reference's top-2 logits are closer than that
+backend's logit difference from PyTorch's (float arithmetic decides those; random weights produce many
+near-ties). The near-tie maps replay the tile logits that segment() has just computed (_TileMemo) instead
+of running each network a second time.
 """
 from __future__ import annotations
 
@@ -98,12 +99,12 @@ class _TileMemo:
 
 def _model_input(data_img, model_spec):
     """The network input (1, *spatial) float32 of a scan, as segment() prepares it, and what undoes it."""
-    from common.preprocess import crop_to_nonzero, ct_normalize, resample_to_spacing, to_canonical, to_nnunet_axes
+    from common.pipeline import model_input
+    from common.preprocess import to_canonical
 
     can = to_canonical(data_img)
-    rs = resample_to_spacing(can, model_spec.spacing_xyz, order=1)
-    data, crop = crop_to_nonzero(to_nnunet_axes(np.asanyarray(rs.dataobj), model_spec.transpose_forward))
-    return ct_normalize(data, model_spec.normalization)[None], crop, can
+    x, crop, _ = model_input(can, model_spec)
+    return x, crop, can
 
 
 def _float32_logits(x, model_spec, predictor) -> np.ndarray:
