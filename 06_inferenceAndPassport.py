@@ -5,9 +5,10 @@ Input: ct_data/ (or --input DIR|FILE); with an empty ct_data/ the embedded synth
 Per scan, written atomically into --out: <scan>_seg.nii.gz (labels in the scan's own grid) and
 <scan>_passport.json (per-structure centroid, covariance, principal axes, boundary points in world mm).
 The run configuration comes from 05's benchmarks/optimized_config.json when present (else the built-in
-fastest exact configuration: ONNX Runtime, graph optimisation disabled, memory pattern off). One
-predictor (ONNX Runtime session or PyTorch network) is created once and reused for all scans. Each scan record holds its tile count and the peak RSS of the work on it (common.peak_memory:
-this process's peak from loading the scan to its last output written).
+fastest exact configuration: nnU-Net's PyTorch network run channels-last on oneDNN (torch's threads), freed
+memory kept; common.runner.RunConfig.fastest_exact). One predictor (PyTorch network or ONNX Runtime
+session) is created once and reused for all scans. Each scan record holds its tile count and the peak RSS
+of the work on it (common.peak_memory: this process's peak from loading the scan to its last output written).
 Resume: <scan>_run.json, written last, records the sha256 of the input's content, the sha256 of the
 weights and the configuration (run config without its name, passport resolution/points); a scan is skipped
 only when all three match and its outputs exist, else recomputed with one line saying what changed
