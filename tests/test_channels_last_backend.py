@@ -90,6 +90,30 @@ def test_sample_norm_keeps_torchs_float64_statistics():
     assert bn_err > 10 * ours_err  # the test can tell the two apart
 
 
+def test_norm_and_leaky_relu_in_place_by_plane_blocks_are_bit_identical():
+    """The network's form of the norm (in place, a few planes at a time, LeakyReLU fused) against the
+    whole-tensor norm followed by LeakyReLU: identical values, for one sample and for a batch of two, with
+    blocks that do not divide the depth (BLOCK shrunk to 5 planes of 40 x 36)."""
+    from torch import nn
+
+    norm = nn.InstanceNorm3d(3, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 0.5, 2.0]))
+        norm.bias.copy_(torch.tensor([0.0, 0.1, -0.2]))
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 3, 23, 40, 36, generator=gen) * 2 + 0.5).contiguous(memory_format=torch.channels_last_3d)
+    fused = sample_norm(norm, 0.01, inplace=True)
+    fused.BLOCK = 5 * 40 * 36 * 3
+    with torch.inference_mode():
+        for batch in (x[:1], x):
+            ref = nn.functional.leaky_relu(sample_norm(norm)(batch), 0.01)
+            work = batch.clone()
+            out = fused(work)
+            assert out.data_ptr() == work.data_ptr()  # in place
+            assert torch.equal(out, ref)
+            assert (ref < 0).any() and (ref > 0).any()
+
+
 def test_other_networks_are_refused():
     from torch import nn
 
@@ -139,3 +163,22 @@ def test_the_setting_goes_back_to_glibcs_defaults():
         assert set_keep_freed_memory(False) is False and not freed_memory_kept()
     finally:
         set_keep_freed_memory(False)
+
+
+@pytest.mark.parametrize("shape,planes", [((70, 50, 45), 1), ((45, 50, 20), 3)])
+def test_head_applied_plane_by_plane_gives_the_labels_of_the_whole_logits(tiny_network, shape, planes, monkeypatch):
+    """06's path (tile_logits: the head applied a few planes at a time inside the float16 sums, slab argmax)
+    against nnU-Net's: the same network's whole (B, K, *patch) logits through a plain callable, summed over
+    the whole volume, then argmax. Volumes of several 32^3 tiles (the second thinner than a tile along x:
+    padded, partial overlaps), batches of 1 and 2: identical labels."""
+    from common.sliding_window import _SlabSums, argmax_first, sliding_window_labels, sliding_window_logits
+
+    monkeypatch.setattr(_SlabSums, "PLANES", planes)
+    predict = ChannelsLastTorchPredictor(tiny_network)
+    data = _ct_like(shape, seed=3)[0]
+    for batch in (1, 2):
+        kw = dict(num_classes=118, patch_size=(32, 32, 32), step=0.5, batch_size=batch)
+        by_planes = sliding_window_labels(data, predict, **kw)
+        whole = argmax_first(sliding_window_logits(data, lambda b: predict(b), **kw))
+        assert len(np.unique(whole)) > 20
+        assert np.array_equal(by_planes, whole), f"batch {batch}: {np.mean(by_planes != whole):.2e} of voxels differ"

@@ -82,19 +82,40 @@ def test_pytorch_backed_segment_matches_official(cases, model_spec, torch_predic
 class _TileMemo:
     """A predictor that remembers each tile's logits (keyed by the sha1 of the tile's input), so that the
     near-tie map's second sliding window over a case replays the tiles that segment() has just computed
-    instead of running the network again (every tile costs 4-6 s). Outputs are the backend's own, unchanged."""
+    instead of running the network again (every tile costs 4-6 s). Outputs are the backend's own, unchanged.
+    A predictor with ``tile_logits`` (the channels-last one) is run through it, as 06 runs it: the head
+    applied plane by plane inside the float16 sums; the whole logits are kept for the replay."""
 
     def __init__(self, predictor):
         self.predictor, self.outputs, self.hits = predictor, {}, 0
+        if hasattr(predictor, "tile_logits"):
+            self.tile_logits = self._tile_logits
+
+    def _replay(self, batch: np.ndarray) -> tuple[list[str], np.ndarray | None]:
+        keys = [hashlib.sha1(np.ascontiguousarray(tile).tobytes()).hexdigest() for tile in batch]
+        if not all(k in self.outputs for k in keys):
+            return keys, None
+        self.hits += len(keys)
+        return keys, np.stack([self.outputs[k] for k in keys])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        keys = [hashlib.sha1(np.ascontiguousarray(tile).tobytes()).hexdigest() for tile in batch]
-        if all(k in self.outputs for k in keys):
-            self.hits += len(keys)
-            return np.stack([self.outputs[k] for k in keys])
+        keys, out = self._replay(batch)
+        if out is not None:
+            return out
         out = self.predictor(batch)
         self.outputs.update((k, o.copy()) for k, o in zip(keys, out, strict=True))  # the caller scales out in place
         return out
+
+    def _tile_logits(self, batch: np.ndarray):
+        from common.sliding_window import ArrayLogits
+
+        keys, out = self._replay(batch)
+        if out is not None:
+            return ArrayLogits(out)
+        lazy = self.predictor.tile_logits(batch)
+        whole = tuple(slice(None) for _ in batch.shape[2:])
+        self.outputs.update((k, lazy.region(i, whole).copy()) for i, k in enumerate(keys))
+        return lazy
 
 
 def _model_input(data_img, model_spec):
