@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -211,12 +212,19 @@ class ChannelsLastTorchPredictor:
         self.torch = torch
         set_torch_threads(threads)
         self.network = channels_last_network(network)
+        self._lock = threading.Lock()  # the head's emit_features switch belongs to one call at a time
 
-    def _run(self, batch: np.ndarray):
+    def _run(self, batch: np.ndarray, features: bool = False):
+        """The network on a batch: logits, or with ``features`` its last features (the head passes them on)."""
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        with torch.inference_mode():
-            return self.network(x.contiguous(memory_format=torch.channels_last_3d))
+        head = self.network.decoder.seg_layers[-1]
+        with self._lock, torch.inference_mode():
+            head.emit_features = features
+            try:
+                return self.network(x.contiguous(memory_format=torch.channels_last_3d))
+            finally:
+                head.emit_features = False
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch).numpy()
@@ -225,13 +233,7 @@ class ChannelsLastTorchPredictor:
         """The batch's logits as ``HeadLogits``: the network runs up to its last features (B, C, *patch) and
         the head is applied region by region by the caller (see common.sliding_window), so the (B, K, *patch)
         logits (757 MB per 112x112x128 tile) are never written out whole. Same GEMM per voxel as ``__call__``."""
-        head = self.network.decoder.seg_layers[-1]
-        head.emit_features = True
-        try:
-            features = self._run(batch)
-        finally:
-            head.emit_features = False
-        return HeadLogits(features, head)
+        return HeadLogits(self._run(batch, features=True), self.network.decoder.seg_layers[-1])
 
     def describe(self) -> dict[str, Any]:
         from common.heap import freed_memory_kept
