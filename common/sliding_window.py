@@ -289,8 +289,8 @@ class _SlabSums:
                 sums.copy_(buf)
 
     PLANES = 1  # first-axis planes per step of add(): 118 x 112 x 128 float32 = 6.8 MB per plane
-
     FINAL_PLANES = 16  # first-axis planes per argmax step
+
     def _buffer(self, shape):
         import torch
 

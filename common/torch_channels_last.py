@@ -82,14 +82,11 @@ def _modules():
                 squares += part.sum(2).to(torch.float64).sum((0, 1))
             return mean, squares / count
 
-        def _normalise(self, x, mean, var):
-            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-
         def _one(self, x):
             """One sample (1, C, D, H, W): normalised (and activated), in place or as a new tensor."""
             mean, var = (s.to(x.dtype) for s in self._stats(x))
             if not self.inplace:
-                out = self._normalise(x, mean, var)
+                out = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
                 return out if self.slope is None else F.leaky_relu_(out, self.slope)
             step = self._planes(x[0].permute(1, 2, 3, 0))
             unused = torch.empty(0), torch.empty(0)  # the out variant's saved statistics (training only)
@@ -250,16 +247,10 @@ class HeadLogits:
     def __init__(self, features, head):
         self.features, self.head, self._scratch = features, head, None
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """(B, K, *patch), as the logits array would be."""
-        return (self.features.shape[0], self.head.weight.shape[0], *self.features.shape[2:])
-
     def region(self, k: int, where: tuple[slice, ...]) -> np.ndarray:
         import torch
 
-        voxels = int(np.prod([len(range(*s.indices(n))) for s, n in zip(where, self.features.shape[2:], strict=True)]))
-        need = self.head.weight.shape[0] * voxels
+        need = self.head.weight.shape[0] * self.features[k, 0][where].numel()  # K x the region's voxels
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=self.features.dtype)
         with torch.inference_mode():
