@@ -22,15 +22,16 @@ import os
 import sys
 from pathlib import Path
 
-from common import download
-from common.archives import extract_learn2reg, extract_spleen
-from common.args import OneLineParser, positive_int, run_script
-from common.discovery import is_label_file
-from common.errors import DownloadError, InputError
-from common.paths import CT_DATA, PROJECT_ROOT
-from common.scan_import import run_import, say, warn
-from common.validation import load_scan
-from common.variants import (
+from common.cli.args import OneLineParser, positive_int, run_script
+from common.core.errors import DownloadError, InputError
+from common.core.paths import CT_DATA, PROJECT_ROOT
+from common.imaging.archives import extract_learn2reg, extract_spleen
+from common.imaging.discovery import is_label_file
+from common.imaging.validation import load_scan
+from common.imaging.volume import is_nifti_path, scan_id
+from common.sources import download
+from common.sources.scan_import import run_import, say, warn
+from common.sources.variants import (
     CLINICAL_INPLANE,
     CLINICAL_SLICES,
     CLINICAL_SPACING_MM,
@@ -40,7 +41,6 @@ from common.variants import (
     realistic_variant,
     write_variant,
 )
-from common.volume import is_nifti_path, scan_id
 
 DEFAULT_OUT = CT_DATA
 DOWNLOADS_SUBDIR = "downloads"

@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.args import check_outputs, fail, nonnegative_int, run_script, script_parser
-from common.errors import InputError
-from common.model_cache import ensure_onnx, onnx_variant_path, prepare_model
-from common.paths import DEFAULT_ONNX
-from common.script_args import add_weights_argument
+from common.cli.args import check_outputs, fail, nonnegative_int, run_script, script_parser
+from common.cli.script_args import add_weights_argument
+from common.core.errors import InputError
+from common.core.paths import DEFAULT_ONNX
+from common.inference.model_cache import ensure_onnx, onnx_variant_path, prepare_model
 
 
 def fold_name(text: str) -> int | str:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             target = onnx_variant_path(args.out, not args.native_norm)
             check_outputs(files=(target, target.with_suffix(".json")))
         if args.standin_only:
-            from common.weights import build_standin
+            from common.inference.weights import build_standin
 
             print(f"stand-in weights: {build_standin()}")
             return 0
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
             spec = prepare_model(args.weights)
             out = args.out or DEFAULT_ONNX
         else:
-            from common.model import load_model_spec
+            from common.inference.model import load_model_spec
 
             spec = load_model_spec(args.model_dir, fold=args.fold)
             out = args.out or DEFAULT_ONNX.parent / f"{spec.folder.parent.name}.onnx"
-        from common.onnx_export import export_and_check
+        from common.inference.onnx_export import export_and_check
 
         precise = not args.native_norm
         if args.force or args.model_dir is not None:

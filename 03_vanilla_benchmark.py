@@ -6,7 +6,7 @@ written by 02). Per scan: one warm-up run (not counted), then --repeats timed ru
 call (its load, resampling, nnU-Net prediction, resampling back and saving happen inside one call, so
 only the total is timed). Peak memory: the isolated worker's peak RSS (its own plus its children's,
 ru_maxrss), one fresh worker per scan, so the figure is that scan's (start-up and warm-up included). The
-tile count recorded per scan is the one our pipeline runs on the same scan (common.tiles, tile step 0.8,
+tile count recorded per scan is the one our pipeline runs on the same scan (common.inference.tile_count, tile step 0.8,
 as the official tool). The reference masks go to benchmarks/03_vanilla/<scan>_seg.nii.gz (written by
 the official tool into a temporary name, then renamed), the result to benchmarks/03_vanilla.json.
 """
@@ -18,10 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-from common.args import fail, positive_float, run_script, script_parser
-from common.errors import InputError
-from common.model_cache import model_record
-from common.script_args import add_run_arguments, start_run
+from common.cli.args import fail, positive_float, run_script, script_parser
+from common.cli.script_args import add_run_arguments, start_run
+from common.core.errors import InputError
+from common.inference.model_cache import model_record
 
 DEVICE = re.compile(r"^(cpu|mps|(gpu|cuda)(:\d+)?)$")
 
@@ -54,9 +54,9 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
     import nibabel as nib
     import numpy as np
 
-    from common.atomic import atomic_path
-    from common.official import OfficialRunner
-    from common.peak_memory import METHOD_OFFICIAL_WORKER
+    from common.core.atomic import atomic_path
+    from common.core.peak_memory import METHOD_OFFICIAL_WORKER
+    from common.runs.official import OfficialRunner
 
     state: dict = {"scan": None, "runner": None}
 
@@ -80,7 +80,7 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
             labels = np.asanyarray(img.dataobj)
         extra = {"peak_rss_bytes": call.peak_rss_bytes, "peak_rss_method": METHOD_OFFICIAL_WORKER}
         if spec is not None:
-            from common.tiles import tiles_for_image
+            from common.inference.tile_count import tiles_for_image
 
             with contextlib.suppress(Exception):  # the count is informative; never fail a scan over it
                 extra["n_tiles"] = tiles_for_image(img, spec)
@@ -92,8 +92,8 @@ def official_runner(weights_folder: Path, device: str, timeout_s: float | None, 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from common.bench import run_benchmark_batch
-    from common.results import new_result
+    from common.records.results import new_result
+    from common.runs.bench import run_benchmark_batch
 
     try:
         batch, spec = start_run(args)

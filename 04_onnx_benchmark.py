@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.args import fail, run_script, script_parser
-from common.efficiency import EFFICIENCY_HELP
-from common.errors import InputError
-from common.model_cache import model_record
-from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.cli.args import fail, run_script, script_parser
+from common.cli.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.core.errors import InputError
+from common.inference.model_cache import model_record
+from common.runs.efficiency import EFFICIENCY_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from common.bench import run_benchmark_batch, segment_runner
-    from common.results import new_result
-    from common.runner import RunConfig, build_predictor
+    from common.inference.run_config import RunConfig, build_predictor
+    from common.records.results import new_result
+    from common.runs.bench import run_benchmark_batch, segment_runner
 
     try:
         batch, spec, onnx = start_onnx_run(args)

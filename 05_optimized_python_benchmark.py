@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from common.args import fail, positive_int, run_script, script_parser, unit_fraction
-from common.efficiency import EFFICIENCY_HELP
-from common.errors import InputError
-from common.model_cache import model_record
-from common.paths import BENCHMARKS, OPTIMIZED_CONFIG
-from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.cli.args import fail, positive_int, run_script, script_parser, unit_fraction
+from common.cli.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.core.errors import InputError
+from common.core.paths import BENCHMARKS, OPTIMIZED_CONFIG
+from common.inference.model_cache import model_record
+from common.runs.efficiency import EFFICIENCY_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
-    from common.args import check_outputs
-    from common.bench import run_benchmark_batch, segment_runner
-    from common.results import new_result
-    from common.runner import build_predictor, load_config, save_config
-    from common.sweep import SweepRow, select_fastest
-    from common.sweep_run import pick_sweep_scans, reference_masks, run_sweep
+    from common.cli.args import check_outputs
+    from common.inference.run_config import build_predictor, load_config, save_config
+    from common.records.results import new_result
+    from common.runs.bench import run_benchmark_batch, segment_runner
+    from common.runs.sweep import SweepRow, select_fastest
+    from common.runs.sweep_run import pick_sweep_scans, reference_masks, run_sweep
 
     try:
         if not args.no_sweep:

@@ -6,14 +6,14 @@ Per scan, written atomically into --out: <scan>_seg.nii.gz (labels in the scan's
 <scan>_passport.json (per-structure centroid, covariance, principal axes, boundary points in world mm).
 The run configuration comes from 05's benchmarks/optimized_config.json when present (else the built-in
 fastest exact configuration: nnU-Net's PyTorch network run channels-last on oneDNN (torch's threads), freed
-memory kept; common.runner.RunConfig.fastest_exact). One predictor (PyTorch network or ONNX Runtime
+memory kept; common.inference.run_config.RunConfig.fastest_exact). One predictor (PyTorch network or ONNX Runtime
 session) is created once and reused for all scans. Each scan record holds its tile count and the peak RSS
-of the work on it (common.peak_memory: this process's peak from loading the scan to its last output written).
+of the work on it (common.core.peak_memory: this process's peak from loading the scan to its last output written).
 Resume: <scan>_run.json, written last, records the sha256 of the input's content, the sha256 of the
 weights and the configuration (run config without its name, passport resolution/points); a scan is skipped
 only when all three match and its outputs exist, else recomputed with one line saying what changed
 (--force recomputes everything). A scan that fails is recorded with its error and the batch goes on.
-Inputs: a folder is searched recursively (common.discovery); every entry found is segmented, or listed in
+Inputs: a folder is searched recursively (common.imaging.discovery); every entry found is segmented, or listed in
 the result's "ignored" (label maps, documentation) or recorded as failed; scan ids, the stems of the output
 files, come from the path relative to the input and are unique (collisions are renamed or refused, in one
 line). The result JSON is written after every scan ("complete": false until the batch ends): Ctrl-C or
@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from common.args import fail, positive_int, run_script, script_parser
-from common.cluster_args import add_cluster_arguments
-from common.efficiency import EFFICIENCY_HELP, add_scan_efficiencies
-from common.errors import InputError
-from common.model_cache import model_record
-from common.paths import OPTIMIZED_CONFIG
-from common.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.cli.args import fail, positive_int, run_script, script_parser
+from common.cli.cluster_args import add_cluster_arguments
+from common.cli.script_args import add_run_arguments, report_efficiency, start_onnx_run
+from common.core.errors import InputError
+from common.core.paths import OPTIMIZED_CONFIG
+from common.inference.model_cache import model_record
+from common.runs.efficiency import EFFICIENCY_HELP, add_scan_efficiencies
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, "06_inference", timing=False, out_help="folder for masks and passports")
     p.add_argument("--config", type=Path, default=None,
                    help="run configuration JSON (default: benchmarks/optimized_config.json written by 05, "
-                        "else the built-in fastest exact configuration, common.runner.RunConfig.fastest_exact)")
+                        "else the built-in fastest exact configuration, common.inference.run_config.RunConfig.fastest_exact)")
     p.add_argument("--passport-resolution", choices=["model", "original"], default="model",
                    help="compute passports on the model-resolution (3 mm) label map (fast, default) or on "
                         "the label map in the scan's own grid")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _job_options(args, key_config: dict):
-    from common.inference_job import JobOptions
+    from common.runs.scan_job import JobOptions
 
     return JobOptions(out=args.out, no_passport=args.no_passport, force=args.force,
                       passport_resolution=args.passport_resolution, max_points=args.max_points,
@@ -80,7 +80,7 @@ def _run_here(batch, opts, spec, predictor, cfg, result, recorder) -> None:
     """The single-process batch: one predictor, scans in order."""
     from tqdm import tqdm
 
-    from common.inference_job import segment_and_passport
+    from common.runs.scan_job import segment_and_passport
 
     bar = tqdm(batch.scans, desc="06 segment+passport", unit="scan")
     try:
@@ -94,12 +94,12 @@ def _run_here(batch, opts, spec, predictor, cfg, result, recorder) -> None:
 
 
 def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
-    """The batch as Dask tasks (common.cluster): each worker builds its predictor once; the client records."""
+    """The batch as Dask tasks (common.runs.cluster): each worker builds its predictor once; the client records."""
     from tqdm import tqdm
 
-    from common.cluster import ModelRecipe, open_client, run_tasks
-    from common.inference_job import JobOutcome, segment_and_passport
-    from common.results import finalize_scan, mark_failed, new_scan_record
+    from common.records.results import finalize_scan, mark_failed, new_scan_record
+    from common.runs.cluster import ModelRecipe, open_client, run_tasks
+    from common.runs.scan_job import JobOutcome, segment_and_passport
 
     recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
     with open_client(args, recipe, log=print) as run:
@@ -134,11 +134,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from common import resume
-    from common.cluster_args import cluster_problem, wants_cluster
-    from common.machine import usable_cores
-    from common.results import BatchRecorder, new_result
-    from common.runner import RunConfig, build_predictor, load_config
+    from common.cli.cluster_args import cluster_problem, wants_cluster
+    from common.core.machine import usable_cores
+    from common.inference.run_config import RunConfig, build_predictor, load_config
+    from common.records import resume
+    from common.records.results import BatchRecorder, new_result
 
     try:
         problem = cluster_problem(args)

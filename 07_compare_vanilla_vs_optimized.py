@@ -20,10 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.args import OneLineParser, check_outputs, run_script
-from common.comparison_inputs import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths
-from common.errors import InputError
-from common.paths import BENCHMARKS
+from common.cli.args import OneLineParser, check_outputs, run_script
+from common.core.errors import InputError
+from common.core.paths import BENCHMARKS
+from common.reporting.comparison_inputs import DEFAULT_RESULT_FILES, REFERENCE_METHOD, default_result_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from common.report import run_comparison  # pandas and matplotlib: not needed for --help
+    from common.reporting.report import run_comparison  # pandas and matplotlib: not needed for --help
 
     try:  # the output folder is checked before the result files are read
         check_outputs(folders=(args.out_dir,))

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from common.geometry import voxel_to_world
-from common.metrics import dice_per_class
+from common.imaging.geometry import voxel_to_world
+from common.records.metrics import dice_per_class
 from registration.deformable import jacobian_stats
 from registration.synthetic import KnownTransform
 from registration.transform import DisplacementGrid, Transform
@@ -67,7 +67,7 @@ def tre_table(points: dict[str, np.ndarray], known: KnownTransform, estimates: d
 
 def dice_scores(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Mean and median Dice over ``labels`` between label maps a and b (same grid); a label absent from both
-    maps is left out (``n_labels`` counts the others). Per-label Dice: common.metrics.dice_per_class."""
+    maps is left out (``n_labels`` counts the others). Per-label Dice: common.records.metrics.dice_per_class."""
     per_label = dice_per_class(a, b)  # the labels present in a or b
     sc = np.array([per_label[int(lab)] for lab in labels if int(lab) in per_label])
     return {"mean": float(sc.mean()) if sc.size else float("nan"),

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InputError
-from common.labels import checked_label_array, total_class_names_if_installed
-from common.passport import compute_structures
+from common.core.errors import InputError
+from common.imaging.labels import checked_label_array, total_class_names_if_installed
+from common.records.passport import compute_structures
 from registration.accuracy import dice_scores
 from registration.deformable import jacobian_stats
 from registration.inputs import load_checked_passport, load_checked_scan

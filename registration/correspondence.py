@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from common.geometry import even_indices
+from common.imaging.geometry import even_indices
 from registration.options import DeformableOptions
 from registration.rigid import RigidResult
 from registration.spline import fit_tps

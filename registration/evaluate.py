@@ -10,7 +10,7 @@ model (each label's indicator blurred by 1 voxel, sampled with cubic splines, ar
 the fixed labels are the same model on the fixed grid). A plain nearest-neighbour warp of a 3 mm label
 map rounds nearly translational shifts to whole voxels and biased centroids by up to 1.5 mm per axis
 (measured: rigid TRE 1.66 mm instead of 0.31 mm for a 0.25 deg case). Passports are
-built from the label maps ONLY (common.passport.compute_structures); the registration never sees
+built from the label maps ONLY (common.records.passport.compute_structures); the registration never sees
 the truth. Target registration error (TRE, mm) is measured in the MOVING scan, Learn2Reg style:
 for fixed points x, |T_est(x) - psi^-1(x)| with T_est the estimated FIXED -> MOVING mapping, at
  - structure centroids,
@@ -40,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.args import (
+from common.cli.args import (
     OneLineParser,
     check_outputs,
     nonnegative_float,
@@ -48,9 +48,9 @@ from common.args import (
     positive_int,
     run_script,
 )
-from common.atomic import atomic_write_json
-from common.errors import InputError
-from common.paths import BENCHMARKS, CT_DATA, PROJECT_ROOT
+from common.core.atomic import atomic_write_json
+from common.core.errors import InputError
+from common.core.paths import BENCHMARKS, CT_DATA, PROJECT_ROOT
 from registration.batch import run_batch
 from registration.harness import run_synthetic, timing_full_passport
 from registration.inputs import FLOOR_HELP

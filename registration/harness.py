@@ -2,7 +2,7 @@
 
 The real CT and its label map are the FIXED scan; registration/synthetic.py makes each moving scan from a
 known truth psi (MOVING world mm -> FIXED world mm, RAS+). Passports are built from the label maps ONLY
-(common.passport.compute_structures); the registration never sees the truth. Per case: TRE (mm, see
+(common.records.passport.compute_structures); the registration never sees the truth. Per case: TRE (mm, see
 registration/accuracy.py) for no registration, rigid only and rigid + TPS, Dice of the warped labels
 (circular: the same labels drive the registration), Jacobian folding of the deformable field, runtime.
 Arrays are (x, y, z); affines map voxel (i, j, k) to world mm.
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from common.geometry import fov_bbox_mm, voxel_to_world
-from common.labels import checked_label_array, total_class_names_if_installed
-from common.passport import compute_structures
-from common.passport_model import Structure
+from common.imaging.geometry import fov_bbox_mm, voxel_to_world
+from common.imaging.labels import checked_label_array, total_class_names_if_installed
+from common.records.passport import compute_structures
+from common.records.passport_model import Structure
 from registration.accuracy import (
     BODY_HU,
     dice_scores,
@@ -100,7 +100,7 @@ def load_ct_and_labels(ct_path: Path, seg_path: Path) -> tuple[np.ndarray, np.nd
     Bad files, a label map whose shape or affine differs from the scan's and one with non-integer values raise
     InputError (one line); negative labels are background (0), as in passports.
     """
-    from common.validation import check_label_map_matches
+    from common.imaging.validation import check_label_map_matches
 
     ct = load_checked_scan(ct_path).image
     seg = load_checked_scan(seg_path, modality="ANY").image

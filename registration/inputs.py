@@ -4,18 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import InputError
+from common.core.errors import InputError
 
 if TYPE_CHECKING:
-    from common.passport_model import Passport
-    from common.volume import Volume
+    from common.imaging.volume import Volume
+    from common.records.passport_model import Passport
 
 FLOOR_HELP = "0 or any value below the floor means the floor: one control point per structure plus the centroids"
 
 
 def load_checked_passport(path: Path) -> Passport:
     """A valid passport whose points can anchor a registration, else InputError naming ``path``."""
-    from common.passport import load_passport
+    from common.records.passport import load_passport
     from registration.structures import geometry_problem
 
     passport = load_passport(path)
@@ -26,8 +26,8 @@ def load_checked_passport(path: Path) -> Passport:
 
 
 def load_checked_scan(path: Path, modality: str = "CT") -> Volume:
-    """The scan (or label map, modality "ANY") as a checked common.volume.Volume: RGB, 2-D/4-D, voxel size,
+    """The scan (or label map, modality "ANY") as a checked common.imaging.volume.Volume: RGB, 2-D/4-D, voxel size,
     NaN, truncated data, a header that claims more than the file holds...: InputError naming ``path``."""
-    from common.validation import load_scan
+    from common.imaging.validation import load_scan
 
     return load_scan(path, modality)[0]

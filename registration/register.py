@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from common.args import (
+from common.cli.args import (
     OneLineParser,
     check_outputs,
     nonnegative_float,
@@ -28,9 +28,9 @@ from common.args import (
     positive_float,
     run_script,
 )
-from common.atomic import atomic_path, atomic_write_json
-from common.errors import InputError
-from common.geometry import fov_bbox_mm
+from common.core.atomic import atomic_path, atomic_write_json
+from common.core.errors import InputError
+from common.imaging.geometry import fov_bbox_mm
 from registration.inputs import FLOOR_HELP, load_checked_passport, load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python registration/register.py",
         description="Register a MOVING scan to a FIXED scan from their anatomical passports (JSON made by "
-                    "common/passport.py): weighted robust rigid alignment of structure centroids and principal "
+                    "common/records/passport.py): weighted robust rigid alignment of structure centroids and principal "
                     "axes, then a regularised thin-plate spline on matched boundary points. The transform maps "
                     "moving world mm -> fixed world mm (RAS+); the stored displacement grid also gives the "
                     "fixed -> moving direction used to resample moving images onto the fixed grid.",

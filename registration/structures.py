@@ -1,6 +1,6 @@
 """Access to passport structures for registration (only the fields registration needs).
 
-Registration reads, per structure (common.passport_model.Structure): name, voxel_count, volume_mm3,
+Registration reads, per structure (common.records.passport_model.Structure): name, voxel_count, volume_mm3,
 centroid_mm, eigenvalues_mm2 (ascending), eigenvectors (3x3, eigenvectors as COLUMNS) and
 boundary_points_mm (n x 3). All coordinates are world millimetres, RAS+ (NIfTI affine convention). A passport
 here is a typed Passport or just its structures (``Structures``): what compute_structures returns, or
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from common.passport_model import Passport, Structure
+from common.records.passport_model import Passport, Structure
 
 Structures = Passport | Sequence[Structure]
 

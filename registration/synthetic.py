@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from common.geometry import grid_world, voxel_to_world, world_to_voxel
-from common.passport_model import Box, Structure
+from common.imaging.geometry import grid_world, voxel_to_world, world_to_voxel
+from common.records.passport_model import Box, Structure
 
 
 def rotation_matrix(axis: np.ndarray, angle_deg: float) -> np.ndarray:

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from common.atomic import atomic_write_json
-from common.errors import InputError
-from common.geometry import grid_world, world_to_voxel
+from common.core.atomic import atomic_write_json
+from common.core.errors import InputError
+from common.imaging.geometry import grid_world, world_to_voxel
 
 SCHEMA_NAME = "registration-transform"
 SCHEMA_VERSION = 1

@@ -74,7 +74,7 @@ def user_home_untouched():
 def standin_home() -> Path:
     """The project's own TotalSegmentator home (models/totalseg_home) holding the stand-in Task 297 weights,
     used by the whole test session (built once; quickstart.sh builds the same folder)."""
-    from common.weights import build_standin, prepare_project_home
+    from common.inference.weights import build_standin, prepare_project_home
 
     home = prepare_project_home()
     build_standin()
@@ -83,8 +83,8 @@ def standin_home() -> Path:
 
 @pytest.fixture(scope="session")
 def model_spec(standin_home):
-    from common.model import load_model_spec
-    from common.weights import standin_folder
+    from common.inference.model import load_model_spec
+    from common.inference.weights import standin_folder
 
     return load_model_spec(standin_folder())
 
@@ -92,7 +92,7 @@ def model_spec(standin_home):
 @pytest.fixture(scope="session")
 def onnx_model(model_spec, tmp_path_factory) -> Path:
     """Exported once per session with its check report (task297.json) beside it."""
-    from common.onnx_export import export_and_check
+    from common.inference.onnx_export import export_and_check
 
     path = tmp_path_factory.mktemp("models") / "task297.onnx"
     export_and_check(model_spec, path)
@@ -101,14 +101,14 @@ def onnx_model(model_spec, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ort_predictor(onnx_model):
-    from common.session import OnnxPredictor
+    from common.inference.predictors import OnnxPredictor
 
     return OnnxPredictor(onnx_model)
 
 
 @pytest.fixture(scope="session")
 def torch_predictor(model_spec):
-    from common.session import TorchPredictor
+    from common.inference.predictors import TorchPredictor
 
     return TorchPredictor(model_spec.build_network())
 
@@ -118,7 +118,7 @@ def tiny_standin_home(tmp_path_factory) -> Path:
     """A project TotalSegmentator home whose stand-in uses 32^3-voxel tiles instead of 112 x 112 x 128: the
     same network, code paths and arithmetic, ~50x less compute per tile. For tests that need many runs of
     the network (official or ours) on tiny crops; use with TS_BENCH_TOTALSEG_HOME and --weights standin."""
-    from common.weights import build_standin, prepare_project_home, standin_folder
+    from common.inference.weights import build_standin, prepare_project_home, standin_folder
 
     home = prepare_project_home(tmp_path_factory.mktemp("tiny_home"))
     build_standin(standin_folder(home), patch_size=(32, 32, 32))
@@ -128,9 +128,9 @@ def tiny_standin_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx_model(tiny_standin_home, tmp_path_factory) -> Path:
     """The small-tile stand-in exported to ONNX (its checkpoint, which embeds the plans, has its own sha256)."""
-    from common.model import load_model_spec
-    from common.onnx_export import export_and_check
-    from common.weights import standin_folder
+    from common.inference.model import load_model_spec
+    from common.inference.onnx_export import export_and_check
+    from common.inference.weights import standin_folder
 
     path = tmp_path_factory.mktemp("tiny_models") / "task297.onnx"
     export_and_check(load_model_spec(standin_folder(tiny_standin_home)), path)
@@ -140,7 +140,7 @@ def tiny_onnx_model(tiny_standin_home, tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def _project_home(home: Path):
     """While the block runs, the suite's own TotalSegmentator home ($TS_BENCH_TOTALSEG_HOME) is ``home``."""
-    from common.weights import PROJECT_HOME_ENV
+    from common.inference.weights import PROJECT_HOME_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(PROJECT_HOME_ENV, str(home))
@@ -163,7 +163,7 @@ def in_tiny_home(tiny_standin_home) -> Path:
 @pytest.fixture(scope="session")
 def official_runner(standin_home, model_spec):
     """One isolated official TotalSegmentator worker for the session (its start-up, ~5-9 s, paid once)."""
-    from common.official import OfficialRunner
+    from common.runs.official import OfficialRunner
 
     with OfficialRunner(model_spec.folder) as runner:
         yield runner
@@ -173,8 +173,8 @@ def official_runner(standin_home, model_spec):
 def official_labels(official_runner, tmp_path_factory):
     """official_labels(path) -> the official tool's label array for that scan, computed once per session
     (keyed on the file's content), so tests that only need the reference share one official run."""
-    from common.official import run_official
-    from common.resume import input_digest
+    from common.records.resume import input_digest
+    from common.runs.official import run_official
 
     cache: dict[str, object] = {}
     folder = tmp_path_factory.mktemp("official_cache")

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.passport import Passport, build_passport, scan_metadata
+from common.records.passport import Passport, build_passport, scan_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 

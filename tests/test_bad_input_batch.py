@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.results import read_result
+from common.records.results import read_result
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ EXPECTED_ERRORS = {
 
 
 def test_06_reports_every_bad_input_and_finishes_the_good_scans(batch, tmp_path, tiny_onnx_model, in_tiny_home):
-    from common.runner import RunConfig, save_config
+    from common.inference.run_config import RunConfig, save_config
 
     cfg = save_config(RunConfig(), tmp_path / "config.json")  # independent of any local 05 result
     mod = importlib.import_module("06_inferenceAndPassport")

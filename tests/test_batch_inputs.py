@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from test_download import _write_dicom_series
 
-from common.atomic import leftover_temp_files
-from common.results import read_result
-from common.runner import RunConfig, save_config
-from common.weights import PROJECT_HOME_ENV
+from common.core.atomic import leftover_temp_files
+from common.inference.run_config import RunConfig, save_config
+from common.inference.weights import PROJECT_HOME_ENV
+from common.records.results import read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def test_two_runs_on_one_output_folder_share_the_work(four_scans, tmp_path, tiny
 def test_a_folder_with_two_dicom_series_names_the_one_not_segmented(tmp_path, example_ct_sm):
     import pydicom
 
-    from common.validation import load_scan
+    from common.imaging.validation import load_scan
 
     ct = nib.load(example_ct_sm)
     _write_dicom_series(_crop(ct, 0), tmp_path / "ct")
@@ -238,7 +238,7 @@ def test_a_result_write_that_fails_midway_is_said_and_the_batch_goes_on(four_sca
     writes): one warning line each, the batch goes on, and the final write records everything, complete."""
     import errno
 
-    import common.results as results
+    import common.records.results as results
 
     real, calls = results.atomic_write_json, []
 

@@ -1,4 +1,4 @@
-"""06's default network backend (common.torch_channels_last) and the glibc heap setting (common.heap).
+"""06's default network backend (common.inference.torch_channels_last) and the glibc heap setting (common.core.heap).
 
 The backend must compute nnU-Net's network in float32 up to summation order: the same logits as the
 PyTorch module the official tool runs (within float32 rounding), class-major and contiguous, for batches
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.torch_channels_last import ChannelsLastTorchPredictor, channels_last_network, sample_norm
+from common.inference.torch_channels_last import ChannelsLastTorchPredictor, channels_last_network, sample_norm
 
 
 @pytest.fixture(scope="module")
 def tiny_network(tiny_standin_home):
-    from common.model import load_model_spec
-    from common.weights import standin_folder
+    from common.inference.model import load_model_spec
+    from common.inference.weights import standin_folder
 
     return load_model_spec(standin_folder(tiny_standin_home)).build_network()
 
@@ -124,7 +124,7 @@ def test_other_networks_are_refused():
 _FAULTS = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from common.heap import freed_memory_kept, set_keep_freed_memory
+    from common.core.heap import freed_memory_kept, set_keep_freed_memory
     state = set_keep_freed_memory(sys.argv[1] == "keep")
     faults = []
     for _ in range(6):
@@ -156,7 +156,7 @@ def test_kept_freed_memory_is_reused_without_page_faults():
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere set_keep_freed_memory is a no-op")
 def test_the_setting_goes_back_to_glibcs_defaults():
-    from common.heap import freed_memory_kept, set_keep_freed_memory
+    from common.core.heap import freed_memory_kept, set_keep_freed_memory
 
     try:
         assert set_keep_freed_memory(True) is True and freed_memory_kept()
@@ -171,7 +171,7 @@ def test_head_applied_plane_by_plane_gives_the_labels_of_the_whole_logits(tiny_n
     against nnU-Net's: the same network's whole (B, K, *patch) logits through a plain callable, summed over
     the whole volume, then argmax. Volumes of several 32^3 tiles (the second thinner than a tile along x:
     padded, partial overlaps), batches of 1 and 2: identical labels."""
-    from common.sliding_window import _SlabSums, argmax_first, sliding_window_labels, sliding_window_logits
+    from common.inference.sliding_window import _SlabSums, argmax_first, sliding_window_labels, sliding_window_logits
 
     monkeypatch.setattr(_SlabSums, "PLANES", planes)
     predict = ChannelsLastTorchPredictor(tiny_network)

@@ -12,10 +12,11 @@ import pytest
 from scipy import ndimage
 from script_loader import load_script
 
-from common.atomic import leftover_temp_files
-from common.model import Normalization
-from common.peak_memory import METHOD_OFFICIAL_WORKER, METHOD_RUSAGE, METHOD_VMHWM, reset_peak, track_peak_rss
-from common.results import (
+from common.core.atomic import leftover_temp_files
+from common.core.peak_memory import METHOD_OFFICIAL_WORKER, METHOD_RUSAGE, METHOD_VMHWM, reset_peak, track_peak_rss
+from common.inference.model import Normalization
+from common.inference.tile_count import tile_band, tiles_for_scan
+from common.records.results import (
     add_repeat,
     finalize_scan,
     new_result,
@@ -24,8 +25,7 @@ from common.results import (
     summarize,
     write_result,
 )
-from common.tiles import tile_band, tiles_for_scan
-from common.variants import CLINICAL_SPACING_MM, clinical_variant, plan_clinical, reorient
+from common.sources.variants import CLINICAL_SPACING_MM, clinical_variant, plan_clinical, reorient
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -128,7 +128,7 @@ def test_clinical_sizes_option():
 
 
 def test_default_inputs_include_clinical_scans_last(tmp_path, monkeypatch):
-    import common.inputs as inputs
+    import common.sources.inputs as inputs
 
     for rel in ("a.nii.gz", "realistic/a_realistic.nii.gz", "clinical/clinical_512x512x200.nii.gz"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +145,9 @@ def test_default_inputs_include_clinical_scans_last(tmp_path, monkeypatch):
 
 
 def test_tiles_for_scan_equals_the_pipelines_count():
-    """common.tiles follows segment(): the count from the header equals the tiles the pipeline runs, for
+    """common.inference.tile_count follows segment(): the count from the header equals the tiles the pipeline runs, for
     odd spacings and a non-RAS orientation (small model numbers keep it fast)."""
-    from common.pipeline import SegmentOptions, segment
+    from common.inference.pipeline import SegmentOptions, segment
 
     spec = SimpleNamespace(spacing_xyz=(3.0, 3.0, 3.0), patch_size=(8, 12, 16), transpose_forward=(0, 1, 2),
                            transpose_backward=(0, 1, 2), num_classes=3,
@@ -191,7 +191,7 @@ def test_track_peak_rss_measures_a_block_and_resets_between_blocks():
 
 
 def test_track_peak_rss_falls_back_to_rusage(monkeypatch):
-    import common.peak_memory as pm
+    import common.core.peak_memory as pm
 
     monkeypatch.setattr(pm, "reset_peak", lambda: False)
     with pm.track_peak_rss() as rec:
@@ -211,7 +211,7 @@ def _fake_run(alloc_bytes: int, extra: dict | None = None):
 
 
 def test_benchmark_scan_records_peak_rss_and_tiles(example_ct_sm, tmp_path):
-    from common.bench import benchmark_scan
+    from common.runs.bench import benchmark_scan
 
     if not reset_peak():
         pytest.skip("/proc/self/clear_refs is not writable here")
@@ -231,8 +231,8 @@ def test_benchmark_scan_records_peak_rss_and_tiles(example_ct_sm, tmp_path):
 
 def test_03_records_the_official_workers_peak_and_the_tile_count(example_ct_sm, tmp_path, monkeypatch):
     """03's RunFn passes the isolated worker's peak RSS (OfficialCall) into the scan record."""
-    import common.official as official
-    from common.bench import benchmark_scan
+    import common.runs.official as official
+    from common.runs.bench import benchmark_scan
 
     calls = []
 
@@ -290,7 +290,7 @@ def test_result_schema_keeps_old_files_and_checks_the_new_fields(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
     assert read_result(tmp_path / "old.json")["scans"][0]["status"] == "ok"
     # mistyped values are refused
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     for key, value in (("peak_rss_bytes", "5 GB"), ("n_tiles", -1), ("peak_rss_method", 3)):
         bad = json.loads(path.read_text(encoding="utf-8"))

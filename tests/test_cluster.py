@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from processes import live_processes
 
-from common.atomic import leftover_temp_files
-from common.passport import load_passport
-from common.results import read_result
-from common.runner import RunConfig, save_config
-from common.weights import PROJECT_HOME_ENV
+from common.core.atomic import leftover_temp_files
+from common.inference.run_config import RunConfig, save_config
+from common.inference.weights import PROJECT_HOME_ENV
+from common.records.passport import load_passport
+from common.records.results import read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -116,8 +116,7 @@ def test_bad_cluster_options_are_one_line(scans, config, tmp_path, tiny_onnx_mod
 
 def test_an_unreachable_scheduler_is_one_line_within_the_time_limit(scans, config, tmp_path, tiny_onnx_model,
                                                                     in_tiny_home, capsys, monkeypatch):
-    from common import cluster
-
+    from common.runs import cluster
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 3)
     s06 = importlib.import_module("06_inferenceAndPassport")
     t0 = time.perf_counter()
@@ -220,7 +219,7 @@ def test_ctrl_c_on_the_client_cancels_the_batch_cleanly(scans, config, tmp_path,
 def test_the_console_folder_mode_on_a_cluster(scans, config, tmp_path, tiny_onnx_model, in_tiny_home, capsys):
     """totalseg-fast -i FOLDER --ml --workers 2: each scan's label map equals 06's single-process mask; the
     broken file is one line and the rest go on."""
-    from common.console import main
+    from common.cli.console import main
 
     s06 = importlib.import_module("06_inferenceAndPassport")
     assert s06.main(_base(scans, tiny_onnx_model, config, tmp_path / "one", "--no-passport")) == 1

@@ -11,9 +11,9 @@ import pytest
 from script_loader import load_script
 from test_metrics import hand_maps
 
-from common.atomic import leftover_temp_files
-from common.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
-from common.volume import save_labels
+from common.core.atomic import leftover_temp_files
+from common.imaging.volume import save_labels
+from common.records.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
 
 LABELS = {"1": "spleen", "2": "liver", "3": "stomach"}
 STANDIN = {"name": "Task297_fast_standin", "weights": "standin", "sha256": "ab" * 32, "labels": LABELS}

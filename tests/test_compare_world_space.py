@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from test_compare import STANDIN, load_07
 
-from common.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
-from common.variants import reorient
-from common.volume import save_labels
+from common.imaging.volume import save_labels
+from common.records.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
+from common.sources.variants import reorient
 
 HU_BANDS = (-500, -100, 100, 300)  # air, fat, soft tissue, contrast, bone -> labels 0..4
 
@@ -98,7 +98,7 @@ def test_masks_stored_in_other_axis_orders_are_compared_in_world_space(tmp_path,
 
 
 def test_ground_truth_in_another_axis_order_gets_dice(tmp_path, labels_lps):
-    from common.mask_io import align_to_grid
+    from common.imaging.mask_io import align_to_grid
 
     gt = reorient(labels_lps, "LAS")
     data = np.asanyarray(labels_lps.dataobj)
@@ -116,13 +116,13 @@ def test_ground_truth_in_another_axis_order_gets_dice(tmp_path, labels_lps):
 @pytest.mark.slow
 def test_07_on_a_dicom_scan_processed_by_03_and_06(tmp_path, example_ct_sm, tiny_onnx_model, in_tiny_home, capsys):
     """A DICOM series (axial, LPS as scanners write it) through the official tool (03: dicom2nifti, mask LAS) and
-    ours (06: common.dicom runs the same conversion, mask LAS too); 07 compares them on one grid, no
+    ours (06: common.imaging.dicom runs the same conversion, mask LAS too); 07 compares them on one grid, no
     reorientation needed, and reports agreement and Dice."""
     import importlib
 
     from test_download import _write_dicom_series
 
-    from common.runner import RunConfig, save_config
+    from common.inference.run_config import RunConfig, save_config
 
     crop = nib.load(str(example_ct_sm)).slicer[45:85, 35:75, 0:30]  # 40 x 40 x 30 voxels of 3 mm
     scan = tmp_path / "dicom" / "patient_ct"

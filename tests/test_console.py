@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.official import OfficialRunner
-from common.runner import RunConfig, save_config
-from common.weights import standin_folder
+from common.inference.run_config import RunConfig, save_config
+from common.inference.weights import standin_folder
+from common.runs.official import OfficialRunner
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def work(tmp_path_factory, example_ct_sm, tiny_standin_home, tiny_onnx_model, pr
 
 
 def _ours(work, *argv: str) -> int:
-    from common.console import main
+    from common.cli.console import main
 
     return main(["-i", str(work["scan"]), "--weights", "standin", "--onnx", str(work["onnx"]), "-q", *argv])
 
@@ -164,7 +164,7 @@ def test_dicom_as_users_have_it_gives_the_masks_of_the_nifti_route(work, tmp_pat
     import dicom2nifti
     from test_dicom_input import _extensionless, _write_series, _zip
 
-    from common.console import main
+    from common.cli.console import main
 
     crop = nib.load(example_ct_sm).slicer[40:80, 30:70, 0:16]
     crop = nib.Nifti1Image(np.asanyarray(crop.dataobj), crop.affine)

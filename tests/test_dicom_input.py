@@ -1,4 +1,4 @@
-"""DICOM input as users have it (common.dicom through common.validation.load_scan): series found by content
+"""DICOM input as users have it (common.imaging.dicom through common.imaging.validation.load_scan): series found by content
 (extension-less files, .dcm, zips with or without a sub-folder), the CT series chosen in a folder of several,
 the official tool's dicom2nifti grid reproduced exactly, and broken series refused in one line.
 
@@ -20,10 +20,10 @@ import pydicom
 import pytest
 from test_download import _write_dicom_series
 
-import common.dicom_zip
-from common.discovery import discover
-from common.errors import InputError
-from common.validation import load_scan
+import common.imaging.dicom_zip
+from common.core.errors import InputError
+from common.imaging.discovery import discover
+from common.imaging.validation import load_scan
 
 N_SLICES = 12
 STEP_MM = 3.0
@@ -301,7 +301,7 @@ def test_a_bad_zip_is_one_line_and_nothing_is_written_outside(case, series, tmp_
 
 def test_a_zip_larger_than_free_memory_is_refused_before_extraction(series, tmp_path, scratch, monkeypatch):
     target = _zip(series, tmp_path / "ct.zip")
-    monkeypatch.setattr(common.dicom_zip, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(common.imaging.dicom_zip, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(InputError) as exc:
         load_scan(target)
     _assert_one_line(exc, target, "uncompressed", "of memory available")

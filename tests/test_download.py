@@ -1,4 +1,4 @@
-"""common.download, common.archives + 01_download_data.py against a real local HTTP server (tests/http_server.py:
+"""common.sources.download, common.imaging.archives + 01_download_data.py against a real local HTTP server (tests/http_server.py:
 Range support, dropped connections)."""
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import pytest
 from http_server import local_server, url_of
 from script_loader import load_script
 
-from common import download
-from common.archives import extract_spleen
-from common.atomic import leftover_temp_files
-from common.download import download_file
-from common.errors import DownloadError
+from common.core.atomic import leftover_temp_files
+from common.core.errors import DownloadError
+from common.imaging.archives import extract_spleen
+from common.sources import download
+from common.sources.download import download_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import nibabel as nib
 import pytest
 import torch
 
-from common.efficiency import conv_macs
-from common.results import read_result
-from common.runner import RunConfig, save_config
+from common.inference.run_config import RunConfig, save_config
+from common.records.results import read_result
+from common.runs.efficiency import conv_macs
 
 
 def _hook_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -40,8 +40,8 @@ def _hook_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
 
 @pytest.mark.parametrize("spatial", [(32, 32, 32), (64, 32, 32)])
 def test_graph_count_equals_the_network_count(tiny_standin_home, tiny_onnx_model, spatial):
-    from common.model import load_model_spec
-    from common.weights import standin_folder
+    from common.inference.model import load_model_spec
+    from common.inference.weights import standin_folder
 
     net = load_model_spec(standin_folder(tiny_standin_home)).build_network().eval()
     shape = (1, 1, *spatial)

@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 
-from common.model import load_model_spec
+from common.inference.model import load_model_spec
 
 
 def test_onnx_matches_pytorch_on_a_full_patch(onnx_model, model_spec):
@@ -27,9 +27,9 @@ def test_precise_instance_norm_keeps_onnxruntime_close_to_pytorch(model_spec, on
     import nibabel as nib
     import numpy as np
 
-    from common.onnx_export import export_onnx
-    from common.preprocess import ct_normalize, to_canonical, to_nnunet_axes
-    from common.session import OnnxPredictor, TorchPredictor
+    from common.inference.onnx_export import export_onnx
+    from common.inference.predictors import OnnxPredictor, TorchPredictor
+    from common.inference.preprocess import ct_normalize, to_canonical, to_nnunet_axes
 
     native = export_onnx(model_spec, tmp_path / "native.onnx", precise_norm=False)
     d = to_nnunet_axes(np.asanyarray(to_canonical(nib.load(example_ct_sm)).dataobj), model_spec.transpose_forward)
@@ -62,8 +62,8 @@ def test_model_spec_numbers_come_from_the_plans(model_spec):
 
 
 def test_standin_never_overwrites_official_weights(tmp_path):
-    from common.model import STANDIN_MARKER
-    from common.weights import build_standin
+    from common.inference.model import STANDIN_MARKER
+    from common.inference.weights import build_standin
 
     folder = tmp_path / "official"
     (folder / "fold_0").mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_standin_never_overwrites_official_weights(tmp_path):
 def test_export_script_on_any_results_folder(tiny_standin_home, tmp_path, capsys):
     """02 exports any nnU-Net v2 results folder given with --model-dir (here: the small-tile stand-in folder;
     the check runs on one patch of the plans' size)."""
-    from common.weights import standin_folder
+    from common.inference.weights import standin_folder
 
     model_spec = load_model_spec(standin_folder(tiny_standin_home))
     mod = importlib.import_module("02_export_model")

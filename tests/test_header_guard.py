@@ -1,6 +1,6 @@
 """A NIfTI header that declares more voxel data than its file holds is refused before anything is allocated.
 
-Without the guard (common.volume.check_declared_size) a 2 KiB .nii claiming 2000x2000x2000 int16 voxels made
+Without the guard (common.imaging.volume.check_declared_size) a 2 KiB .nii claiming 2000x2000x2000 int16 voxels made
 nibabel allocate 15 GiB (~40 s) before it noticed the file was short. Each lying file is loaded by the suite's
 real loaders in a child process (under an address-space limit, so that a regression fails instead of eating
 the machine's memory); the child reports its own load time and peak RSS (VmHWM).
@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.passport import build_passport, save_passport, scan_metadata
-from common.volume import check_declared_size, load_volume
+from common.core.errors import InputError
+from common.imaging.volume import check_declared_size, load_volume
+from common.records.passport import build_passport, save_passport, scan_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LOAD_S = 1.0
@@ -31,9 +31,9 @@ SCRIPT_TIMEOUT_S = 60
 # The suite's loaders, each as called by its scripts: 03-06/registration (load_scan), 07's label maps
 # (mask_io.load_label_map), 08/09's display scans (plots_passport.load_display_scan).
 LOADERS = {
-    "load_scan": "from common.validation import load_scan as load",
-    "load_label_map": "from common.mask_io import load_label_map as load",
-    "load_display_scan": "from common.plots_passport import load_display_scan as load",
+    "load_scan": "from common.imaging.validation import load_scan as load",
+    "load_label_map": "from common.imaging.mask_io import load_label_map as load",
+    "load_display_scan": "from common.reporting.plots_passport import load_display_scan as load",
 }
 
 CHILD = r"""
@@ -41,7 +41,7 @@ import json, resource, sys, time
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 {import_line}
-from common.errors import InputError
+from common.core.errors import InputError
 
 def vm_hwm_mb():
     for line in open("/proc/self/status"):
@@ -210,7 +210,7 @@ def test_visualisation_scripts_refuse_a_lying_scan(files, spine_passport, tmp_pa
 def test_compare_records_a_lying_mask_and_goes_on(files, tmp_path):
     """07 reports a bad mask as that pair's problem (its documented design: one bad mask never stops the
     report); the lying mask must be refused by the guard, quickly, without a traceback."""
-    from common.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
+    from common.records.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
 
     results = []
     for name, method, mask in (("03_vanilla", "official_pytorch", files["seg_crop.nii.gz"]),

@@ -14,7 +14,7 @@ import pytest
 from script_loader import load_script
 from test_download import _write_dicom_series
 
-from common.atomic import leftover_temp_files
+from common.core.atomic import leftover_temp_files
 
 cli = load_script("01_download_data.py")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from common.atomic import leftover_temp_files
-from common.passport import load_passport
-from common.results import read_result
-from common.weights import PROJECT_HOME_ENV
+from common.core.atomic import leftover_temp_files
+from common.inference.weights import PROJECT_HOME_ENV
+from common.records.passport import load_passport
+from common.records.results import read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def scan_folder(tmp_path_factory, example_ct):
 
 
 def _start_06(scan_folder: Path, out: Path, onnx: Path, home: Path) -> subprocess.Popen:
-    from common.runner import RunConfig, save_config
+    from common.inference.run_config import RunConfig, save_config
 
     cfg = save_config(RunConfig(), out.parent / "config.json")  # independent of any local 05 result
     # the test session's (temporary) user home; the small-tile stand-in (32^3 tiles) in its own project home

@@ -1,12 +1,12 @@
-"""common.labels and common.geometry: the one integer-label policy, the grid tolerance, voxel <-> world."""
+"""common.imaging.labels and common.imaging.geometry: the one integer-label policy, the grid tolerance, voxel <-> world."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.geometry import even_indices, fov_bbox_mm, grid_world, voxel_to_world, world_to_voxel
-from common.labels import (
+from common.core.errors import InputError
+from common.imaging.geometry import even_indices, fov_bbox_mm, grid_world, voxel_to_world, world_to_voxel
+from common.imaging.labels import (
     GRID_ATOL_MM,
     as_label_array,
     checked_label_array,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import metrics
-from common.metrics import (
+from common.records import metrics
+from common.records.metrics import (
     class_voxel_counts,
     dice_buckets,
     dice_per_class,

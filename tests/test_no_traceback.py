@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.atomic import atomic_write_json
-from common.passport import build_passport, save_passport, scan_metadata
-from common.volume import load_volume
+from common.core.atomic import atomic_write_json
+from common.imaging.volume import load_volume
+from common.records.passport import build_passport, save_passport, scan_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = ["08_visualize_passport", "09_visualize_spine"]

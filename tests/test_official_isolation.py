@@ -24,11 +24,11 @@ import pytest
 from processes import live_processes
 from threadpoolctl import threadpool_limits
 
-from common.official import OfficialCallError, OfficialRunner
-from common.official_worker import INJECT_HANG_ENV
-from common.results import read_result
-from common.tiles import task297_geometry, tiles_for_geometry
-from common.weights import PROJECT_HOME_ENV, standin_folder
+from common.inference.tile_count import task297_geometry, tiles_for_geometry
+from common.inference.weights import PROJECT_HOME_ENV, standin_folder
+from common.records.results import read_result
+from common.runs.official import OfficialCallError, OfficialRunner
+from common.runs.official_worker import INJECT_HANG_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _sigterm_caught(pid: int) -> bool:
 
 
 def test_forked_children_get_the_default_sigterm_back():
-    from common.signals import exit_cleanly_on_sigterm
+    from common.core.signals import exit_cleanly_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -91,7 +91,7 @@ def _busy(stop: list[bool]) -> int:
 
 
 def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads(tiny_home, tiny_scans, tmp_path):
-    from common.signals import exit_cleanly_on_sigterm
+    from common.core.signals import exit_cleanly_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     stop: list[bool] = []
@@ -121,7 +121,7 @@ def test_twenty_official_calls_in_a_row_finish_with_our_handler_and_busy_threads
 
 def _live_workers_of(home: Path) -> list[int]:
     """Live (not zombie) processes started for the official worker with ``home`` as project home."""
-    return live_processes(f"{PROJECT_HOME_ENV}={home}", "common.official_worker")
+    return live_processes(f"{PROJECT_HOME_ENV}={home}", "common.runs.official_worker")
 
 
 def test_a_stuck_official_call_fails_its_scan_and_the_batch_goes_on(tiny_home, tiny_scans, tmp_path, monkeypatch):
@@ -158,7 +158,7 @@ def test_a_worker_that_dies_is_reported_in_one_line_and_replaced(tiny_home, tiny
 
 
 def test_time_limit_grows_with_the_number_of_tiles():
-    def estimate_tiles(shape, spacing):  # what common.official.time_limit_for counts
+    def estimate_tiles(shape, spacing):  # what common.runs.official.time_limit_for counts
         return tiles_for_geometry(shape, spacing, **task297_geometry(step=0.5))
 
     assert estimate_tiles((122, 101, 30), (3.0, 3.0, 3.0)) == 1

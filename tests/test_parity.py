@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.metrics import dice_per_class, voxel_agreement
-from common.pipeline import SegmentOptions, segment
-from common.variants import reorient, resample_to_spacing
+from common.inference.pipeline import SegmentOptions, segment
+from common.records.metrics import dice_per_class, voxel_agreement
+from common.sources.variants import reorient, resample_to_spacing
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def cases(official_labels, example_ct_sm, example_ct, tmp_path_factory):
 
 
 def test_official_runs_offline_and_labels_many_classes(cases, model_spec):
-    from common.tiles import tiles_for_scan
+    from common.inference.tile_count import tiles_for_scan
 
     img = nib.load(cases[-1][1])
     assert tiles_for_scan(img.shape, img.header.get_zooms(), model_spec) >= 2  # the multi-tile case is one
@@ -107,7 +107,7 @@ class _TileMemo:
         return out
 
     def _tile_logits(self, batch: np.ndarray):
-        from common.sliding_window import ArrayLogits
+        from common.inference.sliding_window import ArrayLogits
 
         keys, out = self._replay(batch)
         if out is not None:
@@ -120,8 +120,8 @@ class _TileMemo:
 
 def _model_input(data_img, model_spec):
     """The network input (1, *spatial) float32 of a scan, as segment() prepares it, and what undoes it."""
-    from common.pipeline import model_input
-    from common.preprocess import to_canonical
+    from common.inference.pipeline import model_input
+    from common.inference.preprocess import to_canonical
 
     can = to_canonical(data_img)
     x, crop, _ = model_input(can, model_spec)
@@ -129,7 +129,7 @@ def _model_input(data_img, model_spec):
 
 
 def _float32_logits(x, model_spec, predictor) -> np.ndarray:
-    from common.sliding_window import sliding_window_logits
+    from common.inference.sliding_window import sliding_window_logits
 
     return sliding_window_logits(x, predictor, num_classes=model_spec.num_classes, patch_size=model_spec.patch_size,
                                  step=0.8, accumulate="float32")
@@ -147,7 +147,7 @@ class _TorchReference:
     def get(self, name: str, data_img, predictor=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, top-2 gap, float16 unit) of case ``name``; ``predictor`` (default: the PyTorch one) may
         be a _TileMemo of it that replays tiles already computed."""
-        from common.sliding_window import sliding_window_logits
+        from common.inference.sliding_window import sliding_window_logits
 
         if name not in self.cases:
             x = _model_input(data_img, self.spec)[0]
@@ -171,8 +171,8 @@ def _near_tie_map(data_img, model_spec, reference, other_predictor) -> np.ndarra
     """Per voxel of the scan's grid: True where the exact-arithmetic (float32) top-2 logit gap of the
     reference network is within what the two backends' logit differences plus float16 rounding can flip:
     gap <= 2 * max_k |logit_torch - logit_other| + 8 float16 units (``reference``: _TorchReference.get)."""
-    from common.postprocess import resample_labels_to_shape, uncrop, undo_canonical
-    from common.preprocess import from_nnunet_axes
+    from common.inference.postprocess import resample_labels_to_shape, uncrop, undo_canonical
+    from common.inference.preprocess import from_nnunet_axes
 
     x, crop, can = _model_input(data_img, model_spec)
     lt, gap, fp16_unit = reference
@@ -186,7 +186,7 @@ def _near_tie_map(data_img, model_spec, reference, other_predictor) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def channels_last_predictor(model_spec):
-    from common.torch_channels_last import ChannelsLastTorchPredictor
+    from common.inference.torch_channels_last import ChannelsLastTorchPredictor
 
     return ChannelsLastTorchPredictor(model_spec.build_network())
 

@@ -7,7 +7,7 @@ import pytest
 from passport_cases import CENTRE_MM, ELLIPSOID_ROT, GRIDS, SEMI_AXES_MM, ellipsoid_volume
 from scipy import ndimage
 
-from common.passport import build_passport, compute_structures
+from common.records.passport import build_passport, compute_structures
 
 
 def angle_deg(u: np.ndarray, v: np.ndarray) -> float:

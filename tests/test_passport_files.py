@@ -13,15 +13,15 @@ import pytest
 from passport_cases import ROOT, ellipsoid_volume, passport_for
 from script_loader import load_script
 
-from common.errors import InputError
-from common.passport import (
+from common.core.errors import InputError
+from common.records.passport import (
     build_passport,
     load_passport,
     save_passport,
     scan_metadata,
     structure_by_name,
 )
-from common.passport_model import SCHEMA_NAME, SCHEMA_VERSION
+from common.records.passport_model import SCHEMA_NAME, SCHEMA_VERSION
 
 
 def test_passport_layout_and_round_trip(tmp_path):
@@ -92,7 +92,7 @@ def real_passport(example_ct_sm, example_seg, tmp_path_factory) -> Path:
     """Passport of the official TotalSegmentator labels of example_ct_sm, saved in a temp folder."""
     from totalsegmentator.map_to_binary import class_map
 
-    from common.volume import load_volume
+    from common.imaging.volume import load_volume
 
     scan = load_volume(example_ct_sm)
     seg = load_volume(example_seg).image

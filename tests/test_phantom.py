@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-from common.atomic import leftover_temp_files
-from common.labels import total_class_ids
-from common.phantom import (
+from common.core.atomic import leftover_temp_files
+from common.imaging.labels import total_class_ids
+from common.sources.phantom import (
     BODY_SEMI_AXES_MM,
     DEFAULT_FOV_MM,
     VERTEBRA_PERIOD_MM,

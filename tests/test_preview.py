@@ -5,7 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from common.preview import label_colours, preview_panels, write_preview
+from common.reporting.preview import label_colours, preview_panels, write_preview
 
 LIVER, SPLEEN = 5, 1  # TotalSegmentator total task ids; vertebrae are 26..50
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.passport_model import Structure
+from common.records.passport_model import Structure
 from registration.deformable import jacobian_stats, register_deformable, to_transform
 from registration.rigid import register_rigid, rotation_angle_deg, weighted_kabsch
 from registration.stability import WEIGHT_TABLE, structure_weight, weight_group

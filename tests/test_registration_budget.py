@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from test_registration import NAMES, make_passport, moved_passport
 
-from common.labels import total_class_names_if_installed
-from common.passport import build_passport, save_passport
+from common.imaging.labels import total_class_names_if_installed
+from common.records.passport import build_passport, save_passport
 from registration.deformable import register_deformable, to_transform
 from registration.harness import load_ct_and_labels
 from registration.register import main as register_main

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.geometry import voxel_to_world
-from common.labels import total_class_names_if_installed
-from common.passport import build_passport, compute_structures, save_passport
+from common.imaging.geometry import voxel_to_world
+from common.imaging.labels import total_class_names_if_installed
+from common.records.passport import build_passport, compute_structures, save_passport
 from registration.accuracy import BODY_HU
 from registration.batch import find_pairs, run_batch
 from registration.harness import evaluate_case, load_ct_and_labels
@@ -160,7 +160,7 @@ def test_evaluate_cli_batch_only_empty(tmp_path):
 
 def test_non_integer_label_map_is_refused(example_ct_sm, example_seg, tmp_path):
     """A float label map with a fractional value is an InputError naming the file (never rounded silently)."""
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     seg = nib.load(str(example_seg))
     lab = np.asarray(seg.dataobj).astype(np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_registration import make_passport, moved_passport
 
-from common.passport import build_passport, save_passport
+from common.records.passport import build_passport, save_passport
 from registration.deformable import register_deformable
 from registration.inputs import load_checked_passport
 from registration.options import DeformableOptions, RigidOptions

@@ -77,7 +77,7 @@ def test_encode_decode_array():
 
 
 def test_load_transform_bad_file(tmp_path):
-    from common.errors import InputError
+    from common.core.errors import InputError
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError, match="bad.json"):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from common.errors import InputError
-from common.results import (
+from common.core.errors import InputError
+from common.records.results import (
     SCHEMA_NAME,
     SCHEMA_VERSION,
     STAGES,

@@ -1,6 +1,6 @@
 """Stage 06 resume is keyed on input content, weights and configuration (<id>_run.json, written last).
 
-Unit tests of common.resume, then the real 06 script on small crops of example_ct_sm (stand-in weights):
+Unit tests of common.records.resume, then the real 06 script on small crops of example_ct_sm (stand-in weights):
 one batch is run, then scans are replaced / their run records deleted or edited, and re-runs must skip
 exactly the unchanged scan and recompute the others, naming why.
 """
@@ -16,10 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common import resume
-from common.pipeline import SegmentOptions
-from common.results import read_result
-from common.runner import RunConfig, save_config
+from common.inference.pipeline import SegmentOptions
+from common.inference.run_config import RunConfig, save_config
+from common.records import resume
+from common.records.results import read_result
 
 # ------------------------------------------------------------------------------------------------ unit
 
@@ -97,13 +97,13 @@ NAMES = ("same", "replaced", "nosidecar", "weights")
 
 def _run_06(argv: list[str], **patches) -> tuple[int, dict, str]:
     """06's main() in-process on the stand-in of the current project home (the `batch` fixture points it at
-    the small-tile stand-in: the real network, PyTorch backend), with ``patches`` on common.passport (fault
+    the small-tile stand-in: the real network, PyTorch backend), with ``patches`` on common.records.passport (fault
     injection); returns the exit code, the result JSON and what it printed to stdout."""
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         argv = [*argv, "--weights", "standin"]
         for name, value in patches.items():
-            mp.setattr(f"common.passport.{name}", value)
+            mp.setattr(f"common.records.passport.{name}", value)
         code = importlib.import_module("06_inferenceAndPassport").main(argv)
     return code, read_result(argv[argv.index("--result") + 1]), out.getvalue()
 
@@ -124,7 +124,7 @@ def _failing_save(*args, **kwargs):
 def batch(tmp_path_factory, example_ct_sm, tiny_standin_home):
     """06 on four crops of example_ct_sm; three are then changed in three ways and 06 runs again; then one
     scan is recomputed under another configuration, once interrupted by a failing passport write."""
-    from common.weights import PROJECT_HOME_ENV
+    from common.inference.weights import PROJECT_HOME_ENV
 
     with pytest.MonkeyPatch.context() as env:  # undone at module teardown, also when a run here fails
         env.setenv(PROJECT_HOME_ENV, str(tiny_standin_home))  # the small-tile stand-in for every 06 run here

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from common.runner import RunConfig, load_config, save_config
+from common.inference.run_config import RunConfig, load_config, save_config
 
 BASE = RunConfig.fastest_exact().to_dict()
 BAD = {
@@ -44,9 +44,9 @@ def test_05s_configuration_with_its_extra_keys_loads(tmp_path):
 
 
 def test_the_file_model_knows_every_setting_of_the_dataclasses():
-    from common.config_schema import OrtDoc, RunConfigDoc, SegmentDoc
-    from common.pipeline import SegmentOptions
-    from common.session import OrtSettings
+    from common.inference.config_schema import OrtDoc, RunConfigDoc, SegmentDoc
+    from common.inference.pipeline import SegmentOptions
+    from common.inference.predictors import OrtSettings
 
     assert set(OrtDoc.model_fields) == set(OrtSettings().to_dict())
     assert set(SegmentDoc.model_fields) == set(SegmentOptions().to_dict())

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.atomic import leftover_temp_files
-from common.passport import load_passport
-from common.results import read_result
+from common.core.atomic import leftover_temp_files
+from common.records.passport import load_passport
+from common.records.results import read_result
 
 pytestmark = pytest.mark.slow
 

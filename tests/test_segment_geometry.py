@@ -5,8 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.pipeline import segment
-from common.variants import reorient, resample_to_spacing
+from common.inference.pipeline import segment
+from common.sources.variants import reorient, resample_to_spacing
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.sliding_window import argmax_first, sliding_window_labels, sliding_window_logits
+from common.inference.sliding_window import argmax_first, sliding_window_labels, sliding_window_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_slab_labels_equal_whole_volume_labels(shape, patch, step, batch, accumu
 _PEAK = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from common.sliding_window import argmax_first, sliding_window_labels, sliding_window_logits
+    from common.inference.sliding_window import argmax_first, sliding_window_labels, sliding_window_logits
 
     def predict(batch):
         return np.broadcast_to(batch[:, :1], (batch.shape[0], 118, *batch.shape[2:])) * np.float32(0.5)

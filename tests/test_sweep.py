@@ -1,8 +1,8 @@
 """05's configuration sweep and selection rule, on hand-made rows with known answers."""
 from __future__ import annotations
 
-from common.runner import RunConfig, load_config, save_config
-from common.sweep import FACTORS, SweepRow, combine, one_factor_configs, select_fastest
+from common.inference.run_config import RunConfig, load_config, save_config
+from common.runs.sweep import FACTORS, SweepRow, combine, one_factor_configs, select_fastest
 
 
 def test_one_factor_configs_cover_the_issue_factors():
@@ -85,8 +85,8 @@ def test_the_sweep_takes_a_multi_tile_scan_when_the_first_scans_fit_in_one_tile(
     import nibabel as nib
     import numpy as np
 
-    from common.sweep_run import pick_sweep_scans
-    from common.tiles import tiles_for_image
+    from common.inference.tile_count import tiles_for_image
+    from common.runs.sweep_run import pick_sweep_scans
 
     sm = nib.load(example_ct_sm)
     scans = {}

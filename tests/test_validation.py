@@ -1,4 +1,4 @@
-"""common.validation: one test per bad input; each error names the file and the problem in one line."""
+"""common.imaging.validation: one test per bad input; each error names the file and the problem in one line."""
 from __future__ import annotations
 
 import gzip
@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from common.validation import (
+from common.core.errors import InputError
+from common.imaging.validation import (
     available_memory_bytes,
     check_label_map_matches,
     check_memory,

@@ -1,12 +1,12 @@
-"""common.variants: reorientation and resampling keep every voxel at its world position."""
+"""common.sources.variants: reorientation and resampling keep every voxel at its world position."""
 from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from common.atomic import leftover_temp_files
-from common.variants import realistic_variant, reorient, resample_to_spacing, write_variant
+from common.core.atomic import leftover_temp_files
+from common.sources.variants import realistic_variant, reorient, resample_to_spacing, write_variant
 
 
 def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:

@@ -19,9 +19,9 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from common.model import STANDIN_MARKER, load_model_spec
-from common.results import read_result
-from common.weights import DATASET_NAME, ensure_task297, probe_download, project_totalseg_home, standin_folder
+from common.inference.model import STANDIN_MARKER, load_model_spec
+from common.inference.weights import DATASET_NAME, ensure_task297, probe_download, project_totalseg_home, standin_folder
+from common.records.results import read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,140 @@
+"""Benchmark: totalseg-fast against 06 on the same scans, as whole processes (what a user waits for).
+
+    python -m common.cli.bench_console [--input ct_data/clinical/clinical_512x512x200.nii.gz] [--repeats 3]
+
+Each repeat runs, in turn (alternating, so that drift in the machine hits all alike):
+- ``06`` with ``--no-passport`` (one label map), the reference;
+- ``totalseg-fast --ml`` (one label map with the official extension: the same work as 06);
+- ``totalseg-fast`` default (117 per-class masks, as the official tool writes them).
+Per process: wall time in s (start to exit, imports and model load included) and peak resident memory in bytes
+(ru_maxrss of that child alone, from os.wait4). The label maps of 06 and ``--ml`` must be identical voxel for
+voxel (checked each repeat). Writes benchmarks/console_vs_06.json: medians, min, max, the ratio to 06's
+median, machine, library versions and the weights used.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from common.cli.args import OneLineParser, positive_int, run_script
+from common.core.atomic import atomic_write_json
+from common.core.machine import library_versions, machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SCAN = ROOT / "ct_data" / "clinical" / "clinical_512x512x200.nii.gz"
+DEFAULT_RESULT = ROOT / "benchmarks" / "console_vs_06.json"
+TIMEOUT_S = 1800
+
+
+def _run(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; return (wall s, peak RSS bytes of that child). Raises RuntimeError when it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = t0 + TIMEOUT_S
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{cmd[1]}: no exit within {TIMEOUT_S} s")
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode("utf-8", "replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} exited {proc.returncode}: {err.strip().splitlines()[-1:]}")
+    return wall, usage.ru_maxrss * 1024  # kB on Linux
+
+
+def _variants(scan: Path, work: Path, weights: str) -> dict[str, tuple[list[str], Path]]:
+    exe = str(Path(sys.executable).parent / "totalseg-fast")
+    py = sys.executable
+    return {
+        "06 --no-passport": ([py, str(ROOT / "06_inferenceAndPassport.py"), "--input", str(scan), "--out",
+                              str(work / "06"), "--result", str(work / "06.json"), "--no-passport", "--force",
+                              "--weights", weights], work / "06" / f"{scan.name.split('.')[0]}_seg.nii.gz"),
+        "totalseg-fast --ml": ([exe, "-i", str(scan), "-o", str(work / "ml.nii.gz"), "--ml", "-q", "--weights",
+                                weights], work / "ml.nii.gz"),
+        "totalseg-fast (117 masks)": ([exe, "-i", str(scan), "-o", str(work / "masks"), "-q", "--weights", weights],
+                                      work / "masks"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m common.cli.bench_console", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, action="append",
+                   help=f"a NIfTI scan (repeatable; default: {DEFAULT_SCAN.relative_to(ROOT)})")
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs of each command (default: %(default)s)")
+    p.add_argument("--weights", choices=("auto", "official", "standin"), default="auto",
+                   help="passed to both commands (default: %(default)s)")
+    p.add_argument("--result", type=Path, default=DEFAULT_RESULT, help="JSON output (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    scans = args.input or [DEFAULT_SCAN]
+    for scan in scans:
+        if not scan.is_file():
+            print(f"error: {scan}: file not found (make it with 01_download_data.py --clinical)", file=sys.stderr)
+            return 2
+    from common.inference.model_cache import prepare_model
+
+    spec = prepare_model(args.weights, log=lambda m: None)
+    rows = []
+    for scan in scans:
+        runs: dict[str, list[tuple[float, int]]] = {}
+        with tempfile.TemporaryDirectory(prefix="bench-console-", dir=ROOT / "benchmarks") as tmp:
+            variants = _variants(scan, Path(tmp), args.weights)
+            for rep in range(args.repeats):
+                for name, (cmd, _) in variants.items():
+                    try:
+                        wall, rss = _run(cmd)
+                    except RuntimeError as exc:
+                        print(f"error: {scan}: {exc}", file=sys.stderr)
+                        return 1
+                    runs.setdefault(name, []).append((wall, rss))
+                    print(f"{scan.name} repeat {rep + 1}/{args.repeats}: {name}: {wall:.1f} s, "
+                          f"peak RSS {rss / 2**30:.2f} GiB", flush=True)
+                ref = np.asanyarray(nib.load(variants["06 --no-passport"][1]).dataobj)
+                ml = np.asanyarray(nib.load(variants["totalseg-fast --ml"][1]).dataobj)
+                if not np.array_equal(ref, ml):
+                    print(f"error: {scan}: the label maps of 06 and totalseg-fast --ml differ "
+                          f"({int((ref != ml).sum())} voxels)", file=sys.stderr)
+                    return 1
+        ref_median = statistics.median(w for w, _ in runs["06 --no-passport"])
+        for name, vals in runs.items():
+            walls = [w for w, _ in vals]
+            rows.append({"scan": str(scan), "shape": list(nib.load(scan).shape), "command": name,
+                         "wall_s": walls, "median_wall_s": statistics.median(walls), "min_wall_s": min(walls),
+                         "max_wall_s": max(walls), "ratio_to_06": statistics.median(walls) / ref_median,
+                         "peak_rss_bytes": max(r for _, r in vals),
+                         "label_map_checked_identical_to_06": name != "totalseg-fast (117 masks)"})
+    doc = {"schema": "ts-bench-console-vs-06", "schema_version": 1, "machine": machine_info(),
+           "versions": library_versions(), "model": spec.provenance(), "repeats": args.repeats,
+           "timing": "wall time of each process, start to exit (imports, model load, load, segment, write)",
+           "peak_rss_method": "ru_maxrss of the child process (os.wait4)", "rows": rows}
+    atomic_write_json(args.result, doc)
+    for r in rows:
+        print(f"{Path(r['scan']).name}: {r['command']}: median {r['median_wall_s']:.1f} s "
+              f"[{r['min_wall_s']:.1f}-{r['max_wall_s']:.1f}], x{r['ratio_to_06']:.3f} of 06, "
+              f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"result: {args.result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))

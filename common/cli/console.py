@@ -1,0 +1,306 @@
+"""totalseg-fast: ``TotalSegmentator --fast`` for the total task, with the same flags and the same outputs,
+run by this suite's exact pipeline (the official arithmetic; the same segment() and fastest exact
+configuration as 06_inferenceAndPassport.py).
+
+  TotalSegmentator -i ct.nii.gz -o segs --fast          ->  totalseg-fast -i ct.nii.gz -o segs
+  TotalSegmentator -i ct.nii.gz -o seg.nii.gz --fast --ml  ->  totalseg-fast -i ct.nii.gz -o seg.nii.gz --ml
+
+Input (-i): a NIfTI file, a DICOM series folder (files with or without .dcm), a zip of a DICOM series, or a
+folder of such scans (each into <o>/<scan id>/, one model session for all; a failing scan is reported and
+the rest go on). Output (-o): a folder with one binary mask per class, <class name>.nii.gz, as the official
+tool writes them (input header copied, uint8); with --ml one label map file with the official label-map
+header extension (TotalSegmentator's load_multilabel_nifti reads its names).
+--roi_subset: the official tool first crops with a second model; this tool segments everything and writes
+(and counts in --statistics) only the named classes.
+Exit code: 0 all done, 1 some scan failed, 2 bad options or input, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+
+from common.cli.args import OneLineParser, check_outputs, positive_int, run_script
+from common.core.errors import InputError
+
+PROG = "totalseg-fast"
+TASK = "total"
+
+
+def _version() -> str:
+    try:
+        ours = importlib.metadata.version("ts-bench")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "unknown"
+    try:
+        official = importlib.metadata.version("TotalSegmentator")
+    except importlib.metadata.PackageNotFoundError:
+        official = "not installed"
+    return f"{PROG} {ours} (mirrors TotalSegmentator {official} --fast, task total)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.cli.cluster_args import add_cluster_arguments
+    from common.cli.script_args import add_weights_argument
+
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", dest="input", metavar="filepath", required=True,
+                   help="CT: NIfTI file, DICOM folder, zip of a DICOM series, or a folder of scans")
+    p.add_argument("-o", dest="output", metavar="directory", type=Path, required=True,
+                   help="output folder (one mask per class), or with --ml the label map file; for a folder of "
+                        "scans, each scan's outputs go to <o>/<scan id>/ (--ml: segmentations.nii.gz there)")
+    p.add_argument("-ml", "--ml", action="store_true", help="save one multilabel image for all classes")
+    p.add_argument("-s", "--statistics", nargs="?", const=True, default=False, metavar="FILE",
+                   help="write statistics.json (volume in mm3 and mean intensity in HU per class, 0 for a class "
+                        "touching the border) beside the output, or to FILE; computed as the official fast mode "
+                        "does: on the 3 mm image, by TotalSegmentator's own statistics function")
+    p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean",
+                   help="intensity aggregation in --statistics (default mean)")
+    p.add_argument("-sii", "--stats_include_incomplete", action="store_true",
+                   help="statistics also for classes that touch the border of the image")
+    p.add_argument("-rs", "--roi_subset", nargs="+", metavar="NAME",
+                   help="only these classes (space or comma separated), e.g. liver,spleen; see --help text above")
+    p.add_argument("-p", "--preview", action="store_true",
+                   help="write preview_total.png: labels over three orthogonal CT slices (under a second)")
+    p.add_argument("-nr", "--nr_thr_resamp", type=positive_int, default=1, help="threads for resampling (default 1)")
+    p.add_argument("-ns", "--nr_thr_saving", type=positive_int, default=6,
+                   help="threads for writing the class masks (default 6)")
+    p.add_argument("-f", "--fast", action="store_true",
+                   help="accepted for compatibility: this tool always runs the fast (3 mm) model")
+    p.add_argument("-ta", "--task", choices=[TASK], default=TASK, help="only 'total' (the fast model's task)")
+    p.add_argument("-d", "--device", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu (default) or gpu: ONNX Runtime's CUDA provider (needs onnxruntime-gpu; without it "
+                        "the command stops with one line, it never runs on the CPU silently)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="print stage timings per scan")
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--passport", action="store_true",
+                   help="also write the anatomical passport (passport.json; per-structure centroid, axes, "
+                        "boundary points in world mm), as 06 does")
+    p.add_argument("--config", type=Path, default=None,
+                   help="run configuration JSON (default: benchmarks/optimized_config.json from 05, else the "
+                        "built-in fastest exact configuration; the same choice as 06)")
+    p.add_argument("--onnx", type=Path, default=None, help="ONNX model file (default models/task297.onnx, exported "
+                                                             "from the weights on first use)")
+    add_weights_argument(p)
+    add_cluster_arguments(p)
+    return p
+
+
+def _roi_subset(names: list[str] | None, label_map: dict[int, str]) -> list[str] | None:
+    if not names:
+        return None
+    wanted = [n for item in names for n in item.split(",") if n]
+    unknown = [n for n in wanted if n not in set(label_map.values())]
+    if unknown:
+        raise InputError(None, f"--roi_subset: unknown class name(s) {', '.join(unknown)} "
+                               f"(e.g. {', '.join(list(label_map.values())[:5])}, ...)")
+    return wanted
+
+
+def _check_device(device: str) -> list[str]:
+    """ONNX Runtime providers for ``device``; RuntimeError (one line) when the GPU one is missing."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError("--device gpu: ONNX Runtime has no CUDA provider here (install onnxruntime-gpu with a "
+                           "matching CUDA, or use --device cpu)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+ML_NAME_IN_FOLDER_MODE = "segmentations.nii.gz"
+
+
+def _is_folder_mode(args, batch) -> bool:
+    """True unless -i is one scan itself (a file, a DICOM series folder or a zip)."""
+    return not (len(batch.scans) == 1 and batch.scans[0] == Path(args.input))
+
+
+def _targets(args, batch, scan: Path) -> dict[str, Path]:
+    """Where one scan's outputs go. One scan: -o is the masks folder (or the --ml file), extras beside it. A
+    folder of scans: everything of a scan in <o>/<scan id>/ (--ml file: segmentations.nii.gz there)."""
+    if _is_folder_mode(args, batch):
+        folder = args.output / batch.ids[scan]
+        seg = folder / ML_NAME_IN_FOLDER_MODE if args.ml else folder
+    else:
+        seg = args.output
+        folder = seg.parent if args.ml else seg
+    custom_stats = isinstance(args.statistics, str) and not _is_folder_mode(args, batch)
+    return {"seg": seg, "statistics": Path(args.statistics) if custom_stats else folder / "statistics.json",
+            "preview": folder / "preview_total.png", "passport": folder / "passport.json"}
+
+
+def segment_scan(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
+                 label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list[tuple[str, str]]:
+    """Segment one scan and write its outputs (``targets``); runs in-process or on a Dask worker
+    (common.runs.cluster). Returns the messages to print, as (kind, line): kind "warning" (always shown) or
+    "verbose" (-v). Raises InputError (one line) for a bad scan."""
+    import numpy as np
+
+    from common.imaging import official_output as out
+    from common.inference.run_config import run_scan
+
+    t0 = time.perf_counter()
+    run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
+    messages = [("warning", f"warning: {w}") for w in run.warnings]
+    labels = np.asanyarray(run.result.labels.dataobj)
+    selected = out.subset_map(label_map, roi)
+    t1 = time.perf_counter()
+    if args.ml:
+        out.write_multilabel(labels, run.volume.image, selected, targets["seg"])
+    else:
+        out.write_class_masks(labels, run.volume.image, selected, targets["seg"], threads=args.nr_thr_saving)
+    t2 = time.perf_counter()
+    if args.statistics or args.preview:
+        from common.inference.preprocess import resample_to_spacing, to_canonical
+
+        ct_3mm = resample_to_spacing(to_canonical(run.volume.image), spec.spacing_xyz, order=cfg.segment.resample_order,
+                                     threads=cfg.segment.resample_threads)
+        if args.statistics:
+            stats = out.statistics(run.result.labels_model_res, ct_3mm, roi,
+                                   exclude_masks_at_border=not args.stats_include_incomplete,
+                                   metric=args.stats_aggregation)
+            out.write_statistics(stats, targets["statistics"])
+        if args.preview:
+            from common.reporting.preview import write_preview
+
+            lab3 = np.asanyarray(run.result.labels_model_res.dataobj)
+            if roi is not None:
+                lab3 = lab3 * np.isin(lab3, list(selected)).astype(lab3.dtype)
+            write_preview(np.asanyarray(ct_3mm.dataobj), lab3, targets["preview"], title=scan.name)
+    if args.passport:
+        from common.records.passport import build_passport, save_passport, scan_metadata
+
+        lab = run.result.labels_model_res
+        save_passport(build_passport(np.asanyarray(lab.dataobj), lab.affine, spec.labels,
+                                     scan=scan_metadata(scan, run.volume.image), model=spec.provenance(),
+                                     resolution="model"), targets["passport"])
+    t3 = time.perf_counter()
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items())
+    messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
+                     + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
+    return messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from tqdm import tqdm
+
+    def say(msg: str, *, always: bool = False, verbose: bool = False) -> None:
+        """One line, on its own line even while the progress bar is drawn (tqdm.write clears and redraws it)."""
+        if always or (not args.quiet and (args.verbose or not verbose)):
+            file = sys.stderr if always else sys.stdout
+            tqdm.write(msg, file=file)
+            file.flush()
+
+    from common.cli.args import fail
+    from common.cli.cluster_args import cluster_problem, wants_cluster
+    from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
+    from common.core.signals import exit_cleanly_on_sigterm
+    from common.inference.model_cache import ensure_onnx, prepare_model
+    from common.inference.run_config import RunConfig, build_predictor, load_config
+    from common.sources.inputs import resolve_inputs
+
+    exit_cleanly_on_sigterm()
+    try:
+        problem = cluster_problem(args)
+        if problem:
+            raise InputError(None, problem)
+        providers = _check_device(args.device)
+        cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
+        if cfg_path:
+            cfg = load_config(cfg_path)
+        else:  # the GPU runs through ONNX Runtime's CUDA provider
+            cfg = RunConfig.fastest_exact_onnx() if args.device == "gpu" else RunConfig.fastest_exact()
+        cfg.segment.resample_threads = args.nr_thr_resamp
+        cfg.ort.providers = providers
+        batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
+        single_ml = args.ml and not _is_folder_mode(args, batch)
+        if single_ml and (args.output.is_dir() or not args.output.name.lower().endswith((".nii", ".nii.gz"))):
+            raise InputError(args.output, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
+        check_outputs(folders=(args.output.parent if single_ml else args.output,))
+        spec = prepare_model(args.weights, log=lambda m: say(m))
+        label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded
+        roi = _roi_subset(args.roi_subset, label_map)
+        if cfg.backend != "onnxruntime" and args.device == "gpu":
+            raise RuntimeError("--device gpu needs the onnxruntime backend; the run configuration uses "
+                               f"{cfg.backend}")
+        onnx = ensure_onnx(spec, args.onnx or DEFAULT_ONNX, log=lambda m: say(m)) if cfg.backend == "onnxruntime" \
+            else None
+        predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
+    except (InputError, OSError, RuntimeError) as exc:
+        return fail(exc)
+    failed = [f"{r['error']}" for r in batch.refused]
+    for ref in batch.refused:
+        say(f"FAILED {ref['error']}", always=True)
+    for item in batch.ignored:
+        say(f"ignored {item['file']}: {item['reason']}")
+
+    def show(messages: list[tuple[str, str]]) -> None:
+        for kind, line in messages:
+            say(line, always=kind == "warning", verbose=kind == "verbose")
+
+    def failed_scan(line: str) -> None:
+        failed.append(line)
+        say(f"FAILED {line}", always=True)
+
+    if wants_cluster(args):
+        from common.runs.cluster import ModelRecipe, open_client, run_tasks
+
+        recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
+        items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, label_map, roi)) for scan in batch.scans]
+        try:
+            with open_client(args, recipe, log=lambda m: say(m)) as run:
+                for task in run_tasks(run, _segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
+                                      quiet=args.quiet):
+                    if task.error is not None:
+                        failed_scan(task.error)
+                    elif isinstance(task.value, str):
+                        failed_scan(task.value)
+                    else:
+                        show(task.value)
+                    if len(task.attempts) > 1:
+                        say(f"note: {task.scan_id} was retried: its Dask worker died while segmenting it "
+                            f"(workers: {', '.join(task.attempts)})", always=True)
+        except RuntimeError as exc:
+            return fail(exc)
+    else:
+        scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
+        for scan in scans:
+            out = _segment_or_error(scan, batch.ids[scan], _targets(args, batch, scan), args, label_map, roi, spec,
+                                    predictor, cfg)
+            if isinstance(out, str):
+                failed_scan(out)
+            else:
+                show(out)
+    n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
+    say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {spec.provenance()['weights']}; output: "
+        f"{args.output}")
+    return 1 if failed else 0
+
+
+def _segment_or_error(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
+                      label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
+    """segment_scan, in this process or on a Dask worker: its messages, or the one-line error of a bad scan (a
+    string, so that a cluster's client tells a bad scan from a failure of the cluster); one bad scan never
+    stops a folder run. KeyboardInterrupt and SystemExit pass through."""
+    try:
+        return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
+    except InputError as exc:
+        return str(exc)
+    except Exception as exc:  # one bad scan must not stop a folder run
+        return f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def console_main() -> int:
+    """The installed ``totalseg-fast`` command."""
+    return run_script(main)
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())
