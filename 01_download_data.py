@@ -27,8 +27,8 @@ from common.core.errors import DownloadError, InputError
 from common.core.paths import CT_DATA, PROJECT_ROOT
 from common.imaging.archives import extract_learn2reg, extract_spleen
 from common.imaging.discovery import is_label_file
+from common.imaging.scan_paths import is_nifti_path, scan_id
 from common.imaging.validation import load_scan
-from common.imaging.volume import is_nifti_path, scan_id
 from common.sources import download
 from common.sources.scan_import import run_import, say, warn
 from common.sources.variants import (

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from common.inference.run_config import RunConfig, build_predictor
+    from common.inference.predictor_factory import build_predictor
+    from common.inference.run_config import RunConfig
     from common.records.results import new_result
     from common.runs.bench import run_benchmark_batch, segment_runner
 

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     from common.cli.args import check_outputs
-    from common.inference.run_config import build_predictor, load_config, save_config
+    from common.inference.predictor_factory import build_predictor
+    from common.inference.run_config import load_config, save_config
     from common.records.results import new_result
     from common.runs.bench import run_benchmark_batch, segment_runner
     from common.runs.sweep import SweepRow, select_fastest

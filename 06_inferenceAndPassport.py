@@ -97,12 +97,13 @@ def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
     """The batch as Dask tasks (common.runs.cluster): each worker builds its predictor once; the client records."""
     from tqdm import tqdm
 
+    from common.cli.cluster_args import cluster_target
     from common.records.results import finalize_scan, mark_failed, new_scan_record
     from common.runs.cluster import ModelRecipe, open_client, run_tasks
     from common.runs.scan_job import JobOutcome, segment_and_passport
 
     recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
-    with open_client(args, recipe, log=print) as run:
+    with open_client(cluster_target(args), recipe, log=print) as run:
         result["machine"]["cluster"] = run.record()
         items = [(scan, batch.ids[scan], (opts,)) for scan in batch.scans]
         try:
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
 
     from common.cli.cluster_args import cluster_problem, wants_cluster
     from common.core.machine import usable_cores
-    from common.inference.run_config import RunConfig, build_predictor, load_config
+    from common.inference.predictor_factory import build_predictor
+    from common.inference.run_config import RunConfig, load_config
     from common.records import resume
     from common.records.results import BatchRecorder, new_result
 

@@ -17,16 +17,9 @@ import numpy as np
 from matplotlib import colormaps
 
 from common.cli.args import run_script
+from common.cli.passport_figure import cli_parser, run_picture
 from common.records.passport import Passport, Structure
-from common.reporting.plots_passport import (
-    VIEWS,
-    DisplayScan,
-    cli_parser,
-    project,
-    run_picture,
-    view_figure,
-    weights_caption,
-)
+from common.reporting.plots_passport import VIEWS, DisplayScan, project, view_figure, weights_caption
 from common.reporting.plots_passport import default_out as _default_out
 
 OUT_SUFFIX = "_passport"
@@ -91,7 +84,7 @@ def picture(passport: Passport, passport_path: Path, scan_path: Path, scan: Disp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (common.reporting.plots_passport.cli_parser: one-line errors, exit 2)."""
+    """The command line (common.cli.passport_figure.cli_parser: one-line errors, exit 2)."""
     return cli_parser(__doc__, OUT_SUFFIX)
 
 

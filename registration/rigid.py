@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from common.records.passport_model import Structure
 from registration.options import RigidOptions, with_overrides
 from registration.stability import structure_weight, weight_group
 from registration.structures import Structures, centroid, eigen, matched_names, structure_table
@@ -219,8 +220,28 @@ def register_rigid(fixed: Structures, moving: Structures, options: RigidOptions 
     """
     t0 = time.perf_counter()
     opts = with_overrides(RigidOptions, options, overrides)
-    residual_threshold_mm, loss, weight_table = opts.residual_threshold_mm, opts.loss, opts.weight_table
-    axis_weight, max_iter = opts.axis_weight, opts.max_iter
+    marks = _landmarks(fixed, moving, opts)
+    R, t, n_axis_points, iterations = _estimate(marks, opts)
+    return _result(marks, opts, R, t, n_axis_points, iterations, t0)
+
+
+@dataclass
+class _Landmarks:
+    """The structures matched by name, in ``names`` order: centroids ``moving``/``fixed`` (n, 3) world mm (RAS+),
+    base weights (n,) (stability table x size consistency, at least 1e-6) and stability groups."""
+
+    names: list[str]
+    moving: np.ndarray
+    fixed: np.ndarray
+    weights: np.ndarray
+    groups: list[str]
+    fixed_table: dict[str, Structure]
+    moving_table: dict[str, Structure]
+
+
+def _landmarks(fixed: Structures, moving: Structures, opts: RigidOptions) -> _Landmarks:
+    """The matched structures' centroids and weights; ValueError when the passports share no structure."""
+    weight_table = opts.weight_table
     fixed_t = structure_table(fixed, opts.min_voxels)
     moving_t = structure_table(moving, opts.min_voxels)
     names = matched_names(fixed_t, moving_t)
@@ -236,67 +257,102 @@ def register_rigid(fixed: Structures, moving: Structures, options: RigidOptions 
         c = np.where((sf > 0) & (sm > 0), np.minimum(sf, sm) / np.maximum(np.maximum(sf, sm), 1e-12), 1.0)
         w = w * np.nan_to_num(c, nan=1.0)
     w = np.maximum(w, 1e-6)
-    scale = opts.loss_scale_mm
-    n = len(names)
+    return _Landmarks(names, P, Q, w, groups, fixed_t, moving_t)
 
-    inl = np.ones(n, dtype=bool) if n < 4 else _ransac(P, Q, w, residual_threshold_mm, opts.n_hypotheses, opts.seed)
-    if inl.sum() < min(3, n):
-        inl = np.ones(n, dtype=bool)
 
-    Pa = np.zeros((0, 3))
-    Qa = np.zeros((0, 3))
-    owner = np.zeros(0, dtype=np.int64)
-    iterations = 0
+class _WeightedFit:
+    """The weighted Kabsch fit of the centroids plus the current principal-axis points (world mm), with IRLS
+    weights from the previous residuals. ``axis_moving``/``axis_fixed`` (m, 3) mm and ``owner`` (m,) (index
+    of the structure each axis point belongs to) start empty; the axes stage sets them."""
 
-    def fit(inl: np.ndarray, r_c: np.ndarray | None, r_a: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def __init__(self, marks: _Landmarks, opts: RigidOptions):
+        self.P, self.Q, self.w = marks.moving, marks.fixed, marks.weights
+        self.scale, self.loss, self.axis_weight = opts.loss_scale_mm, opts.loss, opts.axis_weight
+        self.axis_moving = np.zeros((0, 3))
+        self.axis_fixed = np.zeros((0, 3))
+        self.owner = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, inl: np.ndarray, r_c: np.ndarray | None, r_a: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(R, t) from the inlier mask (n,) and the centroid / axis-point residuals in mm (None: no IRLS)."""
+        w, scale, loss, Pa = self.w, self.scale, self.loss, self.axis_moving
         wc = w * inl * (1.0 if r_c is None else _robust_weights(r_c, scale, loss))
-        pts_m, pts_f, ww = [P], [Q], [wc]
+        pts_m, pts_f, ww = [self.P], [self.Q], [wc]
         if len(Pa):
-            wa = axis_weight * w[owner] * inl[owner] * (1.0 if r_a is None else _robust_weights(r_a, scale, loss))
+            owner = self.owner
+            wa = self.axis_weight * w[owner] * inl[owner] * (1.0 if r_a is None else _robust_weights(r_a, scale, loss))
             pts_m.append(Pa)
-            pts_f.append(Qa)
+            pts_f.append(self.axis_fixed)
             ww.append(wa)
         return weighted_kabsch(np.concatenate(pts_m), np.concatenate(pts_f), np.concatenate(ww))
 
+
+def _refine(fit: _WeightedFit, R: np.ndarray, t: np.ndarray, inl: np.ndarray, threshold_mm: float,
+            max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One stage of outlier rejection and re-fitting, up to ``max_iter`` rounds, until the inliers (centroid
+    residual < ``threshold_mm``, at least the best three) and the transform settle. Returns (R, t, inliers,
+    rounds run)."""
+    P, Q, Pa, Qa = fit.P, fit.Q, fit.axis_moving, fit.axis_fixed
+    n = len(P)
+    iterations = 0
+    for _ in range(max_iter):
+        iterations += 1
+        r_c = _residuals(R, t, P, Q)
+        r_a = _residuals(R, t, Pa, Qa) if len(Pa) else None
+        new_inl = r_c < threshold_mm
+        if new_inl.sum() < min(3, n):  # never drop below a solvable set: keep the best three
+            new_inl = np.zeros(n, dtype=bool)
+            new_inl[np.argsort(r_c)[: min(3, n)]] = True
+        R_new, t_new = fit(new_inl, r_c, r_a)
+        change = np.abs(R_new - R).max() + np.abs(t_new - t).max() / 100.0
+        R, t, inl_changed = R_new, t_new, bool(np.any(new_inl != inl))
+        inl = new_inl
+        if not inl_changed and change < 1e-10:
+            break
+    return R, t, inl, iterations
+
+
+def _estimate(marks: _Landmarks, opts: RigidOptions) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """RANSAC inliers, a first fit, the centroid stage, then (``use_axes``) the stage with axis points.
+    Returns (R (3, 3), t (3,) mm, number of axis points, rounds run)."""
+    P, Q, w, names = marks.moving, marks.fixed, marks.weights, marks.names
+    threshold, n = opts.residual_threshold_mm, len(names)
+    inl = np.ones(n, dtype=bool) if n < 4 else _ransac(P, Q, w, threshold, opts.n_hypotheses, opts.seed)
+    if inl.sum() < min(3, n):
+        inl = np.ones(n, dtype=bool)
+    fit = _WeightedFit(marks, opts)
     R, t = fit(inl, None, None)
     if opts.use_axes:
-        eig_f = eigen([fixed_t[nm] for nm in names])
-        eig_m = eigen([moving_t[nm] for nm in names])
-    for stage in ("centroids", "axes"):
-        if stage == "axes":
-            if not opts.use_axes:
-                break
-            Pa, Qa, owner = _axis_points(Q, P, eig_f, eig_m, R, opts.axis_min_gap, opts.axis_max_angle_deg)
-            if not len(Pa):
-                break
-        for _ in range(max_iter):
-            iterations += 1
-            r_c = _residuals(R, t, P, Q)
-            r_a = _residuals(R, t, Pa, Qa) if len(Pa) else None
-            new_inl = r_c < residual_threshold_mm
-            if new_inl.sum() < min(3, n):  # never drop below a solvable set: keep the best three
-                new_inl = np.zeros(n, dtype=bool)
-                new_inl[np.argsort(r_c)[: min(3, n)]] = True
-            R_new, t_new = fit(new_inl, r_c, r_a)
-            change = np.abs(R_new - R).max() + np.abs(t_new - t).max() / 100.0
-            R, t, inl_changed = R_new, t_new, bool(np.any(new_inl != inl))
-            inl = new_inl
-            if not inl_changed and change < 1e-10:
-                break
+        eig_f = eigen([marks.fixed_table[nm] for nm in names])
+        eig_m = eigen([marks.moving_table[nm] for nm in names])
+    R, t, inl, iterations = _refine(fit, R, t, inl, threshold, opts.max_iter)
+    if opts.use_axes:
+        fit.axis_moving, fit.axis_fixed, fit.owner = _axis_points(Q, P, eig_f, eig_m, R, opts.axis_min_gap,
+                                                                  opts.axis_max_angle_deg)
+        if len(fit.axis_moving):
+            R, t, inl, more = _refine(fit, R, t, inl, threshold, opts.max_iter)
+            iterations += more
+    return R, t, int(len(fit.axis_moving)), iterations
 
-    r_c = _residuals(R, t, P, Q)
-    outliers = [names[i] for i in range(n) if r_c[i] >= residual_threshold_mm]
+
+def _result(marks: _Landmarks, opts: RigidOptions, R: np.ndarray, t: np.ndarray, n_axis_points: int,
+            iterations: int, t0: float) -> RigidResult:
+    """The RigidResult of the estimate: centroid residuals (mm), outliers, weights; time since ``t0``
+    (time.perf_counter seconds) in ms."""
+    names, n = marks.names, len(marks.names)
+    r_c = _residuals(R, t, marks.moving, marks.fixed)
+    outliers = [names[i] for i in range(n) if r_c[i] >= opts.residual_threshold_mm]
     elapsed = (time.perf_counter() - t0) * 1000.0
     return RigidResult(
         rotation=R, translation=t,
         residuals_mm={names[i]: float(r_c[i]) for i in range(n)},
         outliers=outliers,
-        weights={names[i]: float(w[i]) for i in range(n)},
-        n_axis_points=int(len(Pa)),
+        weights={names[i]: float(marks.weights[i]) for i in range(n)},
+        n_axis_points=n_axis_points,
         iterations=iterations,
         time_ms=elapsed,
         settings={
             **asdict(opts),
-            "groups": dict(zip(names, groups, strict=True)),
+            "groups": dict(zip(names, marks.groups, strict=True)),
         },
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_download import _write_dicom_series
+from helpers.dicom_files import write_dicom_series
 
 from common.core.atomic import leftover_temp_files
 from common.inference.run_config import RunConfig, save_config
@@ -58,10 +58,10 @@ def test_every_input_found_is_segmented_or_reported(tmp_path, example_ct_sm, arg
         nib.save(img, src / rel)
         expect_ok[src / rel] = img
     # DICOM folders: "a/" beside a.nii.gz (extension-less files, as PACS exports), and "series/" holding a NIfTI
-    _write_dicom_series(_crop(ct, 6), src / "a")
+    write_dicom_series(_crop(ct, 6), src / "a")
     for f in (src / "a").iterdir():
         f.rename(f.with_suffix(""))
-    _write_dicom_series(_crop(ct, 7), src / "series_tmp")
+    write_dicom_series(_crop(ct, 7), src / "series_tmp")
     for f in (src / "series_tmp").iterdir():
         f.rename(src / "series" / f.name)
     (src / "series_tmp").rmdir()
@@ -219,8 +219,8 @@ def test_a_folder_with_two_dicom_series_names_the_one_not_segmented(tmp_path, ex
     from common.imaging.validation import load_scan
 
     ct = nib.load(example_ct_sm)
-    _write_dicom_series(_crop(ct, 0), tmp_path / "ct")
-    _write_dicom_series(ct.slicer[40:60, 40:60, 5:9], tmp_path / "scout")  # a 4-slice "scout"
+    write_dicom_series(_crop(ct, 0), tmp_path / "ct")
+    write_dicom_series(ct.slicer[40:60, 40:60, 5:9], tmp_path / "scout")  # a 4-slice "scout"
     for f in (tmp_path / "scout").iterdir():  # another series UID, moved beside the CT
         ds = pydicom.dcmread(f)
         ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".2"

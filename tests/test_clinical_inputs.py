@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.script_loader import load_script
 from scipy import ndimage
-from script_loader import load_script
 
 from common.core.atomic import leftover_temp_files
 from common.core.peak_memory import METHOD_OFFICIAL_WORKER, METHOD_RUSAGE, METHOD_VMHWM, reset_peak, track_peak_rss
@@ -147,7 +147,8 @@ def test_default_inputs_include_clinical_scans_last(tmp_path, monkeypatch):
 def test_tiles_for_scan_equals_the_pipelines_count():
     """common.inference.tile_count follows segment(): the count from the header equals the tiles the pipeline runs, for
     odd spacings and a non-RAS orientation (small model numbers keep it fast)."""
-    from common.inference.pipeline import SegmentOptions, segment
+    from common.inference.pipeline import segment
+    from common.inference.run_config import SegmentOptions
 
     spec = SimpleNamespace(spacing_xyz=(3.0, 3.0, 3.0), patch_size=(8, 12, 16), transpose_forward=(0, 1, 2),
                            transpose_backward=(0, 1, 2), num_classes=3,

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from processes import live_processes
+from helpers.processes import live_processes
 
 from common.core.atomic import leftover_temp_files
 from common.inference.run_config import RunConfig, save_config

@@ -8,21 +8,15 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-from script_loader import load_script
-from test_metrics import hand_maps
+from helpers.compare_cases import LABELS, STANDIN, load_07
+from helpers.label_maps import hand_maps
 
 from common.core.atomic import leftover_temp_files
-from common.imaging.volume import save_labels
+from common.imaging.mask_io import save_labels
 from common.records.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
 
-LABELS = {"1": "spleen", "2": "liver", "3": "stomach"}
-STANDIN = {"name": "Task297_fast_standin", "weights": "standin", "sha256": "ab" * 32, "labels": LABELS}
 AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_07():
-    return load_script("07_compare_vanilla_vs_optimized.py")
 
 
 def make_result(tmp_path: Path, name: str, method: str, times: list[float], mask: np.ndarray | None,

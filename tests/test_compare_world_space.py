@@ -11,9 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_compare import STANDIN, load_07
+from helpers.compare_cases import STANDIN, load_07
 
-from common.imaging.volume import save_labels
+from common.imaging.mask_io import save_labels
 from common.records.results import add_repeat, finalize_scan, new_result, new_scan_record, summarize, write_result
 from common.sources.variants import reorient
 
@@ -120,13 +120,13 @@ def test_07_on_a_dicom_scan_processed_by_03_and_06(tmp_path, example_ct_sm, tiny
     reorientation needed, and reports agreement and Dice."""
     import importlib
 
-    from test_download import _write_dicom_series
+    from helpers.dicom_files import write_dicom_series
 
     from common.inference.run_config import RunConfig, save_config
 
     crop = nib.load(str(example_ct_sm)).slicer[45:85, 35:75, 0:30]  # 40 x 40 x 30 voxels of 3 mm
     scan = tmp_path / "dicom" / "patient_ct"
-    _write_dicom_series(reorient(nib.Nifti1Image(np.asanyarray(crop.dataobj), crop.affine), "LPS"), scan)
+    write_dicom_series(reorient(nib.Nifti1Image(np.asanyarray(crop.dataobj), crop.affine), "LPS"), scan)
     common = ["--input", str(scan), "--weights", "standin"]
     s03 = importlib.import_module("03_vanilla_benchmark")
     assert s03.main([*common, "--out", str(tmp_path / "m03"), "--result", str(tmp_path / "03.json"),

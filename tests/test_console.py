@@ -162,23 +162,23 @@ def test_dicom_as_users_have_it_gives_the_masks_of_the_nifti_route(work, tmp_pat
     import shutil
 
     import dicom2nifti
-    from test_dicom_input import _extensionless, _write_series, _zip
+    from helpers.dicom_files import extensionless, write_series, zip_folder
 
     from common.cli.console import main
 
     crop = nib.load(example_ct_sm).slicer[40:80, 30:70, 0:16]
     crop = nib.Nifti1Image(np.asanyarray(crop.dataobj), crop.affine)
     series = tmp_path / "series"
-    _write_series(crop, series, SeriesDescription="abdomen 3mm")
+    write_series(crop, series, SeriesDescription="abdomen 3mm")
     src = tmp_path / "in"
     src.mkdir()
     dicom2nifti.dicom_series_to_nifti(str(series), str(src / "nifti_route.nii.gz"), reorient_nifti=True)
     shutil.copytree(series, src / "dcm")
-    _extensionless(series, src, "pacs")
-    _zip(_extensionless(series, tmp_path, "zipped"), src / "export.zip", "DICOM/S0001/")
+    extensionless(series, src, "pacs")
+    zip_folder(extensionless(series, tmp_path, "zipped"), src / "export.zip", "DICOM/S0001/")
     shutil.copytree(series, src / "study")
-    _write_series(crop.slicer[:, :, 4:7], tmp_path / "scout", ".7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                  SeriesDescription="topogram")
+    write_series(crop.slicer[:, :, 4:7], tmp_path / "scout", ".7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                 SeriesDescription="topogram")
     for f in (tmp_path / "scout").iterdir():
         f.rename(src / "study" / f"scout_{f.name}")
     shutil.copytree(series, src / "broken")

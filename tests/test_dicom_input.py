@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from test_download import _write_dicom_series
+from helpers.dicom_files import copy_series, extensionless, write_dicom_series, write_series, zip_folder
 
 import common.imaging.dicom_zip
 from common.core.errors import InputError
@@ -37,33 +37,11 @@ def crop(example_ct_sm) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.asanyarray(sub.dataobj), sub.affine)
 
 
-def _write_series(img: nib.Nifti1Image, folder: Path, uid_suffix: str = "", **tags) -> list[Path]:
-    """``img`` as a DICOM series in LPS order (uint16, intercept -1024); ``tags`` set on every file."""
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
-                                           nib.orientations.axcodes2ornt(("L", "P", "S")))
-    _write_dicom_series(img.as_reoriented(ornt), folder)
-    files = sorted(folder.iterdir())
-    for f in files:
-        ds = pydicom.dcmread(f)
-        stored = (ds.pixel_array.astype(np.int32) + 1024).astype(np.uint16)
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
-        ds.PixelData = stored.tobytes()
-        if uid_suffix:
-            ds.SeriesInstanceUID += uid_suffix
-            ds.SOPInstanceUID += uid_suffix
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        for keyword, value in tags.items():
-            setattr(ds, keyword, value)
-        ds.save_as(f)
-    return files
-
-
 @pytest.fixture(scope="module")
 def series(crop, tmp_path_factory) -> Path:
     """The reference series folder (slice_000.dcm ...), never modified by tests (copy it first)."""
     folder = tmp_path_factory.mktemp("dicom") / "ct"
-    _write_series(crop, folder, SeriesDescription="abdomen 3mm")
+    write_series(crop, folder, SeriesDescription="abdomen 3mm")
     return folder
 
 
@@ -84,18 +62,6 @@ def scratch(monkeypatch, tmp_path) -> Path:
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return tmp
-
-
-def _copy(series: Path, dest: Path) -> Path:
-    shutil.copytree(series, dest)
-    return dest
-
-
-def _zip(folder: Path, target: Path, prefix: str = "") -> Path:
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(folder.iterdir()):
-            z.write(f, prefix + f.name)
-    return target
 
 
 def _assert_same_ct(vol, crop: nib.Nifti1Image, official: nib.Nifti1Image) -> None:
@@ -121,18 +87,11 @@ def _assert_one_line(exc: pytest.ExceptionInfo, where: Path, *phrases: str) -> s
 
 # ---- series as users have them ------------------------------------------------------------------------------
 
-def _extensionless(series: Path, tmp: Path, name: str = "pacs_export") -> Path:
-    folder = _copy(series, tmp / name)
-    for i, f in enumerate(sorted(folder.iterdir())):
-        f.rename(folder / f"IM{i:05d}")
-    return folder
-
-
 LAYOUTS = {
-    "dcm_files": lambda series, tmp: _copy(series, tmp / "ct"),
-    "extensionless_files": _extensionless,
-    "zip": lambda series, tmp: _zip(series, tmp / "ct.zip"),
-    "zip_with_subfolder": lambda series, tmp: _zip(_extensionless(series, tmp), tmp / "export.zip", "DICOM/S0001/"),
+    "dcm_files": lambda series, tmp: copy_series(series, tmp / "ct"),
+    "extensionless_files": extensionless,
+    "zip": lambda series, tmp: zip_folder(series, tmp / "ct.zip"),
+    "zip_with_subfolder": lambda series, tmp: zip_folder(extensionless(series, tmp), tmp / "export.zip", "DICOM/S0001/"),
 }
 
 
@@ -152,7 +111,7 @@ def test_a_series_written_in_another_orientation_still_matches_dicom2nifti(crop,
     import dicom2nifti
 
     folder = tmp_path / "ras"
-    _write_dicom_series(crop, folder)
+    write_dicom_series(crop, folder)
     for i, f in enumerate(sorted(folder.iterdir())):
         f.rename(folder / f"{(N_SLICES - i) * 7:04d}")  # file names in reverse order of the slices
     official_out = tmp_path / "converted.nii.gz"
@@ -163,14 +122,14 @@ def test_a_series_written_in_another_orientation_still_matches_dicom2nifti(crop,
 
 @pytest.mark.parametrize("other", ["scout", "mr"])
 def test_a_folder_with_two_series_takes_the_ct_and_names_the_other(other, series, crop, official, tmp_path):
-    folder = _copy(series, tmp_path / "study")
+    folder = copy_series(series, tmp_path / "study")
     if other == "scout":  # a 3-slice CT localizer
-        _write_series(crop.slicer[:, :, 4:7], tmp_path / other, ".7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                      SeriesDescription="topogram")
+        write_series(crop.slicer[:, :, 4:7], tmp_path / other, ".7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                     SeriesDescription="topogram")
         expected = ["localizer", "topogram", "(3 files)"]
     else:  # an MR series with MORE slices than the CT: the modality decides, not the size
         longer = nib.Nifti1Image(np.concatenate([np.asanyarray(crop.dataobj)] * 2, axis=2), crop.affine)
-        _write_series(longer, tmp_path / other, ".8", Modality="MR", SeriesDescription="t1 vibe")
+        write_series(longer, tmp_path / other, ".8", Modality="MR", SeriesDescription="t1 vibe")
         expected = ["MR series", "t1 vibe", f"({2 * N_SLICES} files)"]
     for f in (tmp_path / other).iterdir():
         f.rename(folder / f"{other}_{f.name}")
@@ -184,8 +143,8 @@ def test_a_folder_with_two_series_takes_the_ct_and_names_the_other(other, series
 
 def test_a_folder_without_ct_segments_the_largest_image_series_with_a_warning(series, crop, tmp_path):
     folder = tmp_path / "mr_only"
-    _write_series(crop, folder, ".9", Modality="MR", SeriesDescription="t2")
-    _write_series(crop.slicer[:, :, 4:7], tmp_path / "loc", ".10", Modality="MR", SeriesDescription="loc")
+    write_series(crop, folder, ".9", Modality="MR", SeriesDescription="t2")
+    write_series(crop.slicer[:, :, 4:7], tmp_path / "loc", ".10", Modality="MR", SeriesDescription="loc")
     for f in (tmp_path / "loc").iterdir():
         f.rename(folder / f"loc_{f.name}")
     vol, warnings = load_scan(folder, modality="MR")
@@ -251,7 +210,7 @@ BROKEN_FOLDERS = {
 @pytest.mark.parametrize("case", BROKEN_FOLDERS)
 def test_a_broken_series_is_one_line_naming_the_folder_and_the_problem(case, series, tmp_path, scratch):
     break_it, phrases = BROKEN_FOLDERS[case]
-    folder = _copy(series, tmp_path / "broken")
+    folder = copy_series(series, tmp_path / "broken")
     break_it(folder)
     with pytest.raises(InputError) as exc:
         load_scan(folder)
@@ -260,9 +219,9 @@ def test_a_broken_series_is_one_line_naming_the_folder_and_the_problem(case, ser
 
 
 def test_a_broken_series_in_a_zip_names_the_zip(series, tmp_path, scratch):
-    folder = _copy(series, tmp_path / "broken")
+    folder = copy_series(series, tmp_path / "broken")
     sorted(folder.iterdir())[5].unlink()
-    target = _zip(folder, tmp_path / "broken.zip", "sub/")
+    target = zip_folder(folder, tmp_path / "broken.zip", "sub/")
     with pytest.raises(InputError) as exc:
         load_scan(target)
     _assert_one_line(exc, target, "a missing slice")
@@ -300,7 +259,7 @@ def test_a_bad_zip_is_one_line_and_nothing_is_written_outside(case, series, tmp_
 
 
 def test_a_zip_larger_than_free_memory_is_refused_before_extraction(series, tmp_path, scratch, monkeypatch):
-    target = _zip(series, tmp_path / "ct.zip")
+    target = zip_folder(series, tmp_path / "ct.zip")
     monkeypatch.setattr(common.imaging.dicom_zip, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(InputError) as exc:
         load_scan(target)
@@ -312,9 +271,9 @@ def test_a_zip_larger_than_free_memory_is_refused_before_extraction(series, tmp_
 
 def test_discovery_finds_a_zipped_series_and_a_dicom_subfolder_as_scans(series, tmp_path):
     root = tmp_path / "inbox"
-    _extensionless(series, root, "p1")
-    _zip(series, root / "p2.zip", "DICOM/")
-    _zip(series, root / "p1.zip")  # same stem as the folder p1/: ids made unique by kind
+    extensionless(series, root, "p1")
+    zip_folder(series, root / "p2.zip", "DICOM/")
+    zip_folder(series, root / "p1.zip")  # same stem as the folder p1/: ids made unique by kind
     batch = discover(root)
     assert batch.refused == [] and batch.ignored == []
     assert set(batch.scans) == {root / "p1", root / "p2.zip", root / "p1.zip"}

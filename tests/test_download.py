@@ -1,5 +1,5 @@
-"""common.sources.download, common.imaging.archives + 01_download_data.py against a real local HTTP server (tests/http_server.py:
-Range support, dropped connections)."""
+"""common.sources.download, common.imaging.archives + 01_download_data.py against a real local HTTP server
+(tests/helpers/http_server.py: Range support, dropped connections)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +15,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from http_server import local_server, url_of
-from script_loader import load_script
+from helpers.dicom_files import write_dicom_series
+from helpers.http_server import local_server, url_of
+from helpers.script_loader import load_script
 
 from common.core.atomic import leftover_temp_files
 from common.core.errors import DownloadError
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 cli = load_script("01_download_data.py")
 
 
-# ---- local HTTP server (tests/http_server.py) -------------------------------------------------
+# ---- local HTTP server (tests/helpers/http_server.py) -------------------------------------------------
 @pytest.fixture
 def server():
     with local_server() as httpd:
@@ -246,43 +247,13 @@ def test_learn2reg_pairs_via_cli(server, crops, tmp_path, monkeypatch, capsys):
 
 
 # ---- --from import ----------------------------------------------------------------------------
-def _write_dicom_series(img: nib.Nifti1Image, folder: Path) -> None:
-    """Write ``img`` (RAS NIfTI) as a CT DICOM series with SimpleITK's ImageSeriesWriter."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True)
-    data = np.asanyarray(img.dataobj).astype(np.int16)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing[None, :]
-    vol = sitk.GetImageFromArray(data.transpose(2, 1, 0))  # (x, y, z) -> sitk's (z, y, x) array
-    vol.SetSpacing(tuple(spacing))
-    vol.SetOrigin(tuple(lps[:3, 3]))
-    vol.SetDirection(tuple(direction.reshape(-1)))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
-    orient = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
-    for k in range(vol.GetDepth()):
-        sl = vol[:, :, k]
-        pos = vol.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in [("0008|0060", "CT"), ("0020|000d", series_uid + ".0"), ("0020|000e", series_uid),
-                           ("0008|0018", f"{series_uid}.{k + 1}"), ("0020|0013", str(k + 1)),
-                           ("0020|0037", orient), ("0020|0032", "\\".join(f"{v:.6f}" for v in pos)),
-                           ("0018|0050", f"{spacing[2]:.6f}"), ("0028|1052", "0"), ("0028|1053", "1")]:
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_import_nifti_and_dicom(tmp_path, crops, capsys):
     src = tmp_path / "my_scans"
     src.mkdir()
     nifti = src / "patient_a.nii.gz"
     nib.save(crops["spleen_2"], str(nifti))
-    _write_dicom_series(crops["spleen_3"], src / "nested" / "patient_b")
-    _write_dicom_series(crops["spleen_10"], tmp_path / "c")
+    write_dicom_series(crops["spleen_3"], src / "nested" / "patient_b")
+    write_dicom_series(crops["spleen_10"], tmp_path / "c")
     shutil.make_archive(str(src / "patient_c"), "zip", tmp_path / "c")
     (src / "notes.txt").write_text("not a scan", encoding="utf-8")
     labels = np.zeros(crops["spleen_2"].shape, np.uint8)

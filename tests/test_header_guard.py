@@ -1,6 +1,6 @@
 """A NIfTI header that declares more voxel data than its file holds is refused before anything is allocated.
 
-Without the guard (common.imaging.volume.check_declared_size) a 2 KiB .nii claiming 2000x2000x2000 int16 voxels made
+Without the guard (common.imaging.nifti_guard.check_declared_size) a 2 KiB .nii claiming 2000x2000x2000 int16 voxels made
 nibabel allocate 15 GiB (~40 s) before it noticed the file was short. Each lying file is loaded by the suite's
 real loaders in a child process (under an address-space limit, so that a regression fails instead of eating
 the machine's memory); the child reports its own load time and peak RSS (VmHWM).
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from common.core.errors import InputError
-from common.imaging.volume import check_declared_size, load_volume
+from common.imaging.nifti_guard import check_declared_size
+from common.imaging.volume import load_volume
 from common.records.passport import build_passport, save_passport, scan_metadata
 
 ROOT = Path(__file__).resolve().parents[1]

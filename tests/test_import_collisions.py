@@ -11,8 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from script_loader import load_script
-from test_download import _write_dicom_series
+from helpers.dicom_files import write_dicom_series
+from helpers.script_loader import load_script
 
 from common.core.atomic import leftover_temp_files
 
@@ -63,8 +63,8 @@ def test_patient_series_layout_gets_one_output_per_source(tmp_path, crops, capsy
     labels = (_voxels(n1) > 0).astype(np.uint8)
     seg = _save(nib.Nifti1Image(labels, crops[0].affine), src / "p1" / "scan_seg.nii.gz")
     flat = _save(crops[2], src / "flat.nii.gz")
-    _write_dicom_series(crops[3], src / "p1" / "CT")
-    _write_dicom_series(crops[4], src / "p2" / "CT")
+    write_dicom_series(crops[3], src / "p1" / "CT")
+    write_dicom_series(crops[4], src / "p2" / "CT")
     (src / "p2" / "notes.txt").write_text("not a scan", encoding="utf-8")
     _save(crops[5], src / ".cache" / "old.nii.gz")  # hidden: left out
     out = tmp_path / "ct_data"
@@ -92,7 +92,7 @@ def test_same_scan_id_is_refused_in_one_line_naming_both(tmp_path, crops, capsys
     a_nii = _save(crops[0], src / "a.nii")
     a_gz = _save(crops[1], src / "a.nii.gz")
     b_gz = _save(crops[2], src / "b.nii.gz")
-    _write_dicom_series(crops[3], src / "b")
+    write_dicom_series(crops[3], src / "b")
     upper = _save(crops[4], src / "A_seg.nii.gz")
     lower = _save(crops[5], src / "a_SEG.nii.gz")
     clash = _save(crops[5], src / "p1__ct.nii.gz")  # what p1/ct.nii.gz is named in OUT
@@ -114,7 +114,7 @@ def test_same_scan_id_is_refused_in_one_line_naming_both(tmp_path, crops, capsys
 def test_reimport_keeps_same_content_and_refuses_other_content_without_force(tmp_path, crops, capsys):
     src = tmp_path / "scans"
     scan = _save(crops[0], src / "p1" / "scan.nii.gz")
-    _write_dicom_series(crops[1], src / "p1" / "CT")
+    write_dicom_series(crops[1], src / "p1" / "CT")
     out = tmp_path / "ct_data"
     assert cli.main(["--from", str(src), "--out", str(out)]) == 0
     before = _snapshot(out)
@@ -126,7 +126,7 @@ def test_reimport_keeps_same_content_and_refuses_other_content_without_force(tmp
     # the sources change (another patient under the same path): refused without --force, outputs untouched
     _save(crops[2], scan)
     shutil.rmtree(src / "p1" / "CT")
-    _write_dicom_series(crops[3], src / "p1" / "CT")
+    write_dicom_series(crops[3], src / "p1" / "CT")
     assert cli.main(["--from", str(src), "--out", str(out)]) == 1
     errors = _errors(capsys)
     assert len(errors) == 2, errors
@@ -145,7 +145,7 @@ def test_extra_dicom_series_and_output_inside_source_are_reported(tmp_path, crop
     import SimpleITK as sitk
 
     src = tmp_path / "scans"
-    _write_dicom_series(crops[0], src / "p1" / "CT")
+    write_dicom_series(crops[0], src / "p1" / "CT")
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for f in sorted((src / "p1" / "CT").glob("*.dcm")):  # a second series (other UID) in the same folder

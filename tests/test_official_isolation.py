@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from processes import live_processes
+from helpers.processes import live_processes
 from threadpoolctl import threadpool_limits
 
 from common.inference.tile_count import task297_geometry, tiles_for_geometry

@@ -18,9 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.inference.pipeline import SegmentOptions, segment
+from common.inference.pipeline import segment
+from common.inference.run_config import SegmentOptions
 from common.records.metrics import dice_per_class, voxel_agreement
-from common.sources.variants import reorient, resample_to_spacing
+from common.sources.variants import reorient, resample_variant
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def _min_dice_over_big_classes(a: np.ndarray, b: np.ndarray, min_voxels: int = 1
 def cases(official_labels, example_ct_sm, example_ct, tmp_path_factory):
     """(name, image path, official labels) for the three parity cases; official runs happen once a session."""
     tmp = tmp_path_factory.mktemp("parity")
-    lps = reorient(resample_to_spacing(nib.load(example_ct_sm), (1.5, 1.5, 1.5), order=1), "LPS")
+    lps = reorient(resample_variant(nib.load(example_ct_sm), (1.5, 1.5, 1.5), order=1), "LPS")
     lps_path = tmp / "example_ct_sm_lps_1.5mm.nii.gz"
     nib.save(lps, lps_path)
     # multi-tile: example_ct_sm extended along z by mirroring to 150 slices of 3 mm -> two rows of tiles along

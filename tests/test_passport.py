@@ -4,7 +4,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from passport_cases import CENTRE_MM, ELLIPSOID_ROT, GRIDS, SEMI_AXES_MM, ellipsoid_volume
+from helpers.passport_cases import CENTRE_MM, ELLIPSOID_ROT, GRIDS, SEMI_AXES_MM, ellipsoid_volume
 from scipy import ndimage
 
 from common.records.passport import build_passport, compute_structures

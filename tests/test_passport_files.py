@@ -10,8 +10,8 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-from passport_cases import ROOT, ellipsoid_volume, passport_for
-from script_loader import load_script
+from helpers.passport_cases import ROOT, ellipsoid_volume, passport_for
+from helpers.script_loader import load_script
 
 from common.core.errors import InputError
 from common.records.passport import (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_registration import NAMES, make_passport, moved_passport
+from helpers.registration_cases import NAMES, make_passport, moved_passport
 
 from common.imaging.labels import total_class_names_if_installed
 from common.records.passport import build_passport, save_passport

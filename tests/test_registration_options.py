@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
-from test_registration import make_passport, moved_passport
+from helpers.registration_cases import make_passport, moved_passport
 
 from common.records.passport import build_passport, save_passport
 from registration.deformable import register_deformable

@@ -16,8 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.inference.pipeline import SegmentOptions
-from common.inference.run_config import RunConfig, save_config
+from common.inference.run_config import RunConfig, SegmentOptions, save_config
 from common.records import resume
 from common.records.results import read_result
 

@@ -43,12 +43,12 @@ def test_05s_configuration_with_its_extra_keys_loads(tmp_path):
     assert load_config(path).to_dict() == {**RunConfig.fastest_exact().to_dict()}
 
 
-def test_the_file_model_knows_every_setting_of_the_dataclasses():
-    from common.inference.config_schema import OrtDoc, RunConfigDoc, SegmentDoc
-    from common.inference.pipeline import SegmentOptions
-    from common.inference.predictors import OrtSettings
+def test_the_file_is_read_by_the_same_typed_fields_python_builds_the_configuration_with():
+    from common.inference.run_config import KNOWN_KEYS, OrtSettings, RunConfigFile, SegmentOptions
 
-    assert set(OrtDoc.model_fields) == set(OrtSettings().to_dict())
-    assert set(SegmentDoc.model_fields) == set(SegmentOptions().to_dict())
-    assert set(RunConfig().to_dict()) <= {f.alias or n for n, f in RunConfigDoc.model_fields.items()}
-    assert OrtDoc().model_dump() == OrtSettings().to_dict() and SegmentDoc().model_dump() == SegmentOptions().to_dict()
+    assert issubclass(RunConfigFile, RunConfig) and set(RunConfig().to_dict()) <= set(KNOWN_KEYS)
+    cfg = RunConfig(name="x", backend="pytorch", ort=OrtSettings(intra_op_threads=3),
+                    segment=SegmentOptions(tile_step=0.5, accumulate="float32"), torch_threads=2)
+    assert RunConfigFile.model_validate(cfg.to_dict()).config() == cfg
+    with pytest.raises(ValueError, match="must be one of"):
+        SegmentOptions(accumulate="bfloat16")  # the same check in Python as in a file

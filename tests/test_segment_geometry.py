@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.inference.pipeline import segment
-from common.sources.variants import reorient, resample_to_spacing
+from common.sources.variants import reorient, resample_variant
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_output_keeps_input_geometry(variant, small_ct, model_spec, ort_predicto
     elif variant == "PIR":
         img = reorient(img, "PIR")
     elif variant == "anisotropic":
-        img = reorient(resample_to_spacing(img, (2.0, 2.5, 5.0), order=1), "LAS")
+        img = reorient(resample_variant(img, (2.0, 2.5, 5.0), order=1), "LAS")
     res = segment(img, model_spec, ort_predictor)
     out = res.labels
     assert out.shape == img.shape

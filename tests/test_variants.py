@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.core.atomic import leftover_temp_files
-from common.sources.variants import realistic_variant, reorient, resample_to_spacing, write_variant
+from common.sources.variants import realistic_variant, reorient, resample_variant, write_variant
 
 
 def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def _linear_world_image(affine: np.ndarray, shape=(20, 16, 10)) -> nib.Nifti1Ima
 ])
 def test_resample_value_follows_world_coordinate(affine):
     img = _linear_world_image(affine)
-    out = resample_to_spacing(img, (1.0, 1.2, 1.5), order=1)
+    out = resample_variant(img, (1.0, 1.2, 1.5), order=1)
     assert np.allclose(np.linalg.norm(out.affine[:3, :3], axis=0), [1.0, 1.2, 1.5], atol=1e-5)
     assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(affine)
     assert np.allclose(out.affine[:3, 3], affine[:3, 3], atol=1e-4)  # centre of voxel 0 unchanged
@@ -96,7 +96,7 @@ def test_resample_value_follows_world_coordinate(affine):
 
 
 def test_resample_real_ct_same_anatomy(ct_sm):
-    out = resample_to_spacing(ct_sm, (0.75, 1.5, 1.0), order=1)
+    out = resample_variant(ct_sm, (0.75, 1.5, 1.0), order=1)
     src = np.asanyarray(ct_sm.dataobj)
     dst = np.asanyarray(out.dataobj)
     assert dst.dtype == np.int16
@@ -113,7 +113,7 @@ def test_resample_nearest_keeps_labels():
     labels = np.zeros((10, 10, 10), np.uint8)
     labels[2:5, 3:8, 4:9] = 7
     img = nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0]))
-    out = resample_to_spacing(img, (1.0, 1.0, 1.0), order=0)
+    out = resample_variant(img, (1.0, 1.0, 1.0), order=0)
     data = np.asanyarray(out.dataobj)
     assert set(np.unique(data)) == {0, 7}
     assert data.dtype == np.int16
@@ -124,9 +124,9 @@ def test_resample_rejects_bad_spacing_and_2d():
     img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
     for bad in [(0, 1, 1), (-1, 1, 1), (float("nan"), 1, 1), (1, 1)]:
         with pytest.raises(ValueError):
-            resample_to_spacing(img, bad)
+            resample_variant(img, bad)
     with pytest.raises(ValueError):
-        resample_to_spacing(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), (1, 1, 1))
+        resample_variant(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), (1, 1, 1))
 
 
 def test_realistic_variant_int16_and_written_atomically(ct_sm, tmp_path):
@@ -148,5 +148,5 @@ def test_realistic_variant_int16_and_written_atomically(ct_sm, tmp_path):
 
 def test_float_input_keeps_float(ct_sm):
     img = nib.Nifti1Image(np.asanyarray(ct_sm.dataobj).astype(np.float32), ct_sm.affine)
-    out = resample_to_spacing(img, (1.5, 1.5, 1.5))
+    out = resample_variant(img, (1.5, 1.5, 1.5))
     assert np.asanyarray(out.dataobj).dtype == np.float32

@@ -15,6 +15,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from common.core.streams import setup_console
+from common.core.text import one_line
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
@@ -100,16 +103,8 @@ def check_outputs(*, folders: tuple[Path, ...] = (), files: tuple[Path, ...] = (
 
 def fail(message: object, code: int = 2) -> int:
     """Print ``message`` as one line to stderr and return the exit code."""
-    print(" ".join(str(message).split()), file=sys.stderr)
+    print(one_line(message), file=sys.stderr)
     return code
-
-
-def setup_console() -> None:
-    """Make stdout/stderr replace what their encoding cannot write (backslash escapes) instead of raising: a
-    terminal or CI log that is not UTF-8 must not crash a script over a dash or an ellipsis in a message."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
-            stream.reconfigure(errors="backslashreplace")
 
 
 def run_script(main: Callable[[], int]) -> int:

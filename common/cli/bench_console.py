@@ -28,8 +28,9 @@ import numpy as np
 from common.cli.args import OneLineParser, positive_int, run_script
 from common.core.atomic import atomic_write_json
 from common.core.machine import library_versions, machine_info
+from common.core.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 DEFAULT_SCAN = ROOT / "ct_data" / "clinical" / "clinical_512x512x200.nii.gz"
 DEFAULT_RESULT = ROOT / "benchmarks" / "console_vs_06.json"
 TIMEOUT_S = 1800

@@ -5,8 +5,12 @@ See common.runs.cluster for what they do.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from common.core.machine import usable_cores
+
+if TYPE_CHECKING:
+    from common.runs.cluster import ClusterTarget
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +44,13 @@ def cluster_problem(args: argparse.Namespace) -> str | None:
             return (f"--workers {args.workers} x --threads {threads} = {args.workers * threads} threads on "
                     f"{cores} cores; use at most {cores} in all")
     return None
+
+
+def cluster_target(args: argparse.Namespace) -> ClusterTarget:
+    """The cluster the parsed --scheduler / --workers / --threads name (checked by cluster_problem first)."""
+    from common.runs.cluster import ClusterTarget  # Dask is imported only when a cluster is asked for
+
+    return ClusterTarget(scheduler=args.scheduler, workers=args.workers, threads=args.threads)
 
 
 def wants_cluster(args: argparse.Namespace) -> bool:

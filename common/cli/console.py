@@ -20,7 +20,9 @@ import argparse
 import importlib.metadata
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from common.cli.args import OneLineParser, check_outputs, positive_int, run_script
 from common.core.errors import InputError
@@ -142,7 +144,7 @@ def segment_scan(scan: Path, scan_id: str, targets: dict[str, Path], args: argpa
     import numpy as np
 
     from common.imaging import official_output as out
-    from common.inference.run_config import run_scan
+    from common.runs.scan_run import run_scan
 
     t0 = time.perf_counter()
     run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
@@ -188,7 +190,40 @@ def segment_scan(scan: Path, scan_id: str, targets: dict[str, Path], args: argpa
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    say = _printer(args)
 
+    from common.cli.args import fail
+    from common.cli.cluster_args import wants_cluster
+
+    try:
+        run = _prepare(args, say)
+    except (InputError, OSError, RuntimeError) as exc:
+        return fail(exc)
+    batch = run.batch
+    outcomes = _Outcomes(say, [f"{r['error']}" for r in batch.refused])
+    for ref in batch.refused:
+        say(f"FAILED {ref['error']}", always=True)
+    for item in batch.ignored:
+        say(f"ignored {item['file']}: {item['reason']}")
+    if wants_cluster(args):
+        code = _segment_on_cluster(args, run, say, outcomes)
+        if code is not None:
+            return code
+    else:
+        _segment_here(args, run, outcomes)
+    failed = outcomes.failed
+    n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
+    say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {run.spec.provenance()['weights']}; output: "
+        f"{args.output}")
+    return 1 if failed else 0
+
+
+Say = Callable[..., None]  # say(msg, *, always=False, verbose=False), see _printer
+
+
+def _printer(args: argparse.Namespace) -> Say:
+    """``say(msg, *, always=False, verbose=False)`` for this run: ``always`` lines go to stderr whatever -q says;
+    the others to stdout unless -q, ``verbose`` ones only with -v."""
     from tqdm import tqdm
 
     def say(msg: str, *, always: bool = False, verbose: bool = False) -> None:
@@ -198,90 +233,121 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(msg, file=file)
             file.flush()
 
-    from common.cli.args import fail
+    return say
+
+
+class _Prepared(NamedTuple):
+    """What the scans need, once the options, the inputs and the model have been checked."""
+
+    cfg: Any  # RunConfig
+    batch: Any  # the resolved inputs (common.sources.inputs.resolve_inputs)
+    spec: Any  # the model's ModelSpec
+    label_map: dict[int, str]  # class id -> name, background excluded
+    roi: list[str] | None
+    onnx: Path | None
+    predictor: Any  # None when the scans run on a cluster
+
+
+def _prepare(args: argparse.Namespace, say: Say) -> _Prepared:
+    """SIGTERM made a clean exit, then the checks and set-up before the first scan: options, run configuration,
+    inputs, outputs, model, ONNX file and (in this process) the predictor. Raises InputError, OSError or
+    RuntimeError with a one-line message."""
     from common.cli.cluster_args import cluster_problem, wants_cluster
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.core.signals import exit_cleanly_on_sigterm
     from common.inference.model_cache import ensure_onnx, prepare_model
-    from common.inference.run_config import RunConfig, build_predictor, load_config
+    from common.inference.predictor_factory import build_predictor
+    from common.inference.run_config import RunConfig, load_config
     from common.sources.inputs import resolve_inputs
 
     exit_cleanly_on_sigterm()
-    try:
-        problem = cluster_problem(args)
-        if problem:
-            raise InputError(None, problem)
-        providers = _check_device(args.device)
-        cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
-        if cfg_path:
-            cfg = load_config(cfg_path)
-        else:  # the GPU runs through ONNX Runtime's CUDA provider
-            cfg = RunConfig.fastest_exact_onnx() if args.device == "gpu" else RunConfig.fastest_exact()
-        cfg.segment.resample_threads = args.nr_thr_resamp
-        cfg.ort.providers = providers
-        batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
-        single_ml = args.ml and not _is_folder_mode(args, batch)
-        if single_ml and (args.output.is_dir() or not args.output.name.lower().endswith((".nii", ".nii.gz"))):
-            raise InputError(args.output, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
-        check_outputs(folders=(args.output.parent if single_ml else args.output,))
-        spec = prepare_model(args.weights, log=lambda m: say(m))
-        label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded
-        roi = _roi_subset(args.roi_subset, label_map)
-        if cfg.backend != "onnxruntime" and args.device == "gpu":
-            raise RuntimeError("--device gpu needs the onnxruntime backend; the run configuration uses "
-                               f"{cfg.backend}")
-        onnx = ensure_onnx(spec, args.onnx or DEFAULT_ONNX, log=lambda m: say(m)) if cfg.backend == "onnxruntime" \
-            else None
-        predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
-    except (InputError, OSError, RuntimeError) as exc:
-        return fail(exc)
-    failed = [f"{r['error']}" for r in batch.refused]
-    for ref in batch.refused:
-        say(f"FAILED {ref['error']}", always=True)
-    for item in batch.ignored:
-        say(f"ignored {item['file']}: {item['reason']}")
+    problem = cluster_problem(args)
+    if problem:
+        raise InputError(None, problem)
+    providers = _check_device(args.device)
+    cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
+    if cfg_path:
+        cfg = load_config(cfg_path)
+    else:  # the GPU runs through ONNX Runtime's CUDA provider
+        cfg = RunConfig.fastest_exact_onnx() if args.device == "gpu" else RunConfig.fastest_exact()
+    cfg.segment.resample_threads = args.nr_thr_resamp
+    cfg.ort.providers = providers
+    batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
+    single_ml = args.ml and not _is_folder_mode(args, batch)
+    if single_ml and (args.output.is_dir() or not args.output.name.lower().endswith((".nii", ".nii.gz"))):
+        raise InputError(args.output, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
+    check_outputs(folders=(args.output.parent if single_ml else args.output,))
+    spec = prepare_model(args.weights, log=lambda m: say(m))
+    label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded
+    roi = _roi_subset(args.roi_subset, label_map)
+    if cfg.backend != "onnxruntime" and args.device == "gpu":
+        raise RuntimeError("--device gpu needs the onnxruntime backend; the run configuration uses "
+                           f"{cfg.backend}")
+    onnx = ensure_onnx(spec, args.onnx or DEFAULT_ONNX, log=lambda m: say(m)) if cfg.backend == "onnxruntime" \
+        else None
+    predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
+    return _Prepared(cfg, batch, spec, label_map, roi, onnx, predictor)
 
-    def show(messages: list[tuple[str, str]]) -> None:
+
+class _Outcomes:
+    """The run's failures, one line each (refused inputs first), and the printing of each scan's messages."""
+
+    def __init__(self, say: Say, failed: list[str]):
+        self.say, self.failed = say, failed
+
+    def show(self, messages: list[tuple[str, str]]) -> None:
+        """Print a scan's (kind, line) messages: "warning" always, "verbose" with -v."""
         for kind, line in messages:
-            say(line, always=kind == "warning", verbose=kind == "verbose")
+            self.say(line, always=kind == "warning", verbose=kind == "verbose")
 
-    def failed_scan(line: str) -> None:
-        failed.append(line)
-        say(f"FAILED {line}", always=True)
+    def failed_scan(self, line: str) -> None:
+        """Count a failed scan and print its one-line error."""
+        self.failed.append(line)
+        self.say(f"FAILED {line}", always=True)
 
-    if wants_cluster(args):
-        from common.runs.cluster import ModelRecipe, open_client, run_tasks
 
-        recipe = ModelRecipe(cfg, args.weights, str(onnx) if onnx else None)
-        items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, label_map, roi)) for scan in batch.scans]
-        try:
-            with open_client(args, recipe, log=lambda m: say(m)) as run:
-                for task in run_tasks(run, _segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
-                                      quiet=args.quiet):
-                    if task.error is not None:
-                        failed_scan(task.error)
-                    elif isinstance(task.value, str):
-                        failed_scan(task.value)
-                    else:
-                        show(task.value)
-                    if len(task.attempts) > 1:
-                        say(f"note: {task.scan_id} was retried: its Dask worker died while segmenting it "
-                            f"(workers: {', '.join(task.attempts)})", always=True)
-        except RuntimeError as exc:
-            return fail(exc)
-    else:
-        scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
-        for scan in scans:
-            out = _segment_or_error(scan, batch.ids[scan], _targets(args, batch, scan), args, label_map, roi, spec,
-                                    predictor, cfg)
-            if isinstance(out, str):
-                failed_scan(out)
-            else:
-                show(out)
-    n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
-    say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {spec.provenance()['weights']}; output: "
-        f"{args.output}")
-    return 1 if failed else 0
+def _segment_on_cluster(args: argparse.Namespace, run: _Prepared, say: Say, outcomes: _Outcomes) -> int | None:
+    """Every scan as a task on the Dask cluster, messages and failures printed as tasks finish. Returns the
+    exit code of a failure of the cluster itself (RuntimeError, one line), else None."""
+    from common.cli.args import fail
+    from common.cli.cluster_args import cluster_target
+    from common.runs.cluster import ModelRecipe, open_client, run_tasks
+
+    batch = run.batch
+    recipe = ModelRecipe(run.cfg, args.weights, str(run.onnx) if run.onnx else None)
+    items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, run.label_map, run.roi))
+             for scan in batch.scans]
+    try:
+        with open_client(cluster_target(args), recipe, log=lambda m: say(m)) as client:
+            for task in run_tasks(client, _segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
+                                  quiet=args.quiet):
+                if task.error is not None:
+                    outcomes.failed_scan(task.error)
+                elif isinstance(task.value, str):
+                    outcomes.failed_scan(task.value)
+                else:
+                    outcomes.show(task.value)
+                if len(task.attempts) > 1:
+                    say(f"note: {task.scan_id} was retried: its Dask worker died while segmenting it "
+                        f"(workers: {', '.join(task.attempts)})", always=True)
+    except RuntimeError as exc:
+        return fail(exc)
+    return None
+
+
+def _segment_here(args: argparse.Namespace, run: _Prepared, outcomes: _Outcomes) -> None:
+    """Every scan in this process, one after the other, under a progress bar (two scans or more, without -q)."""
+    from tqdm import tqdm
+
+    batch = run.batch
+    scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
+    for scan in scans:
+        out = _segment_or_error(scan, batch.ids[scan], _targets(args, batch, scan), args, run.label_map, run.roi,
+                                run.spec, run.predictor, run.cfg)
+        if isinstance(out, str):
+            outcomes.failed_scan(out)
+        else:
+            outcomes.show(out)
 
 
 def _segment_or_error(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,

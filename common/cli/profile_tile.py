@@ -50,8 +50,7 @@ def _ort_ops(trace_path: str) -> dict[str, float]:
 
 def _config(backend: str, threads: int):
     """The RunConfig that 06/05 would run for ``backend`` on ``threads`` threads (common.inference.run_config)."""
-    from common.inference.predictors import OrtSettings
-    from common.inference.run_config import RunConfig
+    from common.inference.run_config import OrtSettings, RunConfig
 
     if backend.startswith("ort"):
         cfg = RunConfig.fastest_exact_onnx()
@@ -68,11 +67,11 @@ def _config(backend: str, threads: int):
 
 def _child(backend: str, runs: int, threads: int, onnx_path: str, model_folder: str) -> dict[str, Any]:
     """Time and profile one backend in this process, built as the pipeline builds it
-    (common.inference.run_config.build_predictor); the record the parent collects."""
+    (common.inference.predictor_factory.build_predictor); the record the parent collects."""
     from common.core.heap import freed_memory_kept
     from common.core.peak_memory import track_peak_rss
     from common.inference.model import load_model_spec
-    from common.inference.run_config import build_predictor
+    from common.inference.predictor_factory import build_predictor
 
     spec = load_model_spec(model_folder)
     cfg = _config(backend, threads)
@@ -156,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli.args import fail, setup_console
+    from common.cli.args import fail
+    from common.core.streams import setup_console
 
     setup_console()
     args = _parser().parse_args(argv)

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
-    return " ".join(str(text).split())
+from common.core.text import one_line
 
 
 class InputError(ValueError):

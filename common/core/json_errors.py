@@ -1,6 +1,6 @@
 """Typed JSON documents at the file boundary: pydantic's first error as the one-line problem an InputError says.
 
-Each schema module (common.records.result_schema, common.inference.config_schema, common.records.passport_model) declares pydantic v2
+Each schema module (common.records.result_schema, common.inference.run_config, common.records.passport_model) declares pydantic v2
 models and words its errors itself; this module holds what they share: where an error is ("scans[0].median"),
 custom errors raised by validators (``problem``) and the first error of a ValidationError.
 """

@@ -36,18 +36,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _ram_gib() -> float | None:
-    """Total RAM in GiB from /proc/meminfo; None where unavailable."""
+def _meminfo_bytes(key: str) -> int | None:
+    """A /proc/meminfo field (e.g. "MemTotal", "MemAvailable") in bytes; None where unreadable."""
     try:
-        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) * 1024 / 2**30, 2)  # value in kB
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # value in kB
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _sysconf_bytes(pages: str) -> int | None:
+    """``pages`` ("SC_PHYS_PAGES", "SC_AVPHYS_PAGES") times the page size, in bytes; None where unknown."""
     try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2)
+        return int(os.sysconf(pages)) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages via os.sysconf, else None."""
+    found = _meminfo_bytes("MemAvailable")
+    return found if found is not None else _sysconf_bytes("SC_AVPHYS_PAGES")
+
+
+def _ram_gib() -> float | None:
+    """Total RAM in GiB from /proc/meminfo (else os.sysconf); None where unavailable."""
+    found = _meminfo_bytes("MemTotal")
+    found = found if found is not None else _sysconf_bytes("SC_PHYS_PAGES")
+    return None if found is None else round(found / 2**30, 2)
 
 
 def usable_cores() -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # common/core/paths.py -> the project root
 CT_DATA = PROJECT_ROOT / "ct_data"
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
 MODELS = PROJECT_ROOT / "models"

@@ -37,6 +37,8 @@ import nibabel as nib
 import numpy as np
 
 from common.core.errors import InputError
+from common.core.machine import available_memory_bytes
+from common.core.text import fmt_bytes
 from common.imaging.dicom_checks import check_series, drop_localizers
 from common.imaging.dicom_series import (
     FOLDER_KIND,
@@ -48,7 +50,6 @@ from common.imaging.dicom_series import (
     read_series,
 )
 from common.imaging.dicom_zip import extract_zip
-from common.imaging.volume import available_memory_bytes, fmt_bytes
 
 # dicom2nifti's exception codes -> what they mean for the user
 DICOM2NIFTI_CODES = {

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from common.core.errors import InputError
+from common.core.text import fmt_vec
 from common.imaging.dicom_series import MIN_SLICES, Series, Source, image_type
 
 SPACING_RTOL = 0.01  # slice steps may differ by 1 % (header rounding) ...
 POSITION_ATOL_MM = 0.02  # ... or by this much (positions written with 2 decimals)
 ORIENTATION_ATOL = 1e-3  # direction cosines: dicom2nifti's own tolerance for "same orientation"
-
-
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def check_pixel_data(ds, source: Source) -> None:
@@ -94,15 +91,15 @@ def check_series(slices: list, source: Source) -> None:
             raise InputError(where, f"slices differ in size: {size0[0]}x{size0[1]} pixels in "
                                     f"{source.name(Path(first.filename))}, {ds.Rows}x{ds.Columns} in {name}")
         if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), pix0, rtol=1e-3, atol=1e-4):
-            raise InputError(where, f"slices differ in pixel spacing: {_fmt(pix0)} mm in "
-                                    f"{source.name(Path(first.filename))}, {_fmt(ds.PixelSpacing)} mm in {name}")
+            raise InputError(where, f"slices differ in pixel spacing: {fmt_vec(pix0)} mm in "
+                                    f"{source.name(Path(first.filename))}, {fmt_vec(ds.PixelSpacing)} mm in {name}")
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop0, atol=ORIENTATION_ATOL):
-            raise InputError(where, f"slices differ in orientation: {_fmt(iop0)} in "
-                                    f"{source.name(Path(first.filename))}, {_fmt(ds.ImageOrientationPatient)} in {name}")
+            raise InputError(where, f"slices differ in orientation: {fmt_vec(iop0)} in "
+                                    f"{source.name(Path(first.filename))}, {fmt_vec(ds.ImageOrientationPatient)} in {name}")
     row, col = iop0[:3], iop0[3:]
     normal = np.cross(row, col)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
-        raise InputError(where, f"ImageOrientationPatient {_fmt(iop0)} is not two orthogonal unit vectors")
+        raise InputError(where, f"ImageOrientationPatient {fmt_vec(iop0)} is not two orthogonal unit vectors")
     check_positions(slices, normal, source)
 
 

@@ -45,10 +45,6 @@ def _is_raw_dataset(head: bytes) -> bool:
     return (head[4:6].isalpha() and head[4:6].isupper()) or int.from_bytes(head[4:8], "little") < 1024
 
 
-def is_zip_path(path: str | Path) -> bool:
-    return str(path).lower().endswith(".zip")
-
-
 @dataclass
 class Source:
     """Where the files come from: ``label`` (the folder or zip the user gave, used in messages), ``root`` (the

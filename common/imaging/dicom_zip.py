@@ -8,9 +8,10 @@ import zlib
 from pathlib import Path
 
 from common.core.errors import DownloadError, InputError
+from common.core.machine import available_memory_bytes
+from common.core.text import fmt_bytes
 from common.imaging.archives import safe_member_name
 from common.imaging.dicom_series import first_line
-from common.imaging.volume import available_memory_bytes, fmt_bytes
 
 ZIP_CHUNK_BYTES = 1 << 20
 

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.imaging.dicom_series import is_dicom_file, is_zip_path
-from common.imaging.volume import is_nifti_path
+from common.imaging.dicom_series import is_dicom_file
+from common.imaging.scan_paths import is_nifti_path, is_zip_path
 
 LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")
 DOC_FILES = ("readme", "readme.md", "readme.txt", "license", "license.txt", "license.md")

@@ -1,4 +1,5 @@
-"""Label maps of a comparison: finding and loading them, and putting one on another's voxel grid.
+"""Label maps on disk: saving one atomically, finding and loading a comparison's, and putting one on another's
+voxel grid.
 
 Label maps are nibabel arrays, (x, y, z); affines map voxel centres to RAS+ mm. Two maps are compared voxel by
 voxel in world space: one is reoriented (axes permuted/flipped) onto the other's grid when their grids differ only
@@ -14,9 +15,11 @@ import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 
+from common.core.atomic import atomic_save_nifti
 from common.core.errors import InputError
+from common.core.text import fmt_shape
 from common.imaging.labels import GRID_ATOL_MM, checked_label_array, same_grid
-from common.imaging.volume import check_declared_size
+from common.imaging.nifti_guard import check_declared_size
 
 GROUND_TRUTH_PATTERNS = ("{}.nii.gz", "{}_labels.nii.gz", "{}_seg.nii.gz", "{}.nii", "{}_labels.nii", "{}_seg.nii")
 GRID_ANGLE_TOL_DEG = 1e-3
@@ -99,20 +102,16 @@ class Alignment(NamedTuple):
     reoriented: str | None
 
 
-def _fmt_vec(values, fmt: str = ".4g") -> str:
-    return "x".join(format(float(v) if fmt != "d" else int(v), fmt) for v in values)
-
-
 def _grid_difference(shape_a, aff_a: np.ndarray, shape_b, aff_b: np.ndarray) -> str:
     """What differs between two voxel grids of the same axis order (one line): shape, spacing (mm), origin offset
     (mm, world distance of the centres of voxel (0, 0, 0)), direction (degrees); else the largest voxel-centre
     distance (mm)."""
     parts = []
     if tuple(shape_a) != tuple(shape_b):
-        parts.append(f"shape {_fmt_vec(shape_b, 'd')} vs {_fmt_vec(shape_a, 'd')}")
+        parts.append(f"shape {fmt_shape(shape_b)} vs {fmt_shape(shape_a)}")
     sp_a, sp_b = np.linalg.norm(aff_a[:3, :3], axis=0), np.linalg.norm(aff_b[:3, :3], axis=0)
     if not np.allclose(sp_a, sp_b, atol=GRID_ATOL_MM, rtol=0):
-        parts.append(f"spacing {_fmt_vec(sp_b)} vs {_fmt_vec(sp_a)} mm")
+        parts.append(f"spacing {fmt_shape(sp_b, '.4g')} vs {fmt_shape(sp_a, '.4g')} mm")
     offset = float(np.linalg.norm(aff_b[:3, 3] - aff_a[:3, 3]))
     if offset > GRID_ATOL_MM:
         parts.append(f"origin {offset:.4g} mm apart")
@@ -149,3 +148,12 @@ def align_to_grid(ref_shape, ref_aff: np.ndarray, data: np.ndarray, aff: np.ndar
     reoriented = f"; mask reoriented {own_codes} -> {ref_codes}" if own_codes != ref_codes else ""
     return Alignment(None, f"mask grid differs from the {what}'s (mask vs {what}, in the {what}'s axis order"
                            f"{reoriented}): " + _grid_difference(ref_shape, ref_aff, view.shape, new_aff), None)
+
+
+def save_labels(labels: np.ndarray, affine: np.ndarray, target: str | Path,
+                header: nib.Nifti1Header | None = None) -> Path:
+    """Save an (x, y, z) label map as uint8 (uint16 if needed) NIfTI atomically."""
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    img = nib.Nifti1Image(np.asfortranarray(labels, dtype=dtype), affine, header)  # NIfTI order: no reordering on save
+    img.set_data_dtype(dtype)
+    return atomic_save_nifti(img, target)

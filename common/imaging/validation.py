@@ -24,8 +24,11 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from common.core.errors import InputError
+from common.core.machine import available_memory_bytes
+from common.core.text import fmt_shape, fmt_vec
 from common.imaging.labels import GRID_ATOL_MM
-from common.imaging.volume import Volume, available_memory_bytes, is_nifti_path, load_volume
+from common.imaging.scan_paths import is_nifti_path
+from common.imaging.volume import Volume, load_volume
 
 AXES = "xyz"
 MIN_VOXELS_PER_AXIS = 2
@@ -40,14 +43,6 @@ STATS_SAMPLE_VOXELS = 2_000_000
 SPACING_MISMATCH_RTOL = 1e-3
 GIB = 1024**3
 MODALITIES = ("CT", "MR", "ANY")
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def _fmt_vec(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +75,8 @@ def check_spacing(path: str | Path | None, img: nib.Nifti1Image) -> list[str]:
                                "fix the file's sform/qform")
     warnings: list[str] = []
     if len(zooms) == 3 and not np.allclose(zooms, norms, rtol=SPACING_MISMATCH_RTOL, atol=1e-4):
-        warnings.append(f"{path}: header voxel size {_fmt_vec(zooms)} mm differs from the affine's "
-                        f"{_fmt_vec(norms)} mm; the affine is used")
+        warnings.append(f"{path}: header voxel size {fmt_vec(zooms)} mm differs from the affine's "
+                        f"{fmt_vec(norms)} mm; the affine is used")
     return warnings
 
 
@@ -128,7 +123,7 @@ def check_min_size(path: str | Path | None, shape: Sequence[int], spacing_mm: Se
     shape3 = [int(s) for s in list(shape)[:3]]
     for axis, n in zip(AXES, shape3, strict=False):
         if n < MIN_VOXELS_PER_AXIS:
-            raise InputError(path, f"scan has only {n} voxel(s) along {axis} (shape {_fmt_shape(shape)}); "
+            raise InputError(path, f"scan has only {n} voxel(s) along {axis} (shape {fmt_shape(shape)}); "
                                    f"at least {MIN_VOXELS_PER_AXIS} are needed along every axis")
     notes: list[str] = []
     if spacing_mm is not None and target_spacing_mm is not None and patch_size_xyz is not None:
@@ -136,8 +131,8 @@ def check_min_size(path: str | Path | None, shape: Sequence[int], spacing_mm: Se
         small = [a for a, m, p in zip(AXES, model_shape, patch_size_xyz, strict=True) if m < int(p)]
         if small:
             notes.append(f"{path}: scan is smaller than one model patch along {','.join(small)} "
-                         f"({_fmt_shape(model_shape)} voxels at {_fmt_vec(target_spacing_mm)} mm vs patch "
-                         f"{_fmt_shape(patch_size_xyz)}); it will be padded (fine)")
+                         f"({fmt_shape(model_shape)} voxels at {fmt_vec(target_spacing_mm)} mm vs patch "
+                         f"{fmt_shape(patch_size_xyz)}); it will be padded (fine)")
     return notes
 
 
@@ -270,13 +265,13 @@ def validate_image(img: nib.Nifti1Image, path: str | Path | None, *, modality: s
     warnings: list[str] = []
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3:
-        raise InputError(path, f"{len(shape)}D image (shape {_fmt_shape(shape)}); a 3D volume is needed")
+        raise InputError(path, f"{len(shape)}D image (shape {fmt_shape(shape)}); a 3D volume is needed")
     if len(shape) > 3:
         extra = shape[3:]
         if any(s != 1 for s in extra):
-            raise InputError(path, f"{len(shape)}D image with {int(np.prod(extra))} volumes (shape {_fmt_shape(shape)});"
+            raise InputError(path, f"{len(shape)}D image with {int(np.prod(extra))} volumes (shape {fmt_shape(shape)});"
                                    " give a single 3D volume (split the series first)")
-        warnings.append(f"{path}: {len(shape)}D image with a single volume (shape {_fmt_shape(shape)}); "
+        warnings.append(f"{path}: {len(shape)}D image with a single volume (shape {fmt_shape(shape)}); "
                         "treated as 3D")
     check_min_size(path, shape[:3])
     warnings += check_spacing(path, img)
@@ -342,8 +337,8 @@ def check_label_map_matches(scan_img: nib.Nifti1Image, label_img: nib.Nifti1Imag
     l_shape = tuple(int(s) for s in label_img.shape[:3])
     l_extra = tuple(int(s) for s in label_img.shape[3:])
     if s_shape != l_shape or any(s != 1 for s in l_extra):
-        raise InputError(label_path, f"label map shape {_fmt_shape(label_img.shape)} does not match scan {scan_path} "
-                                     f"shape {_fmt_shape(scan_img.shape)}")
+        raise InputError(label_path, f"label map shape {fmt_shape(label_img.shape)} does not match scan {scan_path} "
+                                     f"shape {fmt_shape(scan_img.shape)}")
     s_aff = np.asarray(scan_img.affine, dtype=np.float64)
     l_aff = np.asarray(label_img.affine, dtype=np.float64)
     if not np.allclose(s_aff, l_aff, atol=GRID_ATOL_MM, rtol=0):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from common.core.atomic import atomic_path
+from common.core.text import utc_now
 from common.inference.model import ModelSpec
 
 OPSET = 17
@@ -122,7 +123,6 @@ def export_and_check(spec: ModelSpec, target: str | Path, opset: int = OPSET, pr
     """Export, check with onnx.checker, compare with PyTorch on one full patch; write <target>.json beside it."""
     from common.core.atomic import atomic_write_json
     from common.core.machine import library_versions, machine_info
-    from common.records.results import utc_now
 
     target = Path(target)
     t0 = time.perf_counter()

@@ -8,8 +8,7 @@ affine and shape.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
@@ -25,21 +24,8 @@ from common.inference.preprocess import (
     to_canonical,
     to_nnunet_axes,
 )
+from common.inference.run_config import SegmentOptions
 from common.inference.sliding_window import Predict, sliding_window_labels
-
-
-@dataclass
-class SegmentOptions:
-    """Pipeline options. Defaults reproduce the official fast pipeline (TotalSegmentator 2.18)."""
-
-    resample_order: int = 1           # official since 2.16 (resampling_order=1)
-    tile_step: float = 0.8            # official for the 'total' task since 2.16 (nnU-Net's default is 0.5)
-    batch_size: int = 1               # tiles per predictor call
-    accumulate: str = "float16"       # nnU-Net 2.x accumulates logits in float16
-    resample_threads: int = 1         # threads for the two zoom steps (1 = scipy's single call)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

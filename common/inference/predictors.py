@@ -5,34 +5,15 @@ the PyTorch network sits behind the same call for parity checks and as an altern
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.inference.run_config import OrtSettings
+
 GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                 "all": "ORT_ENABLE_ALL"}
-
-
-@dataclass
-class OrtSettings:
-    """ONNX Runtime session settings; 0 threads = ONNX Runtime's default (one per physical core)."""
-
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    graph_optimization: str = "all"
-    execution_mode: str = "sequential"  # or "parallel"
-    # ONNX Runtime's memory-pattern planner pre-allocates one block for every activation of the whole
-    # network: 2.8 GB of peak for one 112x112x128 tile vs 1.6 GB without it, at the same speed (measured on
-    # 2 cores, graph optimisation disabled). The arena is what makes repeated tiles fast (without it: +25 %
-    # time). Both default to ONNX Runtime's own defaults; RunConfig.fastest_exact() turns the pattern off.
-    mem_pattern: bool = True
-    cpu_mem_arena: bool = True
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class OnnxPredictor:

@@ -1,46 +1,108 @@
-"""Run configuration (backend + session + pipeline options) and one timed scan, shared by 04, 05 and 06."""
+"""The run configuration: which backend segments a scan, its settings and the pipeline options, spelled once.
+
+``RunConfig`` (with ``OrtSettings`` and ``SegmentOptions``) is a typed pydantic model: Python code builds and
+changes it as a plain object, and a run-configuration file ("ts-bench-run-config" version 1, 05's
+optimized_config.json) is checked against the same fields when it is read. Every key of a file is optional (a
+missing one keeps the default); an unknown key is a typo and refused, and so is an invalid value, in one line:
+"'segment.tile_step' must be a number in (0, 1], not 0".
+"""
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from common.core.atomic import atomic_write_json
 from common.core.errors import InputError
-from common.imaging.official_output import official_header
-from common.imaging.validation import load_scan
-from common.imaging.volume import Volume, save_labels
-from common.inference.config_schema import CONFIG_SCHEMA, RunConfigDoc, read_config_document
-from common.inference.pipeline import SegmentOptions, SegmentResult, segment
-from common.inference.predictors import OnnxPredictor, OrtSettings, TorchPredictor
-from common.inference.torch_channels_last import BACKEND as CHANNELS_LAST
-from common.inference.torch_channels_last import ChannelsLastTorchPredictor
+from common.core.json_errors import EXPECTED, problem, where
+
+CONFIG_SCHEMA = "ts-bench-run-config"
+Backend = Literal["onnxruntime", "pytorch", "pytorch_channels_last"]  # common.inference.predictor_factory
+BACKENDS: tuple[str, ...] = get_args(Backend)
+CHANNELS_LAST: Backend = "pytorch_channels_last"  # common.inference.torch_channels_last, 06's default
 
 
-@dataclass
-class RunConfig:
+def _one_of(*values: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value not in values:
+            raise problem("value", f"must be one of {', '.join(values)}")
+        return value
+    return BeforeValidator(check)
+
+
+def _integer(low: int, high: int | None = None) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise problem("value", f"must be an integer {low}..{high}" if high is not None else
+                          f"must be an integer >= {low}")
+        return value
+    return BeforeValidator(check)
+
+
+def _fraction(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise problem("value", "must be a number in (0, 1]")
+    return value
+
+
+class _Settings(BaseModel):
+    """Typed, strict, no unknown keys; changed in place by code that tunes it (05's sweep, a cluster worker)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class OrtSettings(_Settings):
+    """ONNX Runtime session settings; 0 threads = ONNX Runtime's default (one per physical core)."""
+
+    intra_op_threads: Annotated[int, _integer(0)] = 0
+    inter_op_threads: Annotated[int, _integer(0)] = 0
+    graph_optimization: Annotated[Literal["disable", "basic", "extended", "all"],
+                                  _one_of("disable", "basic", "extended", "all")] = "all"
+    execution_mode: Annotated[Literal["sequential", "parallel"], _one_of("sequential", "parallel")] = "sequential"
+    # ONNX Runtime's memory-pattern planner pre-allocates one block for every activation of the whole
+    # network: 2.8 GB of peak for one 112x112x128 tile vs 1.6 GB without it, at the same speed (measured on
+    # 2 cores, graph optimisation disabled). The arena is what makes repeated tiles fast (without it: +25 %
+    # time). Both default to ONNX Runtime's own defaults; RunConfig.fastest_exact_onnx() turns the pattern off.
+    mem_pattern: bool = True
+    cpu_mem_arena: bool = True
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class SegmentOptions(_Settings):
+    """Pipeline options. Defaults reproduce the official fast pipeline (TotalSegmentator 2.18)."""
+
+    resample_order: Annotated[int, _integer(0, 5)] = 1      # official since 2.16 (resampling_order=1)
+    tile_step: Annotated[float, BeforeValidator(_fraction)] = 0.8  # official for 'total' since 2.16 (nnU-Net: 0.5)
+    batch_size: Annotated[int, _integer(1)] = 1              # tiles per predictor call
+    accumulate: Annotated[Literal["float16", "float32"], _one_of("float16", "float32")] = "float16"  # nnU-Net 2.x
+    resample_threads: Annotated[int, _integer(1)] = 1        # threads for the two zoom steps (1 = scipy's single call)
+
+
+class RunConfig(_Settings):
     """Everything that decides how a scan is segmented: backend, its settings, pipeline options."""
 
-    backend: str = "onnxruntime"              # or "pytorch", "pytorch_channels_last" (common.inference.config_schema.BACKENDS)
-    ort: OrtSettings = field(default_factory=OrtSettings)
-    onnx_norm: str = "precise"                # ONNX export variant: "precise" or "native" InstanceNorm
-    torch_threads: int = 0                    # 0 = torch's default (one per physical core)
-    keep_freed_memory: bool = False           # glibc keeps freed memory for reuse (common.core.heap): faster, more RSS
-    segment: SegmentOptions = field(default_factory=SegmentOptions)
     name: str = "default"
+    backend: Annotated[Backend, _one_of(*BACKENDS)] = "onnxruntime"
+    ort: OrtSettings = Field(default_factory=OrtSettings)
+    onnx_norm: Annotated[Literal["precise", "native"], _one_of("precise", "native")] = "precise"  # ONNX InstanceNorm
+    torch_threads: Annotated[int, _integer(0)] = 0     # 0 = torch's default (one per physical core)
+    keep_freed_memory: bool = False                    # glibc keeps freed memory for reuse (common.core.heap)
+    segment: SegmentOptions = Field(default_factory=SegmentOptions)
 
     @classmethod
     def fastest_exact(cls) -> RunConfig:
         """The fastest configuration with the official arithmetic known on a 2-core x86 CPU (06's and the
         console's default when no 05 result exists): nnU-Net's PyTorch network run channels-last on oneDNN
-        (common.inference.torch_channels_last) with glibc keeping freed memory (common.core.heap), faithful pipeline options.
-        Per 112x112x128 tile on 2 threads it took 3.45-3.98 s against 5.50-6.59 s for ONNX Runtime and
-        5.81 s for the plain PyTorch network (python -m common.cli.profile_tile, two runs; PERFORMANCE.md). 05
-        re-measures it on each machine."""
+        (common.inference.torch_channels_last) with glibc keeping freed memory (common.core.heap), faithful
+        pipeline options. Per 112x112x128 tile on 2 threads it took 3.45-3.98 s against 5.50-6.59 s for ONNX
+        Runtime and 5.81 s for the plain PyTorch network (python -m common.cli.profile_tile, two runs;
+        PERFORMANCE.md). 05 re-measures it on each machine."""
         return cls(backend=CHANNELS_LAST, keep_freed_memory=True,
                    name="built-in fastest exact (PyTorch channels-last on oneDNN, freed memory kept)")
 
@@ -58,16 +120,58 @@ class RunConfig:
         return self.ort.intra_op_threads if self.backend == "onnxruntime" else self.torch_threads
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": CONFIG_SCHEMA, "schema_version": 1, "name": self.name, "backend": self.backend,
-                "ort": self.ort.to_dict(), "onnx_norm": self.onnx_norm, "torch_threads": self.torch_threads,
-                "keep_freed_memory": self.keep_freed_memory, "segment": self.segment.to_dict()}
+        """The configuration as its file holds it (schema first)."""
+        return {"schema": CONFIG_SCHEMA, "schema_version": 1, **self.model_dump(mode="json")}
 
-    @classmethod
-    def from_document(cls, doc: RunConfigDoc) -> RunConfig:
-        """The configuration a checked run-configuration file (common.inference.config_schema) describes."""
-        return cls(backend=doc.backend, ort=OrtSettings(**doc.ort.model_dump()), onnx_norm=doc.onnx_norm,
-                   torch_threads=doc.torch_threads, keep_freed_memory=doc.keep_freed_memory,
-                   segment=SegmentOptions(**doc.segment.model_dump()), name=doc.name)
+
+class RunConfigFile(RunConfig):
+    """A run configuration file: the configuration plus its schema and what 05 notes about how it chose it."""
+
+    schema_name: str = Field(CONFIG_SCHEMA, alias="schema")
+    schema_version: int = 1
+    name: str = "loaded"
+    chosen_by: Any = None
+    threshold: Any = None
+    reference: Any = None
+    sweep_seconds: Any = None
+    sweep_agreement: Any = None
+
+    def config(self) -> RunConfig:
+        """The run configuration alone (05's notes and the schema left out)."""
+        return RunConfig(**{name: getattr(self, name) for name in RunConfig.model_fields})
+
+
+KNOWN_KEYS = sorted(field.alias or name for name, field in RunConfigFile.model_fields.items())
+
+
+def _message(errors: list[ErrorDetails]) -> str:
+    """The problem to report: unknown keys first (all of them), then the first invalid value."""
+    top = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
+    if top:
+        return f"unknown key(s) {', '.join(top)} (known: {', '.join(KNOWN_KEYS)})"
+    for section in ("ort", "segment"):
+        for e in errors:
+            if e["loc"] == (section,) and e["type"] == "model_type":
+                return f"'{section}' must be an object, not a JSON {type(e['input']).__name__}"
+        bad = sorted(where(e) for e in errors if e["type"] == "extra_forbidden" and e["loc"][0] == section)
+        if bad:
+            return f"unknown key(s) {', '.join(bad)}"
+    err = errors[0]
+    text = err["msg"] if err["type"] == "value" else f"must be {EXPECTED.get(err['type'], err['type'])}"
+    return f"'{where(err)}' {text}, not {err['input']!r}"
+
+
+def read_config_document(d: Any) -> RunConfigFile:
+    """``d`` (a parsed run-configuration file) checked; ValueError (one line: why not) when it is not a valid
+    configuration."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a run configuration is a JSON object, not a JSON {type(d).__name__}")
+    if d.get("schema") != CONFIG_SCHEMA or d.get("schema_version") != 1:
+        raise ValueError(f"not a {CONFIG_SCHEMA} version 1 file")
+    try:
+        return RunConfigFile.model_validate(d)
+    except ValidationError as exc:
+        raise ValueError(_message(exc.errors(include_url=False))) from None
 
 
 def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -76,7 +180,7 @@ def save_config(cfg: RunConfig, path: Path, extra: dict[str, Any] | None = None)
 
 def load_config(path: Path) -> RunConfig:
     """Read a run configuration (05's optimized_config.json or save_config's output); InputError (one line)
-    when it is unreadable, another schema, or holds an unknown key or an invalid value (common.inference.config_schema)."""
+    when it is unreadable, another schema, or holds an unknown key or an invalid value."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -85,86 +189,4 @@ def load_config(path: Path) -> RunConfig:
         doc = read_config_document(d)
     except ValueError as exc:
         raise InputError(path, f"invalid run configuration: {exc}") from None
-    return RunConfig.from_document(doc)
-
-
-def build_predictor(cfg: RunConfig, spec, onnx_path: Path | None):
-    """The predictor for ``cfg``: one ONNX Runtime session or the PyTorch network, created once.
-
-    ``onnx_path`` is the base ONNX file (precise InstanceNorm); the variant ``cfg.onnx_norm`` asks for is
-    exported beside it on first use. ``cfg.keep_freed_memory`` is applied here, to the whole process (the
-    last predictor built decides it; 05's sweep builds one per configuration).
-    """
-    from common.core.heap import set_keep_freed_memory
-
-    set_keep_freed_memory(cfg.keep_freed_memory)
-    if cfg.backend == "onnxruntime":
-        if onnx_path is None:
-            raise ValueError("the onnxruntime backend needs an ONNX file")
-        from common.inference.model_cache import ensure_onnx
-
-        return OnnxPredictor(ensure_onnx(spec, onnx_path, precise_norm=cfg.onnx_norm == "precise"), cfg.ort)
-    if cfg.backend == "pytorch":
-        return TorchPredictor(spec.build_network(), threads=cfg.torch_threads)
-    if cfg.backend == CHANNELS_LAST:
-        return ChannelsLastTorchPredictor(spec.build_network(), threads=cfg.torch_threads)
-    raise ValueError(f"unknown backend {cfg.backend!r}")
-
-
-@dataclass
-class ScanRun:
-    """One timed run of one scan: stage seconds, the segmentation and the loaded volume."""
-
-    stages: dict[str, float]
-    total_s: float
-    result: SegmentResult
-    volume: Volume
-    warnings: list[str]
-
-
-def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Path | None = None,
-             progress=None) -> ScanRun:
-    """Load + validate, segment, save the mask (atomically) — each stage timed in seconds."""
-    t0 = time.perf_counter()
-    vol, warnings = load_scan(path)
-    check_extent_for(vol, spec)
-    check_memory_for(vol, spec)
-    t1 = time.perf_counter()
-    res = segment(vol.image, spec, predictor, options, progress=progress)
-    t2 = time.perf_counter()
-    if mask_path is not None:
-        save_labels(np.asanyarray(res.labels.dataobj), vol.affine, mask_path, header=official_header(vol.image))
-    t3 = time.perf_counter()
-    stages = {"load": t1 - t0, **res.timings, "save": t3 - t2}
-    return ScanRun(stages=stages, total_s=t3 - t0, result=res, volume=vol, warnings=warnings)
-
-
-def check_extent_for(vol: Volume, spec) -> None:
-    """Refuse (InputError, one line) a scan that covers less than one model voxel (3 mm) along an axis: the
-    resampled grid would be empty (typically a header whose voxel size is in the wrong unit, e.g. 0.001 mm)."""
-    from common.imaging.validation import AXES
-
-    for axis, n, mm, target in zip(AXES, vol.shape[:3], vol.spacing[:3], spec.spacing_xyz, strict=True):
-        if n * mm < target:
-            raise InputError(vol.path, f"scan covers only {n * mm:.4g} mm along {axis} ({n} voxels of {mm:.4g} mm), "
-                                       f"less than one {target:g} mm model voxel; check the voxel size in the header")
-
-
-def check_memory_for(vol: Volume, spec) -> None:
-    """Refuse (InputError, one line) a scan whose estimated peak memory exceeds the free RAM, before the
-    pipeline allocates it, instead of being killed by the kernel half-way."""
-    from common.imaging.validation import check_memory, estimate_memory_bytes
-
-    patch_xyz = tuple(reversed([spec.patch_size[i] for i in spec.transpose_backward]))
-    est = estimate_memory_bytes(vol.shape[:3], vol.spacing[:3], spec.spacing_xyz, spec.num_classes, patch_xyz)
-    check_memory(vol.path, est)
-
-
-def labels_present(labels: np.ndarray) -> list[int]:
-    """Non-zero label ids present in a label map (names are in the result's model["labels"])."""
-    return [int(i) for i in np.flatnonzero(np.bincount(labels.ravel().astype(np.int64))) if i != 0]
-
-
-def mask_path_for(out_dir: Path, scan_id: str) -> Path:
-    """The mask of the scan whose batch id is ``scan_id`` (common.imaging.discovery)."""
-    return Path(out_dir) / f"{scan_id}_seg.nii.gz"
+    return doc.config()

@@ -25,142 +25,191 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-BACKEND = "pytorch_channels_last"
+from common.inference.run_config import CHANNELS_LAST
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+BACKEND = CHANNELS_LAST  # the name of this backend in a run configuration
+
+# The three replacement modules are torch.nn.Module subclasses, but this file must import without importing
+# torch. So their code lives in the module-level classes below (no torch base), and ``_modules()`` builds
+# the actual classes ``_SampleNorm``, ``_OneDnnConv`` and ``_ClassMajorHead`` once, on first use, by putting
+# each of them in front of ``nn.Module``; torch is imported inside the methods (a dict look-up once loaded).
+
+
+class _SampleNormCode:
+    """InstanceNorm3d(affine) of each sample of a channels-last tensor, statistics as torch computes them,
+    optionally followed by the block's LeakyReLU (``slope``) and done in place (``inplace``).
+
+    torch's instance norm (the official arithmetic) sums each channel in float64 on contiguous tensors;
+    its channels-last batch norm sums 1.6 M values per channel in float32, which moved full-resolution
+    outputs by up to 0.08 and flipped 2 % of a real CT's labels. Here the statistics are float32
+    partial sums along the fastest spatial axis (<= 128 values each), added up in float64: mean first,
+    then the centred sum of squares, a few planes at a time; the normalisation itself is torch's
+    channels-last batch norm in inference form with those statistics (no layout copy). In place, it runs
+    a few planes at a time with the LeakyReLU right after on the same planes, while they are in cache:
+    the same kernels on the same values as the whole-tensor calls (bit-identical), one pass over memory
+    fewer (0.075 s instead of 0.13 s per 32 x 112 x 112 x 128 tensor on 2 threads).
+    """
+
+    BLOCK = 1 << 21  # elements per step of the centred pass and of the in-place normalisation (8 MB)
+
+    def __init__(self, norm: nn.InstanceNorm3d, slope: float | None = None, inplace: bool = False):
+        super().__init__()  # nn.Module.__init__ (the next class in _SampleNorm's MRO)
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.slope, self.inplace = slope, inplace
+
+    def _planes(self, v: torch.Tensor) -> int:
+        """First-axis planes of a (D, H, W, C) view per block of about BLOCK elements."""
+        return max(1, self.BLOCK // max(1, v[0].numel()))
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, biased variance) per channel of one sample (1, C, D, H, W), float64."""
+        import torch
+
+        v = x[0].permute(1, 2, 3, 0)  # (D, H, W, C): a view of channels-last memory
+        count = v.shape[0] * v.shape[1] * v.shape[2]
+        mean = v.sum(2).to(torch.float64).sum((0, 1)) / count
+        centre = mean.to(torch.float32)
+        squares = torch.zeros_like(mean)
+        step = self._planes(v)
+        dev = torch.empty((min(step, v.shape[0]), *v.shape[1:]), dtype=x.dtype)
+        for d in range(0, v.shape[0], step):
+            block = v[d:d + step]
+            part = dev[:block.shape[0]]
+            torch.sub(block, centre, out=part)
+            part.mul_(part)
+            squares += part.sum(2).to(torch.float64).sum((0, 1))
+        return mean, squares / count
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        """One sample (1, C, D, H, W): normalised (and activated), in place or as a new tensor."""
+        import torch
+        import torch.nn.functional as F
+
+        mean, var = (s.to(x.dtype) for s in self._stats(x))
+        if not self.inplace:
+            out = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+            return out if self.slope is None else F.leaky_relu_(out, self.slope)
+        step = self._planes(x[0].permute(1, 2, 3, 0))
+        unused = torch.empty(0), torch.empty(0)  # the out variant's saved statistics (training only)
+        for d in range(0, x.shape[2], step):
+            block = x[:, :, d:d + step]  # planes of channels-last memory: contiguous
+            # the batch-norm kernel of F.batch_norm, written over its input (elementwise, so in place is safe)
+            torch.ops.aten.native_batch_norm.out(block, self.weight, self.bias, mean, var, False, 0.0, self.eps,
+                                                 out=block, save_mean=unused[0], save_invstd=unused[1])
+            if self.slope is not None:
+                F.leaky_relu_(block, self.slope)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, D, H, W) channels-last, sample by sample; in place returns ``x`` itself."""
+        import torch
+
+        if x.shape[0] == 1:
+            return self._one(x)
+        if self.inplace:
+            for i in range(x.shape[0]):
+                self._one(x[i:i + 1])
+            return x
+        return torch.cat([self._one(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+class _OneDnnConvCode:
+    """A Conv3d run by oneDNN with a channels-last weight, so that its output is channels-last."""
+
+    def __init__(self, conv: nn.Conv3d):
+        import torch
+        from torch import nn
+
+        super().__init__()  # nn.Module.__init__ (the next class in _OneDnnConv's MRO)
+        self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last_3d),
+                                   requires_grad=False)
+        self.bias = conv.bias
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *self.args)
+
+
+class _ClassMajorHeadCode:
+    """A 1x1x1 Conv3d (C -> K) as one GEMM per sample: (K, C) @ (C, D*H*W), written (N, K, D, H, W).
+
+    With ``emit_features`` set, it passes its input through instead (the network's last features), so
+    that the caller can apply the head region by region (``region``)."""
+
+    def __init__(self, conv: nn.Conv3d):
+        import torch
+
+        super().__init__()  # nn.Module.__init__ (the next class in _ClassMajorHead's MRO)
+        k, c = conv.weight.shape[:2]
+        self.weight = conv.weight.detach().reshape(k, c)
+        self.bias = (conv.bias.detach() if conv.bias is not None else torch.zeros(k)).reshape(k, 1)
+        self.emit_features = False
+
+    def region(self, features: torch.Tensor, where: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (K, *region) float32 of one sample's features (C, D, H, W) channels-last, over the
+        spatial slices ``where``; written into ``out`` (at least K x voxels elements) when given."""
+        import torch
+
+        rows = features.permute(1, 2, 3, 0)[where]  # (d, h, w, C): a view of channels-last memory
+        spatial, c = rows.shape[:3], rows.shape[3]
+        n = spatial[0] * spatial[1] * spatial[2]
+        k = self.weight.shape[0]
+        out = torch.empty(k * n, dtype=features.dtype) if out is None else out.view(-1)[:k * n]
+        torch.addmm(self.bias, self.weight, rows.reshape(n, c).T, out=out.view(k, n))
+        return out.view(k, *spatial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (N, C, D, H, W) -> logits (N, K, D, H, W) contiguous, or ``x`` with ``emit_features``."""
+        import torch
+
+        if self.emit_features:
+            return x
+        n, c, *spatial = x.shape
+        out = torch.empty((n, self.weight.shape[0], *spatial), dtype=x.dtype)
+        for i in range(n):
+            self.region(x[i], (slice(None),) * 3, out=out[i])
+        return out
+
+
+class _ModuleClasses(NamedTuple):
+    """The torch.nn.Module classes built by ``_modules()``, by name."""
+
+    SampleNorm: type
+    OneDnnConv: type
+    ClassMajorHead: type
 
 
 @functools.cache
-def _modules():
+def _modules() -> _ModuleClasses:
     """torch.nn module classes, built once on first use so that importing this file does not import torch."""
-    import torch
-    import torch.nn.functional as F
     from torch import nn
 
-    class _SampleNorm(nn.Module):
-        """InstanceNorm3d(affine) of each sample of a channels-last tensor, statistics as torch computes them,
-        optionally followed by the block's LeakyReLU (``slope``) and done in place (``inplace``).
+    class _SampleNorm(_SampleNormCode, nn.Module):
+        __doc__ = _SampleNormCode.__doc__
 
-        torch's instance norm (the official arithmetic) sums each channel in float64 on contiguous tensors;
-        its channels-last batch norm sums 1.6 M values per channel in float32, which moved full-resolution
-        outputs by up to 0.08 and flipped 2 % of a real CT's labels. Here the statistics are float32
-        partial sums along the fastest spatial axis (<= 128 values each), added up in float64: mean first,
-        then the centred sum of squares, a few planes at a time; the normalisation itself is torch's
-        channels-last batch norm in inference form with those statistics (no layout copy). In place, it runs
-        a few planes at a time with the LeakyReLU right after on the same planes, while they are in cache:
-        the same kernels on the same values as the whole-tensor calls (bit-identical), one pass over memory
-        fewer (0.075 s instead of 0.13 s per 32 x 112 x 112 x 128 tensor on 2 threads).
-        """
+    class _OneDnnConv(_OneDnnConvCode, nn.Module):
+        __doc__ = _OneDnnConvCode.__doc__
 
-        BLOCK = 1 << 21  # elements per step of the centred pass and of the in-place normalisation (8 MB)
+    class _ClassMajorHead(_ClassMajorHeadCode, nn.Module):
+        __doc__ = _ClassMajorHeadCode.__doc__
 
-        def __init__(self, norm: nn.InstanceNorm3d, slope: float | None = None, inplace: bool = False):
-            super().__init__()
-            self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
-            self.slope, self.inplace = slope, inplace
-
-        def _planes(self, v) -> int:
-            """First-axis planes of a (D, H, W, C) view per block of about BLOCK elements."""
-            return max(1, self.BLOCK // max(1, v[0].numel()))
-
-        def _stats(self, x):
-            """(mean, biased variance) per channel of one sample (1, C, D, H, W), float64."""
-            v = x[0].permute(1, 2, 3, 0)  # (D, H, W, C): a view of channels-last memory
-            count = v.shape[0] * v.shape[1] * v.shape[2]
-            mean = v.sum(2).to(torch.float64).sum((0, 1)) / count
-            centre = mean.to(torch.float32)
-            squares = torch.zeros_like(mean)
-            step = self._planes(v)
-            dev = torch.empty((min(step, v.shape[0]), *v.shape[1:]), dtype=x.dtype)
-            for d in range(0, v.shape[0], step):
-                block = v[d:d + step]
-                part = dev[:block.shape[0]]
-                torch.sub(block, centre, out=part)
-                part.mul_(part)
-                squares += part.sum(2).to(torch.float64).sum((0, 1))
-            return mean, squares / count
-
-        def _one(self, x):
-            """One sample (1, C, D, H, W): normalised (and activated), in place or as a new tensor."""
-            mean, var = (s.to(x.dtype) for s in self._stats(x))
-            if not self.inplace:
-                out = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-                return out if self.slope is None else F.leaky_relu_(out, self.slope)
-            step = self._planes(x[0].permute(1, 2, 3, 0))
-            unused = torch.empty(0), torch.empty(0)  # the out variant's saved statistics (training only)
-            for d in range(0, x.shape[2], step):
-                block = x[:, :, d:d + step]  # planes of channels-last memory: contiguous
-                # the batch-norm kernel of F.batch_norm, written over its input (elementwise, so in place is safe)
-                torch.ops.aten.native_batch_norm.out(block, self.weight, self.bias, mean, var, False, 0.0, self.eps,
-                                                     out=block, save_mean=unused[0], save_invstd=unused[1])
-                if self.slope is not None:
-                    F.leaky_relu_(block, self.slope)
-            return x
-
-        def forward(self, x):
-            if x.shape[0] == 1:
-                return self._one(x)
-            if self.inplace:
-                for i in range(x.shape[0]):
-                    self._one(x[i:i + 1])
-                return x
-            return torch.cat([self._one(x[i:i + 1]) for i in range(x.shape[0])])
-
-    class _OneDnnConv(nn.Module):
-        """A Conv3d run by oneDNN with a channels-last weight, so that its output is channels-last."""
-
-        def __init__(self, conv: nn.Conv3d):
-            super().__init__()
-            self.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last_3d),
-                                       requires_grad=False)
-            self.bias = conv.bias
-            self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-
-        def forward(self, x):
-            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *self.args)
-
-    class _ClassMajorHead(nn.Module):
-        """A 1x1x1 Conv3d (C -> K) as one GEMM per sample: (K, C) @ (C, D*H*W), written (N, K, D, H, W).
-
-        With ``emit_features`` set, it passes its input through instead (the network's last features), so
-        that the caller can apply the head region by region (``region``)."""
-
-        def __init__(self, conv: nn.Conv3d):
-            super().__init__()
-            k, c = conv.weight.shape[:2]
-            self.weight = conv.weight.detach().reshape(k, c)
-            self.bias = (conv.bias.detach() if conv.bias is not None else torch.zeros(k)).reshape(k, 1)
-            self.emit_features = False
-
-        def region(self, features, where: tuple, out=None):
-            """Logits (K, *region) float32 of one sample's features (C, D, H, W) channels-last, over the
-            spatial slices ``where``; written into ``out`` (at least K x voxels elements) when given."""
-            rows = features.permute(1, 2, 3, 0)[where]  # (d, h, w, C): a view of channels-last memory
-            spatial, c = rows.shape[:3], rows.shape[3]
-            n = spatial[0] * spatial[1] * spatial[2]
-            k = self.weight.shape[0]
-            out = torch.empty(k * n, dtype=features.dtype) if out is None else out.view(-1)[:k * n]
-            torch.addmm(self.bias, self.weight, rows.reshape(n, c).T, out=out.view(k, n))
-            return out.view(k, *spatial)
-
-        def forward(self, x):
-            if self.emit_features:
-                return x
-            n, c, *spatial = x.shape
-            out = torch.empty((n, self.weight.shape[0], *spatial), dtype=x.dtype)
-            for i in range(n):
-                self.region(x[i], (slice(None),) * 3, out=out[i])
-            return out
-
-    return torch, nn, _SampleNorm, _OneDnnConv, _ClassMajorHead
+    return _ModuleClasses(SampleNorm=_SampleNorm, OneDnnConv=_OneDnnConv, ClassMajorHead=_ClassMajorHead)
 
 
 def sample_norm(norm, slope: float | None = None, inplace: bool = False):
     """The channels-last replacement of one affine ``nn.InstanceNorm3d`` (its parameters shared, not copied);
     with ``slope``, the LeakyReLU that follows it is applied too; ``inplace`` overwrites its input."""
-    return _modules()[2](norm, slope, inplace)
+    return _modules().SampleNorm(norm, slope, inplace)
 
 
 def channels_last_network(network):
@@ -169,7 +218,11 @@ def channels_last_network(network):
     Input: float32 (N, 1, *patch) in nnU-Net's axis order; output: float32 (N, K, *patch) logits, contiguous.
     Raises ValueError for a network that is not the plain conv U-Net this was written for.
     """
-    torch, nn, sample_norm, onednn_conv, class_major_head = _modules()
+    import torch
+    from torch import nn
+
+    modules = _modules()
+    sample_norm, onednn_conv, class_major_head = modules.SampleNorm, modules.OneDnnConv, modules.ClassMajorHead
     net = copy.deepcopy(network).eval()
     blocks = [m for m in net.modules() if hasattr(m, "all_modules") and hasattr(m, "conv")]
     heads = getattr(getattr(net, "decoder", None), "seg_layers", None)

@@ -27,17 +27,15 @@ measured, see common.core.peak_memory: "vmhwm_reset", "ru_maxrss_lifetime" or, f
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.core.atomic import atomic_write_json
 from common.core.errors import InputError
-from common.core.errors import one_line as _collapse
 from common.core.machine import library_versions, machine_info
-from common.imaging.volume import scan_id as _scan_id
+from common.core.text import one_line, utc_now
+from common.imaging.scan_paths import scan_id as _scan_id
 from common.records.metrics import latency_stats
 from common.records.result_schema import (
     SCHEMA_NAME,
@@ -50,17 +48,6 @@ from common.records.result_schema import (
 )
 
 MAX_ERROR_CHARS = 500
-
-
-def utc_now() -> str:
-    """Current time, ISO-8601 UTC to the second, e.g. "2025-01-01T12:00:00Z"."""
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def one_line(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
-    """``text`` collapsed to one line of at most ``limit`` characters."""
-    line = _collapse(text)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -191,7 +178,7 @@ def mark_failed(record: dict, error: str | BaseException) -> dict:
     elif isinstance(error, BaseException):
         error = f"{type(error).__name__}: {error}"
     record["status"] = "failed"
-    record["error"] = one_line(error) or "failed"
+    record["error"] = one_line(error, MAX_ERROR_CHARS) or "failed"
     return record
 
 

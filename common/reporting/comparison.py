@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common.core.machine import library_versions
+from common.core.text import utc_now
 from common.imaging.mask_io import LabelMap, MaskCache, align_to_grid, find_ground_truth, resolve_mask
 from common.inference.tile_count import TILE_BANDS, task297_geometry, tile_band, tiles_for_geometry
 from common.records.metrics import (
@@ -28,7 +29,7 @@ from common.records.metrics import (
     quantiles,
     voxel_agreement,
 )
-from common.records.results import STAGES, scan_voxels, summarize, utc_now
+from common.records.results import STAGES, scan_voxels, summarize
 from common.reporting.comparison_doc import (
     STANDIN_WARNING,
     ComparisonDoc,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from common.core.atomic import atomic_write_json, atomic_write_text
 from common.core.errors import InputError
-from common.records.results import one_line
+from common.core.text import one_line
+from common.records.results import MAX_ERROR_CHARS
 from common.reporting.comparison import compare
 from common.reporting.comparison_doc import ComparisonDoc
 from common.reporting.comparison_inputs import REFERENCE_METHOD, choose_reference, load_entries
@@ -76,5 +77,5 @@ def run_comparison(result_paths: Sequence[str | Path], out_dir: str | Path, *, r
     for e in entries:
         for rec in e.result["scans"]:
             if rec["status"] != "ok":
-                notes.append(f"{e.label}: {rec['scan_id']} failed: {one_line(rec.get('error') or '')}")
+                notes.append(f"{e.label}: {rec['scan_id']} failed: {one_line(rec.get('error') or '', MAX_ERROR_CHARS)}")
     return write_report(compare(entries, ref, gt_dir, notes), out_dir)

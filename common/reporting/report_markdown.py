@@ -9,7 +9,7 @@ from typing import Any
 
 from common.records.metrics import DICE_BUCKETS
 from common.records.results import STAGES
-from common.reporting.comparison_doc import STANDIN_WARNING, ComparisonDoc
+from common.reporting.comparison_doc import STANDIN_WARNING, ComparisonDoc, Row
 
 
 def fmt_s(x: float | None) -> str:
@@ -70,6 +70,16 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | 
 
 def render_markdown(doc: ComparisonDoc) -> str:
     """The Markdown report of a comparison document (first line: the stand-in warning when it applies)."""
+    out = _warning_lines(doc) + _title_lines(doc)
+    for section in (_inputs_section, _summary_section, _per_scan_section, render_size_and_memory,
+                    _stage_times_section, _ground_truth_section, _plots_section, _notes_section):
+        out += section(doc)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _warning_lines(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines: the stand-in warning and the document's other warnings as one block quote, then a blank
+    line; no lines when there is nothing to warn about."""
     out: list[str] = []
     if doc.models.standin:
         out += [STANDIN_WARNING, ">"]
@@ -78,23 +88,36 @@ def render_markdown(doc: ComparisonDoc) -> str:
             out += [f"> **{w}**", ">"]
     if out:
         out[-1] = ""
+    return out
+
+
+def _title_lines(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines: the title, what generated the document and its reference, and the reference machine."""
     ref = doc.reference
-    out += ["# TotalSegmentator fast model: vanilla vs optimized", "",
-            f"Generated {doc.created} by 07_compare_vanilla_vs_optimized.py. "
-            f"Reference: **{ref.label}** (`{ref.file}`). Speedup = reference median latency / method median "
-            "latency on the same scan; voxel agreement and Dice compare each method's mask with the reference's.", ""]
+    out = ["# TotalSegmentator fast model: vanilla vs optimized", "",
+           f"Generated {doc.created} by 07_compare_vanilla_vs_optimized.py. "
+           f"Reference: **{ref.label}** (`{ref.file}`). Speedup = reference median latency / method median "
+           "latency on the same scan; voxel agreement and Dice compare each method's mask with the reference's.", ""]
     m0 = doc.machine
     out += [f"Machine (reference run): {m0.get('cpu_model')}, {m0.get('usable_cores')} usable of "
             f"{m0.get('logical_cores')} logical cores, {m0.get('ram_gib')} GiB RAM, {m0.get('os')}.", ""]
+    return out
 
-    out += ["## Inputs", ""]
+
+def _inputs_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Inputs": one row per results file compared."""
+    out = ["## Inputs", ""]
     out.append(md_table(
         ["Method", "Script", "File", "Model", "Weights", "sha256", "Created"],
         [[i.label, i.script, f"`{i.file}`", i.model["name"], i.model["weights"],
           (str(i.model["sha256"])[:12] if i.model["sha256"] else "—"), i.created] for i in doc.inputs]))
     out.append("")
+    return out
 
-    out += ["## Summary per method", ""]
+
+def _summary_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Summary per method": latency (s), throughput, speedup, agreement (%), Dice."""
+    out = ["## Summary per method", ""]
     rows = []
     for label, m in doc.methods.items():
         lat = m.latency
@@ -119,66 +142,91 @@ def render_markdown(doc: ComparisonDoc) -> str:
             "Speedup (total time) = sum of the reference's median totals / sum of the method's, over the scans both "
             "ran. Mean Dice averages the per-scan mean over classes present in either mask; the buckets count "
             "(scan, class) pairs.", ""]
+    return out
 
-    out += ["## Per scan", ""]
-    rows = []
-    for r in doc.rows:
-        lat = "failed" if r.status != "ok" else (
-            f"{fmt_s(r.median_total_s)} [{fmt_s(r.min_total_s)}–{fmt_s(r.max_total_s)}]"
-            if r.median_total_s is not None else "—")
-        if r.is_reference:
-            agree, dice, missing = "(reference)", "(reference)", "—"
-        else:
-            agree, dice = fmt_pct(r.voxel_agreement), fmt_dice(r.mean_dice)
-            missing = "—" if r.missing is None else (
-                f"missing: {_names_cell(r.missing)}; extra: {_names_cell(r.extra)}")
-            if r.pair_error and r.voxel_agreement is None:
-                agree = dice = "n/a"
-        classes = f"{'—' if r.n_classes_ref is None else r.n_classes_ref} / " \
-                  f"{'—' if r.n_classes is None else r.n_classes}"
-        rows.append([r.scan_id, r.method, lat, fmt_speedup(r.speedup), agree, dice, classes, missing])
+
+def _per_scan_row(r: Row) -> list[str]:
+    """One row of the per-scan table for one (scan, method) row of the document: latency in s, agreement in %."""
+    lat = "failed" if r.status != "ok" else (
+        f"{fmt_s(r.median_total_s)} [{fmt_s(r.min_total_s)}–{fmt_s(r.max_total_s)}]"
+        if r.median_total_s is not None else "—")
+    if r.is_reference:
+        agree, dice, missing = "(reference)", "(reference)", "—"
+    else:
+        agree, dice = fmt_pct(r.voxel_agreement), fmt_dice(r.mean_dice)
+        missing = "—" if r.missing is None else (
+            f"missing: {_names_cell(r.missing)}; extra: {_names_cell(r.extra)}")
+        if r.pair_error and r.voxel_agreement is None:
+            agree = dice = "n/a"
+    classes = f"{'—' if r.n_classes_ref is None else r.n_classes_ref} / " \
+              f"{'—' if r.n_classes is None else r.n_classes}"
+    return [r.scan_id, r.method, lat, fmt_speedup(r.speedup), agree, dice, classes, missing]
+
+
+def _per_scan_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Per scan": one row per (scan, method), see ``_per_scan_row``."""
+    out = ["## Per scan", ""]
+    rows = [_per_scan_row(r) for r in doc.rows]
     out.append(md_table(["Scan", "Method", "Median latency (s) [min–max]", "Speedup vs ref", "Voxel agreement %",
                          "Mean Dice", "Classes ref / method", "Missing / extra"], rows, "llrrrrcl"))
     out.append("")
+    return out
 
-    out += render_size_and_memory(doc)
 
+def _stage_times_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Stage times" (s) for the stages any method recorded; none when no method did."""
     present = [s for s in STAGES if any(s in m.stages_mean_s for m in doc.methods.values())]
-    if present:
-        out += ["## Stage times (s, mean over scans of the per-scan medians)", ""]
-        rows = [[label] + [fmt_s(m.stages_mean_s.get(s)) for s in present] + [fmt_s(m.total_mean_s)]
-                for label, m in doc.methods.items()]
-        out.append(md_table(["Method", *present, "total"], rows, "l" + "r" * (len(present) + 1)))
-        out.append("")
+    if not present:
+        return []
+    out = ["## Stage times (s, mean over scans of the per-scan medians)", ""]
+    rows = [[label] + [fmt_s(m.stages_mean_s.get(s)) for s in present] + [fmt_s(m.total_mean_s)]
+            for label, m in doc.methods.items()]
+    out.append(md_table(["Method", *present, "total"], rows, "l" + "r" * (len(present) + 1)))
+    out.append("")
+    return out
 
-    if doc.ground_truth is not None:
-        gt = doc.ground_truth
-        out += ["## Dice vs ground truth", ""]
-        if doc.models.standin:
-            out += ["Stand-in weights: these numbers measure nothing anatomical.", ""]
-        out.append(f"Ground truth from `{gt.dir}`: {len(gt.found)} scan(s) found"
-                   + (f", missing for {', '.join(gt.missing)}" if gt.missing else "") + ".")
-        out.append("")
-        rows = []
-        for label, m in doc.methods.items():
-            g = m.ground_truth
-            q = (g.gt_dice_quantiles if g else None) or {}
-            rows.append([label, g.n_gt_dice if g else 0, *(fmt_dice(q.get(k)) for k in ("p10", "p25", "p50", "p75", "p90")),
-                         fmt_dice(g.gt_mean_dice if g else None)])
-        out.append(md_table(["Method", "(scan, class) pairs", "p10", "p25", "p50", "p75", "p90", "mean"], rows,
-                            "lrrrrrrr"))
-        out.append("")
 
-    if doc.plots:
-        out += ["## Plots", ""]
-        for key, name in doc.plots.items():
-            out += [f"![{key}]({name})", ""]
+def _ground_truth_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Dice vs ground truth" (quantiles of Dice 0..1 per method); none without ground truth."""
+    if doc.ground_truth is None:
+        return []
+    gt = doc.ground_truth
+    out = ["## Dice vs ground truth", ""]
+    if doc.models.standin:
+        out += ["Stand-in weights: these numbers measure nothing anatomical.", ""]
+    out.append(f"Ground truth from `{gt.dir}`: {len(gt.found)} scan(s) found"
+               + (f", missing for {', '.join(gt.missing)}" if gt.missing else "") + ".")
+    out.append("")
+    rows = []
+    for label, m in doc.methods.items():
+        g = m.ground_truth
+        q = (g.gt_dice_quantiles if g else None) or {}
+        rows.append([label, g.n_gt_dice if g else 0, *(fmt_dice(q.get(k)) for k in ("p10", "p25", "p50", "p75", "p90")),
+                     fmt_dice(g.gt_mean_dice if g else None)])
+    out.append(md_table(["Method", "(scan, class) pairs", "p10", "p25", "p50", "p75", "p90", "mean"], rows,
+                        "lrrrrrrr"))
+    out.append("")
+    return out
 
-    if doc.notes:
-        out += ["## Notes", ""]
-        out += [f"- {_esc(n)}" for n in doc.notes]
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+
+def _plots_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Plots": one image link per plot file; none without plots."""
+    if not doc.plots:
+        return []
+    out = ["## Plots", ""]
+    for key, name in doc.plots.items():
+        out += [f"![{key}]({name})", ""]
+    return out
+
+
+def _notes_section(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines of "## Notes": one bullet per note; none without notes."""
+    if not doc.notes:
+        return []
+    out = ["## Notes", ""]
+    out += [f"- {_esc(n)}" for n in doc.notes]
+    out.append("")
+    return out
 
 
 def render_size_and_memory(doc: ComparisonDoc) -> list[str]:

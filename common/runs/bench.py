@@ -40,7 +40,7 @@ def benchmark_scan(scan: Path, run: RunFn, mask_path: Path, repeats: int, warmup
 
     Returns a scan record of the shared result schema (status 'failed' with a one-line error on failure).
     """
-    from common.inference.run_config import labels_present
+    from common.runs.scan_run import labels_present
 
     record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=scan_id)
     try:
@@ -77,7 +77,7 @@ def benchmark_scans(batch: Batch, run: RunFn, out_dir: Path, repeats: int, warmu
                     desc: str = "benchmark", recorder: BatchRecorder | None = None) -> list[dict]:
     """Benchmark every scan of ``batch`` (masks named by its unique ids in ``out_dir``); each finished record
     goes to ``recorder`` (written at once) when given. Returns the records."""
-    from common.inference.run_config import mask_path_for
+    from common.runs.scan_run import mask_path_for
 
     records = []
     bar = tqdm(batch.scans, desc=desc, unit="scan")
@@ -119,10 +119,10 @@ def run_benchmark_batch(result: dict, batch: Batch, run: RunFn, args, desc: str)
 
 
 def segment_runner(spec, predictor, options) -> RunFn:
-    """RunFn for our pipeline: load + validate, segment, save (stage-timed by common.inference.run_config.run_scan)."""
+    """RunFn for our pipeline: load + validate, segment, save (stage-timed by common.runs.scan_run.run_scan)."""
     import numpy as np
 
-    from common.inference.run_config import run_scan
+    from common.runs.scan_run import run_scan
 
     def run(scan: Path, mask_path: Path | None):
         r = run_scan(scan, spec, predictor, options, mask_path=mask_path)

@@ -17,7 +17,6 @@ folder; the client assembles the result JSON. Nothing here decides what a task d
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
@@ -66,9 +65,9 @@ class PredictorPlugin(WorkerPlugin):
         self.lock = None
 
     def setup(self, worker) -> None:
-        from common.cli.args import setup_console
+        from common.core.streams import setup_console
         from common.inference.model_cache import prepare_model
-        from common.inference.run_config import build_predictor
+        from common.inference.predictor_factory import build_predictor
 
         setup_console()  # a worker process prints too: same non-UTF-8 console safety as the scripts
         t0 = time.perf_counter()
@@ -100,6 +99,16 @@ def run_on_worker(fn: Callable, scan_id: str, *args: Any) -> tuple[Any, dict]:
         out = fn(*args, plugin.spec, plugin.predictor, plugin.cfg)
         return out, {"worker": worker.address, "host": socket.gethostname(), "pid": os.getpid(),
                      "seconds": time.perf_counter() - t0}
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where a batch runs: a running scheduler (``scheduler``: its address, tcp://host:8786, or its scheduler
+    file), or a LocalCluster started here of ``workers`` processes x ``threads`` (default: cores // workers)."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -152,7 +161,7 @@ class ClusterRun:
 
 
 @contextmanager
-def open_client(args: argparse.Namespace, recipe: ModelRecipe, log: Callable[[str], None]) -> Iterator[ClusterRun]:
+def open_client(target: ClusterTarget, recipe: ModelRecipe, log: Callable[[str], None]) -> Iterator[ClusterRun]:
     """A Dask client with the predictor plugin registered on every worker (and on workers that join later).
     Raises RuntimeError (one line) when the scheduler cannot be reached or a worker cannot build its model."""
     import dask
@@ -162,23 +171,22 @@ def open_client(args: argparse.Namespace, recipe: ModelRecipe, log: Callable[[st
     t0 = time.perf_counter()
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         try:
-            if args.workers:
-                threads = args.threads or max(1, usable_cores() // args.workers)
+            if target.workers:
+                threads = target.threads or max(1, usable_cores() // target.workers)
                 cluster = _within(START_TIMEOUT_S, "start the local Dask cluster", LocalCluster,
-                                  n_workers=args.workers, threads_per_worker=threads, processes=True,
+                                  n_workers=target.workers, threads_per_worker=threads, processes=True,
                                   dashboard_address=":0", silence_logs=logging.ERROR)
                 client = Client(cluster, timeout=CONNECT_TIMEOUT_S)
                 kind = "local"
             else:
-                target = args.scheduler
-                is_file = Path(target).is_file()
-                client = Client(scheduler_file=target, timeout=CONNECT_TIMEOUT_S) if is_file else \
-                    Client(target, timeout=CONNECT_TIMEOUT_S)
+                is_file = Path(target.scheduler).is_file()
+                client = Client(scheduler_file=target.scheduler, timeout=CONNECT_TIMEOUT_S) if is_file else \
+                    Client(target.scheduler, timeout=CONNECT_TIMEOUT_S)
                 kind = "scheduler"
         except (OSError, TimeoutError, ValueError) as exc:
             if cluster is not None:
                 cluster.close(timeout=CLOSE_TIMEOUT_S)
-            where = f"--scheduler {args.scheduler}" if args.scheduler else f"--workers {args.workers}"
+            where = f"--scheduler {target.scheduler}" if target.scheduler else f"--workers {target.workers}"
             raise RuntimeError(f"{where}: cannot start or reach the Dask cluster ({type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:200]})") from exc
     try:

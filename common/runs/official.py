@@ -31,6 +31,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from common.core.paths import PROJECT_ROOT
 from common.inference.weights import TRAINER
 
 STARTUP_TIMEOUT_S = 300.0
@@ -108,7 +109,7 @@ class OfficialRunner:
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
-        root = Path(__file__).resolve().parents[1]
+        root = PROJECT_ROOT
         env = {**os.environ, "TOTALSEG_HOME_DIR": str(self.home), "TOTALSEG_WEIGHTS_PATH": str(self.weights_root),
                "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                "PYTHONUNBUFFERED": "1"}

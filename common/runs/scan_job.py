@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ UP_TO_DATE = "up to date: same input content, weights and configuration (--force
 
 def outputs_for(out_dir: Path, scan_id: str) -> tuple[Path, Path]:
     """(mask path, passport path) of ``scan_id`` in ``out_dir``."""
-    from common.inference.run_config import mask_path_for
+    from common.runs.scan_run import mask_path_for
 
     return mask_path_for(out_dir, scan_id), out_dir / f"{scan_id}_passport.json"
 
@@ -83,83 +84,33 @@ def segment_and_passport(scan: Path, scan_id: str, opts: JobOptions, spec, predi
         return outcome
 
 
-def _segment_locked(scan: Path, scan_id: str, opts: JobOptions, spec, predictor, cfg) -> JobOutcome:
-    import numpy as np
+class _ScanFiles(NamedTuple):
+    """One scan's outputs in ``opts.out``: label map, passport and run record (the resume key, written last)."""
 
-    from common.core.atomic import remove_stale_temp_files
+    mask: Path
+    passport: Path
+    run: Path
+
+
+def _segment_locked(scan: Path, scan_id: str, opts: JobOptions, spec, predictor, cfg) -> JobOutcome:
+    """The work on one scan while its lock is held: leftovers of interrupted writes removed, the resume check,
+    then segmentation, passport and outputs; a bad scan is recorded as failed, not raised."""
     from common.core.errors import InputError
-    from common.core.peak_memory import track_peak_rss
-    from common.imaging.official_output import official_header
-    from common.imaging.volume import save_labels
-    from common.inference.run_config import labels_present, run_scan
     from common.records import resume
-    from common.records.passport import build_passport, save_passport, scan_metadata
-    from common.records.results import add_repeat, finalize_scan, mark_failed, new_scan_record
+    from common.records.results import finalize_scan, mark_failed, new_scan_record
 
     outcome = JobOutcome()
     mask_path, passport_path = outputs_for(opts.out, scan_id)
-    run_path = resume.sidecar_path(opts.out, scan_id)
-    for target in (mask_path, passport_path, run_path):  # a process killed mid-write (we hold the lock now)
-        for stale in remove_stale_temp_files(target):
-            outcome.messages.append(f"removed {stale.name}: left by an interrupted write of {target.name}")
-    outputs = [mask_path] if opts.no_passport else [mask_path, passport_path]
-    try:  # hashed before loading: a file changed meanwhile leaves a key that no longer matches
-        key = resume.run_key(resume.input_digest(scan), spec.checkpoint_sha256, opts.key_config)
-    except OSError:
-        key = None  # unreadable input: the scan fails below with its own error
-    if not any(p.exists() for p in (mask_path, passport_path, run_path)):
-        reasons = []  # first run for this scan
-    elif opts.force:
-        reasons = ["--force"]
-    elif key is None:
-        reasons = ["input could not be hashed"]
-    else:
-        reasons = resume.recompute_reasons(run_path, key, outputs)
-        if not reasons:
-            outcome.skipped = UP_TO_DATE
-            return outcome
-        outcome.messages.append(f"recomputing {scan_id}: {'; '.join(reasons)}")
+    files = _ScanFiles(mask_path, passport_path, resume.sidecar_path(opts.out, scan_id))
+    outcome.messages += _remove_interrupted_writes(files)
+    key, reasons = _resume_check(scan, scan_id, opts, spec, files, outcome)
+    if outcome.skipped is not None:
+        return outcome
     record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=scan_id)
     if reasons:
         record["recomputed_because"] = reasons
     try:
-        with track_peak_rss() as peak:  # the whole work on this scan: load .. outputs written
-            run_path.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
-            run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
-            vol = run.volume
-            record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
-            stages = dict(run.stages)
-            t0 = time.perf_counter()
-            passport = lab_img = None
-            # a file's run-key digest is its sha256 (a folder's also covers file names: hashed again)
-            file_digest = key["input_sha256"] if key is not None and scan.is_file() else None
-            if not opts.no_passport:
-                lab_img = run.result.labels_model_res if opts.passport_resolution == "model" else run.result.labels
-                passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, spec.labels,
-                                          scan=scan_metadata(scan, vol.image, sha256=file_digest),
-                                          model=spec.provenance(), resolution=opts.passport_resolution,
-                                          max_points=opts.max_points)
-            stages["passport"] = time.perf_counter() - t0
-            if passport is not None and opts.passport_repeats > 1:
-                record["passport_timing_ms"] = time_passport(lab_img, spec.labels, opts.max_points,
-                                                             opts.passport_repeats)
-            t0 = time.perf_counter()
-            labels = np.asanyarray(run.result.labels.dataobj)
-            save_labels(labels, vol.affine, mask_path, header=official_header(vol.image))  # as the official tool
-            if passport is not None:
-                save_passport(passport, passport_path)
-            if key is not None:  # last: only a scan whose outputs are all written looks complete
-                resume.write_key(run_path, key, scan=str(scan), mask=mask_path.name,
-                                 passport=passport_path.name if passport is not None else None)
-            stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
-        add_repeat(record, sum(stages.values()), stages, peak_rss_bytes=peak.peak_bytes,
-                   peak_rss_method=peak.method)
-        record["n_tiles"] = run.result.n_tiles
-        record["labels_present"] = labels_present(labels)
-        record["mask"] = str(mask_path)
-        record["passport"] = str(passport_path) if passport is not None else None
-        record["warnings"] = run.warnings
-        outcome.messages += [f"warning: {scan_id}: {w}" for w in run.warnings]
+        _segment_and_write(scan, scan_id, opts, spec, predictor, cfg, key, files, record, outcome)
     except InputError as exc:
         mark_failed(record, exc)
     except Exception as exc:  # record and go on: one bad scan must not stop the batch
@@ -168,3 +119,115 @@ def _segment_locked(scan: Path, scan_id: str, opts: JobOptions, spec, predictor,
     if outcome.record["status"] == "failed":
         outcome.messages.append(f"FAILED {outcome.record['error']}")
     return outcome
+
+
+def _remove_interrupted_writes(files: _ScanFiles) -> list[str]:
+    """Remove the temporary files a process killed mid-write left beside ``files`` (we hold the lock now);
+    one message per file removed."""
+    from common.core.atomic import remove_stale_temp_files
+
+    messages = []
+    for target in files:
+        for stale in remove_stale_temp_files(target):
+            messages.append(f"removed {stale.name}: left by an interrupted write of {target.name}")
+    return messages
+
+
+def _resume_check(scan: Path, scan_id: str, opts: JobOptions, spec, files: _ScanFiles,
+                  outcome: JobOutcome) -> tuple[dict | None, list[str]]:
+    """(run key, reasons to recompute): the key is None when the input cannot be hashed; reasons are empty on a
+    first run. Outputs up to date: ``outcome.skipped`` is set (reasons then empty); recomputed existing outputs:
+    the reasons are added to ``outcome.messages``."""
+    from common.records import resume
+
+    outputs = [files.mask] if opts.no_passport else [files.mask, files.passport]
+    try:  # hashed before loading: a file changed meanwhile leaves a key that no longer matches
+        key = resume.run_key(resume.input_digest(scan), spec.checkpoint_sha256, opts.key_config)
+    except OSError:
+        key = None  # unreadable input: the scan fails below with its own error
+    if not any(p.exists() for p in files):
+        reasons = []  # first run for this scan
+    elif opts.force:
+        reasons = ["--force"]
+    elif key is None:
+        reasons = ["input could not be hashed"]
+    else:
+        reasons = resume.recompute_reasons(files.run, key, outputs)
+        if not reasons:
+            outcome.skipped = UP_TO_DATE
+            return key, reasons
+        outcome.messages.append(f"recomputing {scan_id}: {'; '.join(reasons)}")
+    return key, reasons
+
+
+def _segment_and_write(scan: Path, scan_id: str, opts: JobOptions, spec, predictor, cfg, key: dict | None,
+                       files: _ScanFiles, record: dict, outcome: JobOutcome) -> None:
+    """Segment ``scan``, build its passport, write the outputs and fill ``record`` (stage times in s, peak RSS
+    in bytes); the run's warnings go to ``outcome.messages``. Raises what a bad scan raises."""
+    from common.core.peak_memory import track_peak_rss
+    from common.records.results import add_repeat
+    from common.runs.scan_run import labels_present, run_scan
+
+    with track_peak_rss() as peak:  # the whole work on this scan: load .. outputs written
+        files.run.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
+        run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
+        vol = run.volume
+        record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
+        stages = dict(run.stages)
+        passport, lab_img = _build_passport(scan, opts, spec, run, key, stages)
+        if passport is not None and opts.passport_repeats > 1:
+            record["passport_timing_ms"] = time_passport(lab_img, spec.labels, opts.max_points,
+                                                         opts.passport_repeats)
+        labels = _write_outputs(scan, run, passport, key, files, stages)
+    add_repeat(record, sum(stages.values()), stages, peak_rss_bytes=peak.peak_bytes,
+               peak_rss_method=peak.method)
+    record["n_tiles"] = run.result.n_tiles
+    record["labels_present"] = labels_present(labels)
+    record["mask"] = str(files.mask)
+    record["passport"] = str(files.passport) if passport is not None else None
+    record["warnings"] = run.warnings
+    outcome.messages += [f"warning: {scan_id}: {w}" for w in run.warnings]
+
+
+def _build_passport(scan: Path, opts: JobOptions, spec, run, key: dict | None, stages: dict) -> tuple:
+    """(passport, the label image it was computed from), both None with ``opts.no_passport``; its time (s) goes
+    to ``stages["passport"]`` (also with no passport)."""
+    import numpy as np
+
+    from common.records.passport import build_passport, scan_metadata
+
+    t0 = time.perf_counter()
+    passport = lab_img = None
+    # a file's run-key digest is its sha256 (a folder's also covers file names: hashed again)
+    file_digest = key["input_sha256"] if key is not None and scan.is_file() else None
+    if not opts.no_passport:
+        lab_img = run.result.labels_model_res if opts.passport_resolution == "model" else run.result.labels
+        passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, spec.labels,
+                                  scan=scan_metadata(scan, run.volume.image, sha256=file_digest),
+                                  model=spec.provenance(), resolution=opts.passport_resolution,
+                                  max_points=opts.max_points)
+    stages["passport"] = time.perf_counter() - t0
+    return passport, lab_img
+
+
+def _write_outputs(scan: Path, run, passport, key: dict | None, files: _ScanFiles, stages: dict):
+    """Write the label map (as the official tool does), the passport when there is one, then the run key (last:
+    only a scan whose outputs are all written looks complete); the time (s) is added to ``stages["save"]``.
+    Returns the label array written (the scan's grid, axes as in the NIfTI file)."""
+    import numpy as np
+
+    from common.imaging.mask_io import save_labels
+    from common.imaging.official_output import official_header
+    from common.records import resume
+    from common.records.passport import save_passport
+
+    t0 = time.perf_counter()
+    labels = np.asanyarray(run.result.labels.dataobj)
+    save_labels(labels, run.volume.affine, files.mask, header=official_header(run.volume.image))  # as the official tool
+    if passport is not None:
+        save_passport(passport, files.passport)
+    if key is not None:  # last: only a scan whose outputs are all written looks complete
+        resume.write_key(files.run, key, scan=str(scan), mask=files.mask.name,
+                         passport=files.passport.name if passport is not None else None)
+    stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
+    return labels

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.core.machine import usable_cores
-from common.inference.run_config import RunConfig
-from common.inference.torch_channels_last import BACKEND as CHANNELS_LAST
+from common.inference.run_config import CHANNELS_LAST, RunConfig
 
 AGREEMENT_THRESHOLD = 0.999
 FACTORS = ("backend", "onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
@@ -67,7 +66,7 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
             elif key in ("backend", "torch_threads", "onnx_norm", "keep_freed_memory"):
                 setattr(cfg, key, value)
             else:
-                cfg.segment = replace(cfg.segment, **{key: value})
+                cfg.segment = cfg.segment.model_copy(update={key: value})
         cfg.name = name
         out.append(Candidate(factor, cfg))
 

@@ -65,10 +65,10 @@ def reference_masks(ref_json: Path, scans: list[Path], spec: ModelSpec, log=prin
     import nibabel as nib
     import numpy as np
 
-    from common.inference.pipeline import SegmentOptions
     from common.inference.predictors import TorchPredictor
-    from common.inference.run_config import run_scan
+    from common.inference.run_config import SegmentOptions
     from common.records.results import read_result
+    from common.runs.scan_run import run_scan
 
     refs: dict[str, np.ndarray] = {}
     source = "faithful PyTorch pipeline"
@@ -96,8 +96,9 @@ def evaluate(cfg: RunConfig, spec: ModelSpec, onnx: Path | None, scans: list[Pat
     ``runs`` timed runs per scan) and measure its voxel agreement with the reference: a common.runs.sweep.SweepRow."""
     import numpy as np
 
-    from common.inference.run_config import build_predictor, run_scan
+    from common.inference.predictor_factory import build_predictor
     from common.records.metrics import voxel_agreement
+    from common.runs.scan_run import run_scan
 
     row = SweepRow(config=cfg, factor=factor, scans=[str(s) for s in scans], runs=runs)
     try:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from common.core.errors import InputError
 from common.core.paths import CT_DATA, EMBEDDED_DIR, PROJECT_ROOT
-from common.imaging.dicom_series import is_zip_path
 from common.imaging.discovery import Batch, discover, merge
-from common.imaging.volume import is_nifti_path
+from common.imaging.scan_paths import is_nifti_path, is_zip_path
 
 DEFAULT_SUBFOLDERS = ("realistic", "clinical")  # searched after ct_data/'s own scans, in this order
 

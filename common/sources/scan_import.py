@@ -18,11 +18,10 @@ import numpy as np
 
 from common.core.atomic import atomic_path, atomic_save_nifti
 from common.core.errors import InputError
-from common.imaging.dicom_series import is_zip_path
 from common.imaging.discovery import is_label_file
 from common.imaging.labels import same_grid
+from common.imaging.scan_paths import is_nifti_path, is_zip_path, scan_id
 from common.imaging.validation import load_scan
-from common.imaging.volume import is_nifti_path, scan_id
 
 NAME_JOIN = "__"  # p1/CT/ -> p1__CT.nii.gz: the path below --from, its parts joined
 MAX_SKIPPED_SHOWN = 10

@@ -63,7 +63,7 @@ def reorient(img: nib.Nifti1Image, axcodes: str) -> nib.Nifti1Image:
     return _new_image(new_data, new_affine, img)
 
 
-def resample_to_spacing(img: nib.Nifti1Image, spacing_mm: tuple[float, float, float],
+def resample_variant(img: nib.Nifti1Image, spacing_mm: tuple[float, float, float],
                         order: int = 1) -> nib.Nifti1Image:
     """Resample a 3D image to voxel size ``spacing_mm`` (x, y, z mm) with spline ``order`` (0 = nearest).
 
@@ -79,7 +79,7 @@ def resample_to_spacing(img: nib.Nifti1Image, spacing_mm: tuple[float, float, fl
     """
     data = np.asanyarray(img.dataobj)
     if data.ndim != 3:
-        raise ValueError(f"resample_to_spacing needs 3D data, got shape {data.shape}")
+        raise ValueError(f"resample_variant needs 3D data, got shape {data.shape}")
     new_spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)
     if new_spacing.size == 1:
         new_spacing = np.repeat(new_spacing, 3)
@@ -114,7 +114,7 @@ def resample_to_spacing(img: nib.Nifti1Image, spacing_mm: tuple[float, float, fl
 def realistic_variant(img: nib.Nifti1Image,
                       spacing: tuple[float, float, float] = REALISTIC_SPACING_MM) -> nib.Nifti1Image:
     """A clinical-resolution variant (default 0.8 x 0.8 x 1.5 mm), linear interpolation, int16 data."""
-    out = resample_to_spacing(img, spacing, order=1)
+    out = resample_variant(img, spacing, order=1)
     if out.get_data_dtype() != np.int16:
         data = np.clip(np.rint(np.asanyarray(out.dataobj)), INT16_MIN, INT16_MAX).astype(np.int16)
         out = _new_image(data, np.asarray(out.affine), img)
@@ -159,7 +159,7 @@ def clinical_name(shape: tuple[int, int, int]) -> str:
 
 
 def _resampled_shape_and_affine(shape, affine, spacing_mm) -> tuple[tuple[int, ...], np.ndarray]:
-    """What resample_to_spacing gives for this header, without the data."""
+    """What resample_variant gives for this header, without the data."""
     old = _spacing(affine)
     zoom = old / np.asarray(spacing_mm, dtype=np.float64)
     out_shape = tuple(max(1, int(round(n * z))) for n, z in zip(shape, zoom, strict=True))

@@ -9,7 +9,7 @@ import numpy as np
 
 from common.records.passport import Passport, build_passport, scan_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
