@@ -209,24 +209,19 @@ def _ground_truth_section(doc: ComparisonDoc) -> list[str]:
     return out
 
 
+def _titled(title: str, body: list[str]) -> list[str]:
+    """Markdown lines of a "## title" section holding ``body``; none when the body is empty."""
+    return ["## " + title, "", *body] if body else []
+
+
 def _plots_section(doc: ComparisonDoc) -> list[str]:
     """Markdown lines of "## Plots": one image link per plot file; none without plots."""
-    if not doc.plots:
-        return []
-    out = ["## Plots", ""]
-    for key, name in doc.plots.items():
-        out += [f"![{key}]({name})", ""]
-    return out
+    return _titled("Plots", [line for key, name in doc.plots.items() for line in (f"![{key}]({name})", "")])
 
 
 def _notes_section(doc: ComparisonDoc) -> list[str]:
     """Markdown lines of "## Notes": one bullet per note; none without notes."""
-    if not doc.notes:
-        return []
-    out = ["## Notes", ""]
-    out += [f"- {_esc(n)}" for n in doc.notes]
-    out.append("")
-    return out
+    return _titled("Notes", [f"- {_esc(n)}" for n in doc.notes] + [""] if doc.notes else [])
 
 
 def render_size_and_memory(doc: ComparisonDoc) -> list[str]:
