@@ -156,14 +156,18 @@ def batch(tmp_path_factory, example_ct_sm, tiny_standin_home):
         mtimes_2 = _mtimes(out)
         runs["third"] = _run_06([*one, "--result", str(d / "3.json"), "--config", str(cfg_b)])
         runs["max_points"] = _run_06([*one, "--result", str(d / "4.json"), "--config", str(cfg_b), "--max-points", "50"])
-        # back to A, but the passport write fails after the mask was rewritten: the B record must not survive
+        # back to A, but the passport write fails after the mask was written: the set of the B run must stay
+        # exactly as it was (mask, passport and run record), and nothing of the failed A run may remain
+        files = [out / f"same{suffix}" for suffix in ("_seg.nii.gz", "_passport.json", "_run.json")]
+        before_failure = [p.read_bytes() for p in files]
         runs["interrupted"] = _run_06([*one, "--result", str(d / "5.json"), "--config", str(cfg_a)],
                                       save_passport=_failing_save)
-        record_after_failure = (out / "same_run.json").exists()
+        set_kept = [p.read_bytes() for p in files] == before_failure
+        leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-"))
         runs["after_failure"] = _run_06([*one, "--result", str(d / "6.json"), "--config", str(cfg_b),
                                          "--max-points", "50"])
         yield {"scans": scans, "out": out, **runs, "mtimes": (mtimes_1, mtimes_2), "keys_1": keys_1,
-               "sha_1": sha_1, "record_after_failure": record_after_failure}
+               "sha_1": sha_1, "set_kept": set_kept, "leftovers": leftovers}
 
 
 def test_first_run_writes_the_run_record_last(batch):
@@ -225,12 +229,13 @@ def test_other_configuration_recomputes(batch):
     assert why == "configuration changed (passport.max_points: 500 -> 50)"
 
 
-def test_a_failed_recompute_leaves_no_record_that_could_match(batch):
+def test_a_failed_recompute_leaves_the_earlier_set_as_it_was(batch):
     code, res, _ = batch["interrupted"]
     assert code == 1 and _by_id(res)["same"]["status"] == "failed"
     assert "disk full" in _by_id(res)["same"]["error"]
-    # the mask was rewritten under A; had the B record survived, the next B run would skip a stale mask
-    assert not batch["record_after_failure"]
+    # nothing of the failed run remains: the B run's mask, passport and record are byte-identical, and no
+    # staging folder or temporary file is left in the output folder
+    assert batch["set_kept"] and batch["leftovers"] == []
+    # so the next B run finds its own complete set up to date
     code, res, _ = batch["after_failure"]
-    assert code == 0 and res["skipped"] == []
-    assert _by_id(res)["same"]["recomputed_because"] == [resume.NO_RECORD]
+    assert code == 0 and [s["file"] for s in res["skipped"]] == [str(batch["scans"] / "same.nii.gz")]

@@ -10,6 +10,10 @@ folder of such scans (each into <o>/<scan id>/, one model session for all; a fai
 the rest go on). Output (-o): a folder with one binary mask per class, <class name>.nii.gz, as the official
 tool writes them (input header copied, uint8); with --ml one label map file with the official label-map
 header extension (TotalSegmentator's load_multilabel_nifti reads its names).
+An output set is replaced as a whole or not at all: it is written beside -o and swapped in once complete, so a
+failed run, a full disk or a kill leaves -o as it was (masks of an earlier run are never mixed with new ones;
+your own files in the folder are kept). A second run on the same -o stops at once, naming the first (lock:
+.locks/ beside -o). Free space is checked against the outputs' size before the work.
 --roi_subset: the official tool first crops with a second model; this tool segments everything and writes
 (and counts in --statistics) only the named classes.
 Exit code: 0 all done, 1 some scan failed, 2 bad options or input, 130 interrupted.
@@ -19,12 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
-import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from common.cli.args import OneLineParser, check_outputs, positive_int, run_script
+from common.cli.console_scan import is_folder_mode, segment_or_error, targets_for
 from common.core.errors import InputError
 
 PROG = "totalseg-fast"
@@ -114,91 +119,24 @@ def _check_device(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-ML_NAME_IN_FOLDER_MODE = "segmentations.nii.gz"
-
-
-def _is_folder_mode(args, batch) -> bool:
-    """True unless -i is one scan itself (a file, a DICOM series folder or a zip)."""
-    return not (len(batch.scans) == 1 and batch.scans[0] == Path(args.input))
-
-
-def _targets(args, batch, scan: Path) -> dict[str, Path]:
-    """Where one scan's outputs go. One scan: -o is the masks folder (or the --ml file), extras beside it. A
-    folder of scans: everything of a scan in <o>/<scan id>/ (--ml file: segmentations.nii.gz there)."""
-    if _is_folder_mode(args, batch):
-        folder = args.output / batch.ids[scan]
-        seg = folder / ML_NAME_IN_FOLDER_MODE if args.ml else folder
-    else:
-        seg = args.output
-        folder = seg.parent if args.ml else seg
-    custom_stats = isinstance(args.statistics, str) and not _is_folder_mode(args, batch)
-    return {"seg": seg, "statistics": Path(args.statistics) if custom_stats else folder / "statistics.json",
-            "preview": folder / "preview_total.png", "passport": folder / "passport.json"}
-
-
-def segment_scan(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
-                 label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list[tuple[str, str]]:
-    """Segment one scan and write its outputs (``targets``); runs in-process or on a Dask worker
-    (common.runs.cluster). Returns the messages to print, as (kind, line): kind "warning" (always shown) or
-    "verbose" (-v). Raises InputError (one line) for a bad scan."""
-    import numpy as np
-
-    from common.imaging import official_output as out
-    from common.runs.scan_run import run_scan
-
-    t0 = time.perf_counter()
-    run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
-    messages = [("warning", f"warning: {w}") for w in run.warnings]
-    labels = np.asanyarray(run.result.labels.dataobj)
-    selected = out.subset_map(label_map, roi)
-    t1 = time.perf_counter()
-    if args.ml:
-        out.write_multilabel(labels, run.volume.image, selected, targets["seg"])
-    else:
-        out.write_class_masks(labels, run.volume.image, selected, targets["seg"], threads=args.nr_thr_saving)
-    t2 = time.perf_counter()
-    if args.statistics or args.preview:
-        from common.inference.preprocess import resample_to_spacing, to_canonical
-
-        ct_3mm = resample_to_spacing(to_canonical(run.volume.image), spec.spacing_xyz, order=cfg.segment.resample_order,
-                                     threads=cfg.segment.resample_threads)
-        if args.statistics:
-            stats = out.statistics(run.result.labels_model_res, ct_3mm, roi,
-                                   exclude_masks_at_border=not args.stats_include_incomplete,
-                                   metric=args.stats_aggregation)
-            out.write_statistics(stats, targets["statistics"])
-        if args.preview:
-            from common.reporting.preview import write_preview
-
-            lab3 = np.asanyarray(run.result.labels_model_res.dataobj)
-            if roi is not None:
-                lab3 = lab3 * np.isin(lab3, list(selected)).astype(lab3.dtype)
-            write_preview(np.asanyarray(ct_3mm.dataobj), lab3, targets["preview"], title=scan.name)
-    if args.passport:
-        from common.records.passport import build_passport, save_passport, scan_metadata
-
-        lab = run.result.labels_model_res
-        save_passport(build_passport(np.asanyarray(lab.dataobj), lab.affine, spec.labels,
-                                     scan=scan_metadata(scan, run.volume.image), model=spec.provenance(),
-                                     resolution="model"), targets["passport"])
-    t3 = time.perf_counter()
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items())
-    messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
-                     + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
-    return messages
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = _printer(args)
 
     from common.cli.args import fail
+
+    with ExitStack() as held:  # the output's lock, for the whole run
+        try:
+            run = _prepare(args, say, held)
+        except (InputError, OSError, RuntimeError) as exc:
+            return fail(exc)
+        return _segment_all(args, run, say)
+
+
+def _segment_all(args: argparse.Namespace, run: _Prepared, say: Say) -> int:
+    """Every scan, here or on the cluster; the summary line; the exit code."""
     from common.cli.cluster_args import wants_cluster
 
-    try:
-        run = _prepare(args, say)
-    except (InputError, OSError, RuntimeError) as exc:
-        return fail(exc)
     batch = run.batch
     outcomes = _Outcomes(say, [f"{r['error']}" for r in batch.refused])
     for ref in batch.refused:
@@ -248,10 +186,10 @@ class _Prepared(NamedTuple):
     predictor: Any  # None when the scans run on a cluster
 
 
-def _prepare(args: argparse.Namespace, say: Say) -> _Prepared:
+def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     """SIGTERM made a clean exit, then the checks and set-up before the first scan: options, run configuration,
-    inputs, outputs, model, ONNX file and (in this process) the predictor. Raises InputError, OSError or
-    RuntimeError with a one-line message."""
+    inputs, outputs (and their lock, entered on ``held``), model, ONNX file and (in this process) the predictor.
+    Raises InputError, OSError or RuntimeError with a one-line message."""
     from common.cli.cluster_args import cluster_problem, wants_cluster
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.core.signals import exit_cleanly_on_sigterm
@@ -273,10 +211,7 @@ def _prepare(args: argparse.Namespace, say: Say) -> _Prepared:
     cfg.segment.resample_threads = args.nr_thr_resamp
     cfg.ort.providers = providers
     batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
-    single_ml = args.ml and not _is_folder_mode(args, batch)
-    if single_ml and (args.output.is_dir() or not args.output.name.lower().endswith((".nii", ".nii.gz"))):
-        raise InputError(args.output, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
-    check_outputs(folders=(args.output.parent if single_ml else args.output,))
+    _check_and_lock_output(args, batch, held)
     spec = prepare_model(args.weights, log=lambda m: say(m))
     label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded
     roi = _roi_subset(args.roi_subset, label_map)
@@ -287,6 +222,32 @@ def _prepare(args: argparse.Namespace, say: Say) -> _Prepared:
         else None
     predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
     return _Prepared(cfg, batch, spec, label_map, roi, onnx, predictor)
+
+
+def _check_and_lock_output(args: argparse.Namespace, batch, held: ExitStack) -> None:
+    """Refuse, before the work, an -o that cannot be written; then take its lock (common.core.locks, a file in
+    ``.locks/`` beside it) for the whole run, so that a second run on the same -o stops at once, naming this one.
+    One scan's -o is left as it is until its new output set is complete (common.cli.console_scan)."""
+    import os
+
+    from common.core.atomic import name_too_long
+    from common.core.locks import ScanLock
+
+    out, folder_mode = args.output, is_folder_mode(args, batch)
+    if args.ml and not folder_mode and (out.is_dir() or not out.name.lower().endswith((".nii", ".nii.gz"))):
+        raise InputError(out, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
+    if not folder_mode and not args.ml and out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder (without --ml, -o is the folder of the class masks)")
+    problem = name_too_long(out)
+    if problem:
+        raise InputError(None, problem)
+    check_outputs(folders=(out if folder_mode else out.parent,))
+    lock = held.enter_context(ScanLock(out.parent, out.name, label=f"{PROG} -i {args.input}"))
+    if not lock.acquired:
+        raise InputError(out, f"is being written by another {PROG} run ({lock.holder}); wait for it to finish or "
+                              "choose another -o")
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(out.parent, "cannot write there (read-only)")
 
 
 class _Outcomes:
@@ -315,11 +276,11 @@ def _segment_on_cluster(args: argparse.Namespace, run: _Prepared, say: Say, outc
 
     batch = run.batch
     recipe = ModelRecipe(run.cfg, args.weights, str(run.onnx) if run.onnx else None)
-    items = [(scan, batch.ids[scan], (_targets(args, batch, scan), args, run.label_map, run.roi))
+    items = [(scan, batch.ids[scan], (targets_for(args, batch, scan), args, run.label_map, run.roi))
              for scan in batch.scans]
     try:
         with open_client(cluster_target(args), recipe, log=lambda m: say(m)) as client:
-            for task in run_tasks(client, _segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
+            for task in run_tasks(client, segment_or_error, items, scan_timeout_s=args.scan_timeout, desc=PROG,
                                   quiet=args.quiet):
                 if task.error is not None:
                     outcomes.failed_scan(task.error)
@@ -342,25 +303,12 @@ def _segment_here(args: argparse.Namespace, run: _Prepared, outcomes: _Outcomes)
     batch = run.batch
     scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
     for scan in scans:
-        out = _segment_or_error(scan, batch.ids[scan], _targets(args, batch, scan), args, run.label_map, run.roi,
+        out = segment_or_error(scan, batch.ids[scan], targets_for(args, batch, scan), args, run.label_map, run.roi,
                                 run.spec, run.predictor, run.cfg)
         if isinstance(out, str):
             outcomes.failed_scan(out)
         else:
             outcomes.show(out)
-
-
-def _segment_or_error(scan: Path, scan_id: str, targets: dict[str, Path], args: argparse.Namespace,
-                      label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
-    """segment_scan, in this process or on a Dask worker: its messages, or the one-line error of a bad scan (a
-    string, so that a cluster's client tells a bad scan from a failure of the cluster); one bad scan never
-    stops a folder run. KeyboardInterrupt and SystemExit pass through."""
-    try:
-        return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
-    except InputError as exc:
-        return str(exc)
-    except Exception as exc:  # one bad scan must not stop a folder run
-        return f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def console_main() -> int:

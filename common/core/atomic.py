@@ -5,8 +5,10 @@ half-written file (os.replace is atomic on POSIX within one filesystem).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,50 @@ import nibabel as nib
 import numpy as np
 
 TMP_PREFIX = ".tmp-"
+RANDOM_CHARS = 8  # tempfile's random part: 8 of [a-z0-9_]
+DEFAULT_NAME_MAX = 255  # bytes per file name on Linux/macOS filesystems (ext4, xfs, btrfs, tmpfs, APFS)
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name (bytes) the filesystem of ``folder`` (or of its nearest existing parent) allows."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_NAME_MAX
+
+
+def name_too_long(path: str | Path) -> str | None:
+    """Why ``path``'s file name cannot be created on its filesystem (one line naming it), or None."""
+    path = Path(path)
+    limit, n = name_max(path.parent), len(os.fsencode(path.name))
+    if n <= limit:
+        return None
+    shown = path.name if len(path.name) <= 60 else path.name[:40] + "..." + path.name[-16:]
+    return (f"{path.parent / shown}: output file name of {n} bytes, over the {limit}-byte limit of its "
+            "filesystem; shorten the input's name")
+
+
+def temp_prefix(name: str, folder: str | Path, suffix: str = "") -> str:
+    """The prefix of the temporary names of ``name`` in ``folder``: ``.tmp-<name>.``, or, where that with the
+    random part and ``suffix`` would exceed the filesystem's file-name limit, ``.tmp-<start of name>~<hash>.``
+    (a short hash of the full name keeps temporary names of different targets apart). A temporary name is
+    therefore never longer than the limit whenever the final name fits."""
+    prefix = f"{TMP_PREFIX}{name}."
+    room = name_max(folder) - RANDOM_CHARS - len(os.fsencode(suffix))
+    if len(os.fsencode(prefix)) <= room:
+        return prefix
+    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:10] + "."
+    keep = os.fsencode(name)[: max(0, room - len(TMP_PREFIX) - len(tag))].decode("utf-8", "ignore")
+    return f"{TMP_PREFIX}{keep}{tag}"
+
+
+def is_temp_of(entry: str, prefix: str, suffix: str = "") -> bool:
+    """True if ``entry`` is a temporary name made from ``prefix`` (temp_prefix) and ``suffix``: exactly the
+    random part between them, so that target "a" never claims the temporary files of target "a.b"."""
+    return re.fullmatch(re.escape(prefix) + f"[a-z0-9_]{{{RANDOM_CHARS}}}" + re.escape(suffix), entry) is not None
 
 
 @contextmanager
@@ -28,7 +74,8 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.name, target.parent, suffix), suffix=suffix,
+                                    dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -91,7 +138,15 @@ def remove_stale_temp_files(target: str | Path) -> list[Path]:
     killed mid-write); return them. Call it only where no other process can be writing ``target`` (e.g.
     under the scan's lock), since a live write's temporary file looks the same."""
     target = Path(target)
-    stale = sorted(target.parent.glob(TMP_PREFIX + target.name + ".*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
+    if not target.parent.is_dir():
+        return []
+    stale = []
+    for p in sorted(target.parent.iterdir()):
+        if p.name.startswith(TMP_PREFIX) and p.is_file() and any(
+                is_temp_of(p.name, temp_prefix(target.name, target.parent, sfx), sfx) for sfx in _SUFFIXES):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
+
+
+_SUFFIXES = ("", ".nii.gz", ".nii", ".json", ".png", ".onnx")  # what atomic_path's callers append

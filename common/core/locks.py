@@ -18,8 +18,9 @@ class ScanLock:
     """``with ScanLock(out_dir, scan_id) as lock:`` — ``lock.acquired`` is False (at once, no waiting) when
     another process holds the scan; ``lock.holder`` then says who, as far as known."""
 
-    def __init__(self, out_dir: str | Path, scan_id: str):
+    def __init__(self, out_dir: str | Path, scan_id: str, label: str | None = None):
         self.path = Path(out_dir) / LOCK_DIR / f"{scan_id}.lock"
+        self.label = label  # who this is, for the other run's message (e.g. the command)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.path), timeout=0)
         self.acquired = False
@@ -43,7 +44,7 @@ class ScanLock:
         try:  # who holds it, for the other run's message (best effort, not part of the lock)
             if pid_file.exists():  # removed on every release: its holder died holding the scan
                 self.died_holder = f"process {pid_file.read_text(encoding='utf-8').strip() or '?'}"
-            pid_file.write_text(str(os.getpid()), encoding="utf-8")
+            pid_file.write_text(f"{os.getpid()}" + (f" ({self.label})" if self.label else ""), encoding="utf-8")
         except OSError:
             pass
         return self

@@ -72,6 +72,9 @@ def segment_and_passport(scan: Path, scan_id: str, opts: JobOptions, spec, predi
     another process (another run, or a worker that still holds it) is skipped with the reason."""
     from common.core.locks import ScanLock
 
+    problem = _name_problem(opts.out, scan_id)
+    if problem:  # before the work (and before the lock file, whose name is as long)
+        return _failed_outcome(scan, scan_id, problem)
     with ScanLock(opts.out, scan_id) as lock:
         if not lock.acquired:
             reason = f"being segmented by another run ({lock.holder})"
@@ -82,6 +85,30 @@ def segment_and_passport(scan: Path, scan_id: str, opts: JobOptions, spec, predi
             outcome.messages.insert(0, f"note: {scan_id}: an earlier attempt ({lock.died_holder}) died while "
                                        "segmenting it; segmented again")
         return outcome
+
+
+def _name_problem(out_dir: Path, scan_id: str) -> str | None:
+    """Why one of the scan's output names cannot be created in ``out_dir`` (one line), else None."""
+    from common.core.atomic import name_too_long
+    from common.core.locks import LOCK_DIR
+    from common.records import resume
+
+    mask, passport = outputs_for(out_dir, scan_id)
+    for path in (mask, passport, resume.sidecar_path(out_dir, scan_id), out_dir / LOCK_DIR / f"{scan_id}.lock"):
+        problem = name_too_long(path)
+        if problem:
+            return problem
+    return None
+
+
+def _failed_outcome(scan: Path, scan_id: str, error: str) -> JobOutcome:
+    """The outcome of a scan refused before any work: its failed record and the FAILED line."""
+    from common.records.results import finalize_scan, mark_failed, new_scan_record
+
+    record = new_scan_record(scan, shape=[0, 0, 0], spacing_mm=[0, 0, 0], orientation="?", scan_id=scan_id)
+    mark_failed(record, error)
+    record = finalize_scan(record)
+    return JobOutcome(record=record, messages=[f"FAILED {record['error']}"])
 
 
 class _ScanFiles(NamedTuple):
@@ -125,12 +152,19 @@ def _remove_interrupted_writes(files: _ScanFiles) -> list[str]:
     """Remove the temporary files a process killed mid-write left beside ``files`` (we hold the lock now);
     one message per file removed."""
     from common.core.atomic import remove_stale_temp_files
+    from common.core.staging import remove_stale_staging
 
     messages = []
     for target in files:
         for stale in remove_stale_temp_files(target):
             messages.append(f"removed {stale.name}: left by an interrupted write of {target.name}")
+    messages += remove_stale_staging(files.mask.parent / _staging_key(files))
     return messages
+
+
+def _staging_key(files: _ScanFiles) -> str:
+    """The name the scan's staging folder is made from (common.core.staging.StagedFiles): its run record's."""
+    return files.run.name
 
 
 def _resume_check(scan: Path, scan_id: str, opts: JobOptions, spec, files: _ScanFiles,
@@ -169,8 +203,8 @@ def _segment_and_write(scan: Path, scan_id: str, opts: JobOptions, spec, predict
     from common.runs.scan_run import labels_present, run_scan
 
     with track_peak_rss() as peak:  # the whole work on this scan: load .. outputs written
-        files.run.unlink(missing_ok=True)  # outputs rewritten below must never pair with an old record
-        run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None)
+        run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None,
+                       preflight=lambda vol: _check_room(vol, opts.out))
         vol = run.volume
         record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
         stages = dict(run.stages)
@@ -210,12 +244,27 @@ def _build_passport(scan: Path, opts: JobOptions, spec, run, key: dict | None, s
     return passport, lab_img
 
 
-def _write_outputs(scan: Path, run, passport, key: dict | None, files: _ScanFiles, stages: dict):
-    """Write the label map (as the official tool does), the passport when there is one, then the run key (last:
-    only a scan whose outputs are all written looks complete); the time (s) is added to ``stages["save"]``.
-    Returns the label array written (the scan's grid, axes as in the NIfTI file)."""
+def _check_room(vol, out_dir: Path) -> None:
+    """Before the work: refuse (InputError, one line) when ``out_dir``'s filesystem cannot hold the label map
+    (common.imaging.official_output.min_nifti_bytes: a lower bound)."""
     import numpy as np
 
+    from common.core.disk_space import check_free_space
+    from common.imaging.official_output import min_nifti_bytes
+
+    check_free_space(out_dir, min_nifti_bytes(int(np.prod(vol.shape[:3])), 1), "the label map (at least)")
+
+
+def _write_outputs(scan: Path, run, passport, key: dict | None, files: _ScanFiles, stages: dict):
+    """Write the scan's output set as a whole or not at all (common.core.staging.StagedFiles): the label map
+    (as the official tool does), the passport when there is one and the run key are written into a staging
+    folder, then put in place, the earlier run record removed first and the new one renamed last, so that only
+    a complete set looks complete. A failure (a full disk) leaves nothing of this run and the earlier set as it
+    was. The time (s) is added to ``stages["save"]``. Returns the label array written (the scan's grid, axes as
+    in the NIfTI file)."""
+    import numpy as np
+
+    from common.core.staging import StagedFiles
     from common.imaging.mask_io import save_labels
     from common.imaging.official_output import official_header
     from common.records import resume
@@ -223,11 +272,14 @@ def _write_outputs(scan: Path, run, passport, key: dict | None, files: _ScanFile
 
     t0 = time.perf_counter()
     labels = np.asanyarray(run.result.labels.dataobj)
-    save_labels(labels, run.volume.affine, files.mask, header=official_header(run.volume.image))  # as the official tool
-    if passport is not None:
-        save_passport(passport, files.passport)
-    if key is not None:  # last: only a scan whose outputs are all written looks complete
-        resume.write_key(files.run, key, scan=str(scan), mask=files.mask.name,
-                         passport=files.passport.name if passport is not None else None)
+    obsolete = (files.run,) if passport is not None else (files.run, files.passport)  # no stale passport
+    with StagedFiles(files.mask.parent, _staging_key(files), remove_first=obsolete) as stage:
+        save_labels(labels, run.volume.affine, stage.path(files.mask.name),
+                    header=official_header(run.volume.image))  # as the official tool
+        if passport is not None:
+            save_passport(passport, stage.path(files.passport.name))
+        if key is not None:  # staged last, so renamed last: only a scan whose outputs are all written looks complete
+            resume.write_key(stage.path(files.run.name), key, scan=str(scan), mask=files.mask.name,
+                             passport=files.passport.name if passport is not None else None)
     stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
     return labels

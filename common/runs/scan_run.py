@@ -3,6 +3,7 @@ scan's mask goes."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,16 @@ class ScanRun:
 
 
 def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Path | None = None,
-             progress=None) -> ScanRun:
-    """Load + validate, segment, save the mask (atomically) — each stage timed in seconds."""
+             progress=None, preflight: Callable[[Volume], None] | None = None) -> ScanRun:
+    """Load + validate, segment, save the mask (atomically) — each stage timed in seconds. ``preflight(volume)``
+    runs after the checks and before the segmentation (e.g. the free-space check of the outputs); it raises
+    to refuse the scan."""
     t0 = time.perf_counter()
     vol, warnings = load_scan(path)
     check_extent_for(vol, spec)
     check_memory_for(vol, spec)
+    if preflight is not None:
+        preflight(vol)
     t1 = time.perf_counter()
     res = segment(vol.image, spec, predictor, options, progress=progress)
     t2 = time.perf_counter()

@@ -1,0 +1,191 @@
+"""totalseg-fast's work on one scan: where its outputs go, segmenting it, and writing its output set as a whole.
+
+One scan's outputs (masks or the --ml file, statistics.json, preview_total.png, passport.json) are written into a
+staging folder beside the target and put in place only when all are written (common.core.staging): a scan that
+fails, a full disk or a kill leaves ``-o`` as it was, empty or the earlier set, never a mix. Runs in-process or as
+a task on a Dask worker (common.runs.cluster).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+from common.core.atomic import TMP_PREFIX, name_too_long
+from common.core.errors import InputError
+
+ML_NAME_IN_FOLDER_MODE = "segmentations.nii.gz"
+EXTRA_NAMES = ("statistics.json", "preview_total.png", "passport.json")
+
+
+class ScanTargets(NamedTuple):
+    """Where one scan's outputs go. ``folder``: the folder replaced as a whole (the mask folder, or <o>/<scan
+    id>/ of a folder run); None for one --ml file, whose outputs are single files beside it."""
+
+    seg: Path  # the mask folder, or the --ml label map file
+    statistics: Path
+    preview: Path
+    passport: Path
+    folder: Path | None
+
+
+def is_folder_mode(args: argparse.Namespace, batch) -> bool:
+    """True unless -i is one scan itself (a file, a DICOM series folder or a zip)."""
+    return not (len(batch.scans) == 1 and batch.scans[0] == Path(args.input))
+
+
+def targets_for(args: argparse.Namespace, batch, scan: Path) -> ScanTargets:
+    """Where one scan's outputs go. One scan: -o is the masks folder (or the --ml file), extras beside it. A
+    folder of scans: everything of a scan in <o>/<scan id>/ (--ml file: segmentations.nii.gz there)."""
+    if is_folder_mode(args, batch):
+        folder = args.output / batch.ids[scan]
+        seg, whole = (folder / ML_NAME_IN_FOLDER_MODE if args.ml else folder), folder
+    else:
+        seg = args.output
+        folder = seg.parent if args.ml else seg
+        whole = None if args.ml else seg
+    custom_stats = isinstance(args.statistics, str) and not is_folder_mode(args, batch)
+    return ScanTargets(seg, Path(args.statistics) if custom_stats else folder / "statistics.json",
+                       folder / "preview_total.png", folder / "passport.json", whole)
+
+
+def owned_names(label_map: dict[int, str]) -> Callable[[str], bool]:
+    """``owned(name)``: True for the entries of an output folder that belong to this tool's output set (every
+    class mask it can write, the --ml file of a folder run, the extras, leftover temporary files)."""
+    names = {f"{v}.nii.gz" for v in label_map.values()} | {ML_NAME_IN_FOLDER_MODE, *EXTRA_NAMES}
+    return lambda name: name in names or name.startswith(TMP_PREFIX)
+
+
+@contextmanager
+def staged(targets: ScanTargets, owned: Callable[[str], bool]) -> Iterator[ScanTargets]:
+    """The same targets inside staging folders (common.core.staging); on leaving the block without an error,
+    the whole set is put in place (``targets.folder`` swapped as a whole, single files renamed), else removed."""
+    from common.core.staging import StagedFiles, StagedFolder
+
+    with ExitStack() as stack:
+        staging = stack.enter_context(StagedFolder(targets.folder, owned)) if targets.folder is not None else None
+        groups: dict[Path, StagedFiles] = {}
+        moved = []
+        for path in targets[:4]:
+            if staging is not None and path == targets.folder:
+                moved.append(staging)
+            elif staging is not None and path.parent == targets.folder:
+                moved.append(staging / path.name)
+            else:
+                if path.parent not in groups:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    groups[path.parent] = stack.enter_context(StagedFiles(path.parent, key=path.name))
+                moved.append(groups[path.parent].path(path.name))
+        yield ScanTargets(*moved, folder=staging)
+
+
+def stale_staging_notes(targets: ScanTargets, owned: Callable[[str], bool]) -> list[str]:
+    """Remove what killed runs left staged beside ``targets`` (the caller holds the output's lock)."""
+    from common.core.staging import remove_stale_staging
+
+    notes = []
+    for path in {targets.folder or targets.seg, targets.statistics}:
+        notes += remove_stale_staging(path, owned)
+    return notes
+
+
+def _check_room(vol, targets: ScanTargets, n_images: int) -> None:
+    """Before the work: refuse (InputError, one line) when the output's filesystem has less free space than the
+    ``n_images`` gzipped images need at least (common.imaging.official_output.min_nifti_bytes)."""
+    import numpy as np
+
+    from common.core.disk_space import check_free_space
+    from common.imaging.official_output import min_nifti_bytes
+
+    need = min_nifti_bytes(int(np.prod(vol.shape[:3])), n_images)
+    what = "the label map" if n_images == 1 else f"the {n_images} masks"
+    check_free_space((targets.folder or targets.seg).parent, need, f"{what} (at least)")
+
+
+def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
+                 label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list[tuple[str, str]]:
+    """Segment one scan and write its output set (``targets``, replaced as a whole). Returns the messages to
+    print, as (kind, line): "warning" (always shown), "note" (unless -q) or "verbose" (-v). Raises InputError
+    (one line) for a bad scan, OSError for outputs that cannot be written (nothing of them then remains)."""
+    import numpy as np
+
+    from common.imaging import official_output as out
+    from common.runs.scan_run import run_scan
+
+    for path in targets[:4]:
+        problem = name_too_long(path)
+        if problem:
+            raise InputError(None, problem)
+    owned = owned_names(label_map)
+    messages = [("note", line) for line in stale_staging_notes(targets, owned)]
+    selected = out.subset_map(label_map, roi)
+    t0 = time.perf_counter()
+    run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None,
+                   preflight=lambda vol: _check_room(vol, targets, 1 if args.ml else len(selected)))
+    messages += [("warning", f"warning: {w}") for w in run.warnings]
+    labels = np.asanyarray(run.result.labels.dataobj)
+    t1 = time.perf_counter()
+    with staged(targets, owned) as into:
+        if args.ml:
+            out.write_multilabel(labels, run.volume.image, selected, into.seg)
+        else:
+            out.write_class_masks(labels, run.volume.image, selected, into.seg, threads=args.nr_thr_saving)
+        t2 = time.perf_counter()
+        _write_extras(scan, run, into, args, roi, selected, spec, cfg)
+    t3 = time.perf_counter()
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items())
+    messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
+                     + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
+    return messages
+
+
+def _write_extras(scan: Path, run, into: ScanTargets, args: argparse.Namespace, roi: list[str] | None,
+                  selected: dict[int, str], spec, cfg) -> None:
+    """statistics.json, preview_total.png and passport.json, as asked for, into the staged targets."""
+    import numpy as np
+
+    from common.imaging import official_output as out
+
+    if args.statistics or args.preview:
+        from common.inference.preprocess import resample_to_spacing, to_canonical
+
+        ct_3mm = resample_to_spacing(to_canonical(run.volume.image), spec.spacing_xyz, order=cfg.segment.resample_order,
+                                     threads=cfg.segment.resample_threads)
+        if args.statistics:
+            stats = out.statistics(run.result.labels_model_res, ct_3mm, roi,
+                                   exclude_masks_at_border=not args.stats_include_incomplete,
+                                   metric=args.stats_aggregation)
+            out.write_statistics(stats, into.statistics)
+        if args.preview:
+            from common.reporting.preview import write_preview
+
+            lab3 = np.asanyarray(run.result.labels_model_res.dataobj)
+            if roi is not None:
+                lab3 = lab3 * np.isin(lab3, list(selected)).astype(lab3.dtype)
+            write_preview(np.asanyarray(ct_3mm.dataobj), lab3, into.preview, title=scan.name)
+    if args.passport:
+        from common.records.passport import build_passport, save_passport, scan_metadata
+
+        lab = run.result.labels_model_res
+        save_passport(build_passport(np.asanyarray(lab.dataobj), lab.affine, spec.labels,
+                                     scan=scan_metadata(scan, run.volume.image), model=spec.provenance(),
+                                     resolution="model"), into.passport)
+
+
+def segment_or_error(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
+                     label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
+    """segment_scan, in this process or on a Dask worker: its messages, or the one-line error of a bad scan (a
+    string, so that a cluster's client tells a bad scan from a failure of the cluster); one bad scan never
+    stops a folder run. KeyboardInterrupt and SystemExit pass through."""
+    try:
+        return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
+    except InputError as exc:
+        return str(exc)
+    except OSError as exc:  # a full disk, a folder that went read-only: one line naming the file
+        return f"{targets.seg}: cannot write the outputs ({exc.strerror or type(exc).__name__}); nothing of this scan " \
+               "was written, earlier outputs are untouched"
+    except Exception as exc:  # one bad scan must not stop a folder run
+        return f"{scan}: {type(exc).__name__}: {' '.join(str(exc).split())}"
