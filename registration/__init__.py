@@ -8,6 +8,8 @@
   its phases: registration.correspondence (points, matching) and registration.spline (cells, fits, grid)
 - registration.transform: Transform (points both ways, save/load JSON), warp_labels, warp_image
 - registration.stability: the anatomical stability weight table
+- registration.provenance.check_inputs(fixed, path, moving, path) -> the inputs' model/weights record and
+  mismatches (a stand-in/official mix: InputError unless allow_mixed_weights), kept in both JSON outputs
 - accuracy harness: registration.synthetic (known truths, moving scans), registration.accuracy (TRE, Dice,
   folding), registration.harness (cases, timing), registration.batch (exp/insp pairs)
 - CLIs: registration/register.py (register two passports), registration/evaluate.py (accuracy harness)

@@ -3,6 +3,9 @@
 Pairs named <id>_exp / <id>_insp (.nii/.nii.gz, in a folder or its sub-folders) are registered (fixed = insp,
 moving = exp) when each scan has a label map (<scan>_seg.nii.gz or <scan>_labels.nii.gz) or a passport
 (<scan>.passport.json); without landmarks it reports runtime (ms), Dice of the labels and folding only.
+Each pair records its inputs' "provenance" (registration/provenance.py: a passport's model, weights kind and
+checkpoint sha256; a label map's is unknown); a pair mixing stand-in and official weights is refused (recorded
+with its one-line error) unless ``allow_mixed_weights``.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from registration.accuracy import dice_scores
 from registration.deformable import jacobian_stats
 from registration.inputs import load_checked_passport, load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
+from registration.provenance import check_inputs
 from registration.rigid import rotation_angle_deg
 from registration.structures import Structures
 from registration.transform import Transform, warp_labels
@@ -48,8 +52,9 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None, Structures | None]:
-    """(labels, affine, passport-or-structures) for a scan from <scan>_seg / _labels / .passport.json."""
+def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None, Structures | None, Path | None]:
+    """(labels, affine, passport-or-structures, passport file or None) for a scan from <scan>_seg / _labels /
+    .passport.json."""
     stem = _scan_stem(scan)
     for suffix in ("_seg", "_labels"):
         for ext in (".nii.gz", ".nii"):
@@ -60,20 +65,23 @@ def _labels_or_passport(scan: Path) -> tuple[np.ndarray | None, np.ndarray | Non
                 lab = checked_label_array(np.asarray(img.dataobj), p, ndim=3,
                                           negative_as_background=True).astype(np.int32)
                 names = total_class_names_if_installed()
-                return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine, names)
+                return lab, np.asarray(img.affine, np.float64), compute_structures(lab, img.affine, names), None
     p = scan.parent / f"{stem}.passport.json"
     if p.is_file():
-        return None, None, load_checked_passport(p)
-    return None, None, None
+        return None, None, load_checked_passport(p), p
+    return None, None, None, None
 
 
 def register_pair(pid: str, exp: Path, insp: Path, rigid_options: RigidOptions | None = None,
-                  deformable_options: DeformableOptions | None = None) -> dict[str, Any]:
-    """Register one exp/insp pair (fixed = insp, moving = exp): runtime, label Dice, folding (InputError if bad)."""
-    f_lab, f_aff, fp = _labels_or_passport(insp)
-    m_lab, m_aff, mp = _labels_or_passport(exp)
+                  deformable_options: DeformableOptions | None = None, *,
+                  allow_mixed_weights: bool = False) -> dict[str, Any]:
+    """Register one exp/insp pair (fixed = insp, moving = exp): runtime, label Dice, folding, the inputs'
+    provenance (InputError if bad, a stand-in/official mix included unless ``allow_mixed_weights``)."""
+    f_lab, f_aff, fp, f_file = _labels_or_passport(insp)
+    m_lab, m_aff, mp, m_file = _labels_or_passport(exp)
     if fp is None or mp is None:
         return {"pair": pid, "skipped": "no label map (<scan>_seg.nii.gz) or passport for both scans"}
+    provenance = check_inputs(fp, f_file, mp, m_file, allow_mixed_weights=allow_mixed_weights)
     try:
         rigid, defo, T = register_passports(fp, mp, rigid_options, deformable_options or DeformableOptions())
     except TierError as exc:
@@ -81,7 +89,7 @@ def register_pair(pid: str, exp: Path, insp: Path, rigid_options: RigidOptions |
         if exc.tier == "deformable" and isinstance(cause, np.linalg.LinAlgError):  # e.g. all control points in one plane
             raise InputError(insp, f"the thin-plate spline cannot be fitted ({cause})") from None
         raise
-    r: dict[str, Any] = {"pair": pid, "fixed": str(insp), "moving": str(exp),
+    r: dict[str, Any] = {"pair": pid, "fixed": str(insp), "moving": str(exp), "provenance": provenance,
                          "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"]},
                          "rigid": {"rotation_deg": rotation_angle_deg(rigid.rotation),
                                    "translation_mm": rigid.translation.tolist(),
@@ -96,8 +104,10 @@ def register_pair(pid: str, exp: Path, insp: Path, rigid_options: RigidOptions |
 
 
 def run_batch(folder: Path, *, rigid_options: RigidOptions | None = None,
-              deformable_options: DeformableOptions | None = None) -> dict[str, Any]:
-    """Register every exp/insp pair under ``folder``; a pair with a bad file is recorded with its one-line error."""
+              deformable_options: DeformableOptions | None = None, allow_mixed_weights: bool = False
+              ) -> dict[str, Any]:
+    """Register every exp/insp pair under ``folder``; a pair with a bad file (or a refused stand-in/official mix)
+    is recorded with its one-line error."""
     if not folder.is_dir():
         return {"folder": str(folder), "message": f"no paired scans: {folder} does not exist", "pairs": []}
     pairs = find_pairs(folder)
@@ -106,7 +116,8 @@ def run_batch(folder: Path, *, rigid_options: RigidOptions | None = None,
     results = []
     for pid, exp, insp in pairs:
         try:
-            results.append(register_pair(pid, exp, insp, rigid_options, deformable_options))
+            results.append(register_pair(pid, exp, insp, rigid_options, deformable_options,
+                                         allow_mixed_weights=allow_mixed_weights))
         except InputError as exc:  # one bad pair: recorded, the batch goes on
             results.append({"pair": pid, "error": str(exc)})
     failed = sum("error" in r for r in results)

@@ -23,7 +23,9 @@ same labels drive the registration), Jacobian folding of the deformable field, r
 Batch mode (--batch DIR, default ct_data/learn2reg): pairs named <id>_exp / <id>_insp (.nii/.nii.gz,
 in DIR or its sub-folders) are registered when each scan has a label map (<scan>_seg.nii.gz or
 <scan>_labels.nii.gz) or a passport (<scan>.passport.json); without landmarks it reports runtime,
-Dice of the labels and folding only.
+Dice of the labels and folding only. Each pair records its inputs' provenance (registration/provenance.py);
+a pair mixing stand-in and official passports fails with one line unless --allow-mixed-weights, and each
+other mismatch is one "warning: <pair>: ..." line on stderr.
 
 Run:  python registration/evaluate.py [--out benchmarks/registration_eval.json] [--magnitudes 5 10 20]
 
@@ -55,6 +57,7 @@ from registration.batch import run_batch
 from registration.harness import run_synthetic, timing_full_passport
 from registration.inputs import FLOOR_HELP
 from registration.options import DeformableOptions, RigidOptions
+from registration.provenance import warning_lines
 
 DEFAULT_CT = PROJECT_ROOT.parent / "shared" / "data" / "ct" / "example_ct_sm.nii.gz"
 DEFAULT_OUT = BENCHMARKS / "registration_eval.json"
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=Path, nargs="?", const=DEFAULT_BATCH, default=None,
                    help=f"also register <id>_exp/<id>_insp pairs under this folder (default {DEFAULT_BATCH})")
     p.add_argument("--batch-only", action="store_true", help="run only the batch mode")
+    p.add_argument("--allow-mixed-weights", action="store_true",
+                   help="batch mode: register pairs whose passports mix stand-in and official weights "
+                        "(refused otherwise); warned and recorded")
     return p
 
 
@@ -152,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{tf['rigid_ms']['median']:.1f} ms, TPS {tf['tps_ms']['median']:.0f} ms (median of "
                       f"{tf['repeats']})")
         if args.batch is not None or args.batch_only:
-            out["batch"] = run_batch(args.batch or DEFAULT_BATCH, rigid_options=ropts, deformable_options=dopts)
+            out["batch"] = run_batch(args.batch or DEFAULT_BATCH, rigid_options=ropts, deformable_options=dopts,
+                                     allow_mixed_weights=args.allow_mixed_weights)
             print(f"batch: {out['batch']['message']}")
+            for r in out["batch"]["pairs"]:
+                for line in warning_lines(r.get("provenance"), prefix=f"{r['pair']}: "):
+                    print(line, file=sys.stderr)
         out["wall_s"] = time.perf_counter() - t0
         out["machine"] = {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
                           "note": "timings are wall clock on this machine; other jobs running at the same time "

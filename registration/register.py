@@ -1,12 +1,15 @@
 """Register two scans from their anatomical passports: rigid (Tier 1) + thin-plate spline (Tier 2).
 
     python registration/register.py --fixed-passport A.json --moving-passport B.json --out DIR \\
-        [--fixed-scan A.nii.gz --moving-scan B.nii.gz] [--no-deformable] [--smoothing X]
+        [--fixed-scan A.nii.gz --moving-scan B.nii.gz] [--no-deformable] [--smoothing X] [--allow-mixed-weights]
 
 Writes DIR/transform.json (rigid MOVING -> FIXED world mm + displacement grids in both directions,
 see registration/transform.py), DIR/registration.json (timings in ms, per-structure residuals,
 outliers, control points, settings) and, when both scans are given, DIR/overlay.png (fixed scan in
-green, moving scan warped onto the fixed grid in magenta: grey where they agree).
+green, moving scan warped onto the fixed grid in magenta: grey where they agree). Both JSON files record
+"provenance": each passport's model, weights kind and checkpoint sha256 (registration/provenance.py, which
+also gives the rule: a stand-in/official mix is refused without --allow-mixed-weights, other mismatches are
+one "warning: ..." line each on stderr).
 Bad input: one line naming the file on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from common.core.errors import InputError
 from common.imaging.geometry import fov_bbox_mm
 from registration.inputs import FLOOR_HELP, load_checked_passport, load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
+from registration.provenance import check_inputs, warning_lines
 
 _RIGID_DEFAULTS, _DEFORMABLE_DEFAULTS = RigidOptions(), DeformableOptions()  # the CLI defaults: one source
 
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N",
                    help=f"thin-plate spline control points (cells + centroids); {FLOOR_HELP}. "
                         "Default: %(default)d")
+    p.add_argument("--allow-mixed-weights", action="store_true",
+                   help="register passports made with stand-in and official weights (refused otherwise); "
+                        "warned and recorded in both JSON files")
     return p
 
 
@@ -110,6 +117,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(args.fixed_scan or args.moving_scan, f"an overlay needs both scans: {missing} is missing")
     fixed_p = load_checked_passport(args.fixed_passport)
     moving_p = load_checked_passport(args.moving_passport)
+    provenance = check_inputs(fixed_p, args.fixed_passport, moving_p, args.moving_passport,
+                              allow_mixed_weights=args.allow_mixed_weights)  # a refused mix: before any work
+    for line in warning_lines(provenance):
+        print(line, file=sys.stderr)
     fixed_vol = moving_vol = None
     if args.fixed_scan is not None:
         fixed_vol = load_checked_scan(args.fixed_scan)
@@ -140,10 +151,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               f"points ({reason}; do they all lie in one plane?); "
                                               "use --no-deformable for a rigid registration") from None
     total_ms = (time.perf_counter() - t0) * 1000.0
+    transform.provenance = provenance
     transform.save(args.out / "transform.json")
     report: dict[str, Any] = {
         "fixed_passport": str(args.fixed_passport),
         "moving_passport": str(args.moving_passport),
+        "provenance": provenance,
         "direction": "transform maps moving world mm -> fixed world mm (RAS+); grids give both directions",
         "time_ms": {"rigid": rigid.time_ms, "deformable": defo.time_ms["total"] if defo else 0.0,
                     "total": total_ms, "deformable_parts": defo.time_ms if defo else {}},

@@ -15,6 +15,14 @@ arrays are nibabel-ordered (x, y, z)):
 Pulling a MOVING image onto the FIXED grid (``warp_labels`` / ``warp_image``) needs the
 FIXED -> MOVING mapping; transforming moving points (e.g. landmarks) into the fixed scan needs
 MOVING -> FIXED. Both are stored, so both directions are available after ``load_transform``.
+
+The file (``Transform.save``; schema "registration-transform", version 1) is one JSON object: schema,
+schema_version, world_frame, rigid {direction, rotation (3x3), translation_mm (3), matrix_moving_to_fixed
+(4x4)}, deformable (null for rigid only, else {frame, interpolation, origin_mm, spacing_mm, shape,
+fixed_to_moving and moving_to_fixed: {meaning, displacement_mm: float32 C-order base64 array}}), meta
+(free-form) and provenance (null, or registration.provenance's record: both inputs' model, weights kind and
+checkpoint sha256, their passport files and sha256, the mismatches). Files written before provenance was
+recorded lack the key: they load with ``provenance`` None.
 """
 from __future__ import annotations
 
@@ -133,19 +141,21 @@ class Transform:
 
     ``rotation`` (3, 3) and ``translation`` (3,) mm give x_fixed = R y_moving + t. ``grid`` holds the
     deformable part in the fixed frame (None for rigid only). ``meta`` is free-form JSON-ready info.
+    ``provenance``: where the two inputs came from (registration.provenance.check_inputs); None when not recorded.
     """
 
     rotation: np.ndarray
     translation: np.ndarray
     grid: DisplacementGrid | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] | None = None
 
     @classmethod
     def identity(cls) -> Transform:
         return cls(np.eye(3), np.zeros(3))
 
     def rigid_only(self) -> Transform:
-        return Transform(self.rotation.copy(), self.translation.copy(), None, dict(self.meta))
+        return Transform(self.rotation.copy(), self.translation.copy(), None, dict(self.meta), self.provenance)
 
     def moving_to_fixed(self, points_mm: np.ndarray, refine: int = 5) -> np.ndarray:
         """Map (n, 3) MOVING world mm points to FIXED world mm.
@@ -185,6 +195,7 @@ class Transform:
             },
             "deformable": None,
             "meta": self.meta,
+            "provenance": self.provenance,
         }
         if self.grid is not None:
             g = self.grid
@@ -227,7 +238,10 @@ class Transform:
                 raise ValueError("displacement arrays do not match the grid shape")
             grid = DisplacementGrid(np.asarray(g["origin_mm"], np.float64), np.asarray(g["spacing_mm"], np.float64),
                                     u, v)
-        return cls(R, t, grid, dict(d.get("meta") or {}))
+        provenance = d.get("provenance")  # absent in files written before it was recorded
+        if provenance is not None and not isinstance(provenance, dict):
+            raise ValueError("provenance must be a JSON object or null")
+        return cls(R, t, grid, dict(d.get("meta") or {}), provenance)
 
     def save(self, path: str | Path) -> Path:
         """Write the transform as JSON (displacements base64 float32), atomically."""

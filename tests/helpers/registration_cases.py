@@ -45,3 +45,39 @@ def moved_passport(passport: list[Structure], R: np.ndarray, t: np.ndarray,
                              boundary_points_mm=to_m(s.boundary_points_mm)))
     return out
 
+
+
+def model_block(**changes: object) -> dict:
+    """A passport's ``model`` block as ModelSpec.provenance() writes it (stand-in weights of the fast model), with
+    ``changes`` applied."""
+    block = {"name": "Dataset297_TotalSegmentator_total_3mm_1559subj",
+             "trainer_plans_config": "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres", "fold": 0,
+             "weights": "standin", "sha256": "a" * 64, "folder": "/models/Dataset297/trainer",
+             "standin": {"what": "seeded random weights", "seed": 0}}
+    block.update(changes)
+    if block["weights"] != "standin":
+        block.pop("standin", None)
+    return block
+
+
+def passport_files(folder, fixed_model: dict, moving_model: dict, names=("A.json", "B.json")):
+    """Fixed and moving passport files of one small label map (10 ellipsoids, 3 mm voxels) carrying the given
+    ``model`` blocks; the moving grid is rotated 3 deg and shifted (world mm, RAS+)."""
+    from common.records.passport import build_passport, save_passport
+    from registration.synthetic import rotation_matrix
+
+    rng = np.random.default_rng(0)
+    shape = (40, 36, 32)
+    lab = np.zeros(shape, dtype=np.uint8)
+    ijk = np.indices(shape).reshape(3, -1).T
+    for label in range(1, 11):
+        c, r = rng.uniform(7, np.array(shape) - 7), rng.uniform(3, 6, size=3)
+        lab.reshape(-1)[(((ijk - c) / r) ** 2).sum(axis=1) <= 1.0] = label
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    moved = np.eye(4)
+    moved[:3, :3] = rotation_matrix([0.3, 0.1, 1.0], 3.0)
+    moved[:3, 3] = [5.0, -3.0, 4.0]
+    labels = {i: f"structure_{i}" for i in range(1, 11)}
+    return tuple(save_passport(build_passport(lab, a, labels, scan={}, model=m, resolution="original"),
+                               folder / name)
+                 for a, m, name in ((aff, fixed_model, names[0]), (moved @ aff, moving_model, names[1])))
