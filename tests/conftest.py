@@ -55,6 +55,18 @@ def example_mr_sm() -> Path:
     return shared_ct("example_mr_sm.nii.gz")
 
 
+@pytest.fixture()
+def user_home(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty user environment for one test: HOME and TOTALSEG_HOME_DIR in tmp_path (also for this
+    process); returns the TotalSegmentator home (not created)."""
+    home = tmp_path / "user"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home / ".totalsegmentator"))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    return home / ".totalsegmentator"
+
+
 def written_into_user_home() -> list[str]:
     """What sits in the test session's TotalSegmentator user home that the suite must never write there:
     a Task 297 folder or a config.json."""

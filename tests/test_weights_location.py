@@ -26,17 +26,6 @@ from common.records.results import read_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def user_home(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty user environment: HOME and TOTALSEG_HOME_DIR in tmp_path."""
-    home = tmp_path / "user"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home / ".totalsegmentator"))
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    return home / ".totalsegmentator"
-
-
 @pytest.fixture(scope="module")
 def tiny_scan(tmp_path_factory, example_ct_sm) -> Path:
     d = tmp_path_factory.mktemp("tiny")

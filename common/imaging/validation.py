@@ -11,6 +11,7 @@ Choices made here:
   ``load_scan`` therefore also reads the raw header and rejects zero/negative/NaN voxel sizes
   there, since other readers (niftilib/ITK, TotalSegmentator's header-zoom resampling) disagree.
 - "Not CT" is a warning, never an error: the pipeline can run, the output is just meaningless.
+- No orientation and a sheared affine are warnings (common.imaging.header_checks says why).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from nibabel.openers import ImageOpener
 from common.core.errors import InputError
 from common.core.machine import available_memory_bytes
 from common.core.text import fmt_shape, fmt_vec
+from common.imaging.header_checks import orientation_warning, shear_warning
 from common.imaging.labels import GRID_ATOL_MM
 from common.imaging.scan_paths import is_nifti_path
 from common.imaging.volume import Volume, load_volume
@@ -254,7 +256,8 @@ def validate_image(img: nib.Nifti1Image, path: str | Path | None, *, modality: s
     Errors: 2D data, 4D data with more than one volume (or >4D), fewer than 2 voxels along an
     axis, zero/negative/NaN/inf voxel size (header zooms or affine columns), a singular affine,
     NaN/inf voxels, an all-constant scan. Warnings: a single-volume 4D image (use it squeezed, as
-    ``load_scan`` does), header zooms != affine spacing, and for modality "CT" intensities that
+    ``load_scan`` does), header zooms != affine spacing, no orientation (sform/qform codes 0) and a
+    sheared affine (common.imaging.header_checks), and for modality "CT" intensities that
     do not look like CT (e.g. an MR scan); "MR" and "ANY" (e.g. label maps) skip that check.
     ``data`` is the voxel array if already in memory (otherwise read from ``img`` once); it is
     never copied whole.
@@ -274,7 +277,12 @@ def validate_image(img: nib.Nifti1Image, path: str | Path | None, *, modality: s
         warnings.append(f"{path}: {len(shape)}D image with a single volume (shape {fmt_shape(shape)}); "
                         "treated as 3D")
     check_min_size(path, shape[:3])
-    warnings += check_spacing(path, img)
+    spacing_warnings = check_spacing(path, img)  # raises first: the shear is measured on a valid affine
+    shear = shear_warning(path, img)  # names a header/affine voxel size mismatch itself: one line, not two
+    warnings += [shear] if shear else spacing_warnings
+    orientation = orientation_warning(path, img)
+    if orientation:
+        warnings.append(orientation)
 
     if data is None:
         data = np.asanyarray(img.dataobj)
