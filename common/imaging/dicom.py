@@ -15,6 +15,9 @@ Before converting, the series is chosen and checked here, with pydicom headers (
 - series are told apart by SeriesInstanceUID, whatever the file names; the CT series with the most slices
   is taken (a scout/localizer does not count as CT), else the largest image series with a warning; the
   others are named in a warning; a folder with no image series (only RTSTRUCT, SEG...) is an error;
+- after converting, a slice whose RescaleSlope/RescaleIntercept differ from its neighbours' so that its HU jump
+  while its stored values are continuous with theirs (an export error) is named in a warning
+  (common.imaging.dicom_checks.check_rescale); its HU are left as dicom2nifti gives them;
 - a missing, duplicated or unevenly spaced slice, slices of different size or orientation, gantry tilt, a
   truncated or unreadable slice file and multi-frame (enhanced) files are InputErrors (one line, naming the
   folder or zip and the problem), never a silently wrong grid. Positions are compared along the slice normal
@@ -22,7 +25,7 @@ Before converting, the series is chosen and checked here, with pydicom headers (
   (at least POSITION_ATOL_MM) for rounding in the headers.
 
 Modules: common.imaging.dicom_series (which files are DICOM, headers, series, the choice), common.imaging.dicom_checks (the
-regular-grid checks), common.imaging.dicom_zip (safe zip extraction); conversion and the entry points are here.
+regular-grid checks, the per-slice rescale warning), common.imaging.dicom_zip (safe zip extraction); conversion and the entry points are here.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import numpy as np
 from common.core.errors import InputError
 from common.core.machine import available_memory_bytes
 from common.core.text import fmt_bytes
-from common.imaging.dicom_checks import check_series, drop_localizers
+from common.imaging.dicom_checks import check_rescale, check_series, drop_localizers
 from common.imaging.dicom_series import (
     FOLDER_KIND,
     MIN_SLICES,
@@ -143,6 +146,7 @@ def _load_series(source: Source, recursive: bool) -> nib.Nifti1Image:
         raise InputError(source.label, f"{chosen.describe()} holds only localizer slices; no volume to segment")
     check_series(slices, source)
     image = convert(slices, source)
+    notes += check_rescale(slices, image, source)  # a warning only: the HU stay as dicom2nifti gives them
     image.extra["warnings"] = said + [f"{source.label}: {n}" for n in notes]
     return image
 

@@ -1,10 +1,12 @@
-"""DICOM input, step 2: the chosen series must form a regular 3-D grid (common.imaging.dicom tells the whole story).
+"""DICOM input, step 2: the chosen series must form a regular 3-D grid (common.imaging.dicom tells the whole story);
+after conversion, a slice whose rescale makes its HU jump against its neighbours' is named in a warning.
 
 Positions are compared along the slice normal (row x column direction cosines of ImageOrientationPatient), with
 a tolerance of SPACING_RTOL of the slice step (at least POSITION_ATOL_MM, mm) for rounding in the headers.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,118 @@ def check_positions(slices: list, normal: np.ndarray, source: Source) -> None:
             what = f"slice positions are shifted sideways by up to {float(drift.max()):.2f} mm (not on one line)"
         raise InputError(where, f"{what}; tilted or sheared series are not supported, resample it to an untilted "
                                 "grid first")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-slice rescale (a warning only: the HU are what the official tool's dicom2nifti gives)
+# ---------------------------------------------------------------------------------------------
+RESCALE_JUMP_HU = 100.0  # a rescale difference that moves a slice's HU by less is not worth a warning
+RESCALE_SAMPLE = 64  # pixels per in-plane axis compared between adjacent slices
+MAX_RESCALE_WARNINGS = 3
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a slice, 1 and 0 when absent (as dicom2nifti's apply_scaling)."""
+    slope, intercept = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+    return (1.0 if slope in (None, "") else float(slope)), (0.0 if intercept in (None, "") else float(intercept))
+
+
+def _planes(slices: list, image) -> tuple[int, np.ndarray] | None:
+    """(slice axis, plane index of each slice) in the converted ``image`` (x, y, z array; RAS+ affine in mm), from
+    each slice's ImagePositionPatient (LPS mm); None when the slices do not map one to one onto its planes."""
+    lps = np.asarray([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in slices])
+    ras = np.c_[-lps[:, 0], -lps[:, 1], lps[:, 2], np.ones(len(slices))]
+    ijk = (np.linalg.inv(np.asarray(image.affine, dtype=np.float64)) @ ras.T).T[:, :3]
+    axis = int(np.argmax(np.ptp(ijk, axis=0)))
+    index = np.rint(ijk[:, axis]).astype(int)
+    n = int(image.shape[axis])
+    if len(set(index.tolist())) != len(slices) or index.min() < 0 or index.max() >= n:
+        return None
+    return axis, index
+
+
+def check_rescale(slices: list, image, source: Source) -> list[str]:
+    """Warnings (one line each, without the source's label) for slices whose RescaleSlope/RescaleIntercept differ
+    from their neighbours' in a way that makes their HU jump while their stored values are continuous with the
+    neighbours' (an export that wrote one slice's rescale wrong: e.g. intercept 0 among -1024). The HU are
+    left as they are (the official tool's dicom2nifti applies each slice's own rescale); only said.
+
+    Cheap: nothing when every slice has the same rescale; else adjacent planes of the converted ``image`` (its
+    (x, y, z) array, already in memory) are compared on a RESCALE_SAMPLE^2 subsample: the median absolute HU
+    difference with the slice's own rescale against that with its neighbour's (stored values continuous)."""
+    try:
+        params = [_rescale(ds) for ds in slices]
+    except (TypeError, ValueError):  # an unreadable value: dicom2nifti's conversion has said so already
+        return []
+    if len(set(params)) == 1:
+        return []
+    mapped = _planes(slices, image)
+    if mapped is None:
+        return []
+    axis, index = mapped
+    data = np.asanyarray(image.dataobj)
+    order = np.argsort(index)
+
+    def plane(i: int) -> np.ndarray:
+        p = np.take(data, int(index[i]), axis=axis)
+        return np.asarray(p[:: max(1, p.shape[0] // RESCALE_SAMPLE), :: max(1, p.shape[1] // RESCALE_SAMPLE)],
+                          dtype=np.float64)
+
+    theirs = Counter(params).most_common(1)[0][0]
+    runs: list[list[int]] = []  # runs of adjacent slices (by position) with one rescale, not the series' own
+    for pos, i in enumerate(order):
+        if params[i] != theirs:
+            if runs and runs[-1][-1] == pos - 1 and params[order[pos - 1]] == params[i]:
+                runs[-1].append(pos)
+            else:
+                runs.append([pos])
+    notes = []
+    for run in runs:
+        sides = [(run[0], run[0] - 1), (run[-1], run[-1] + 1)]
+        jumps = [_jump(plane(order[k]), params[order[k]], plane(order[j]), params[order[j]])
+                 for k, j in sides if 0 <= j < len(order) and params[order[j]] == theirs]
+        if jumps and all(j is not None for j in jumps):
+            notes.append(_rescale_note([slices[order[k]] for k in run], [order[k] for k in run], params[order[run[0]]],
+                                       theirs, float(np.mean(jumps)), source, order, len(jumps)))
+    if len(notes) > MAX_RESCALE_WARNINGS:
+        notes = notes[:MAX_RESCALE_WARNINGS] + [f"{len(notes) - MAX_RESCALE_WARNINGS} more runs of slices whose "
+                                                "rescale makes their HU jump against their neighbours'; check the export"]
+    return notes
+
+
+def _jump(hu: np.ndarray, own: tuple[float, float], nb_hu: np.ndarray, nb: tuple[float, float]) -> float | None:
+    """The HU jump of a slice against its neighbour that their rescales explain (median, HU), or None: the jump
+    with the slice's own rescale must be at least RESCALE_JUMP_HU and four times that with the neighbour's."""
+    (m, b), (m_nb, b_nb) = own, nb
+    if m == 0 or hu.shape != nb_hu.shape:
+        return None
+    alt = (hu - b) / m * m_nb + b_nb  # the slice's stored values under its neighbour's rescale
+    actual, continuous = float(np.median(np.abs(hu - nb_hu))), float(np.median(np.abs(alt - nb_hu)))
+    shift = float(np.median(hu - alt))
+    if abs(shift) < RESCALE_JUMP_HU or actual < RESCALE_JUMP_HU or continuous > actual / 4:
+        return None
+    return shift
+
+
+def _rescale_note(run: list, idx: list[int], own: tuple[float, float], theirs: tuple[float, float], jump: float,
+                  source: Source, order: np.ndarray, n_neighbours: int) -> str:
+    """One line naming the slices of ``run`` (datasets; ``idx`` their indices in the series) and their rescale
+    against that of their ``n_neighbours`` (1 or 2) neighbours."""
+    rank = {int(i): p + 1 for p, i in enumerate(order)}  # slice number by position: the converted image's planes
+    names = [source.name(Path(ds.filename)) for ds in run]
+    inst = [str(ds.get("InstanceNumber", "?")) for ds in run]
+    diff = [(k, a, b) for k, a, b in zip(("RescaleSlope", "RescaleIntercept"), own, theirs, strict=True) if a != b]
+    what = " and ".join(f"{k} {a:g}" for k, a, _ in diff)
+    their = " and ".join(f"{b:g}" for _, _, b in diff)
+    n = len(order)
+    if len(run) == 1:
+        who = f"slice {names[0]} (instance {inst[0]}; slice {rank[idx[0]]} of {n} by position) has"
+        whose = "its HU jump"
+    else:
+        who = (f"{len(run)} adjacent slices {names[0]} ... {names[-1]} (instances {inst[0]}-{inst[-1]}; slices "
+               f"{rank[idx[0]]}-{rank[idx[-1]]} of {n} by position) have")
+        whose = "their HU jump"
+    owner = "its" if len(run) == 1 else "their"
+    neighbours = f"{owner} neighbours have" if n_neighbours > 1 else f"{owner} neighbour has"
+    against = "theirs" if n_neighbours > 1 else "the neighbour's"
+    return f"{who} {what} where {neighbours} {their}: {whose} by {jump:+.0f} against {against}; check the export"

@@ -4,6 +4,7 @@ SeriesInstanceUID whatever the file names, and the series to segment (common.ima
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,19 @@ RAW_DATASET_GROUPS = (0x0002, 0x0008)  # a dataset written without the preamble 
 NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "SEG", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG",
                                   "RWV", "DOC", "FID", "PLAN"})
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DICOMDIR = "DICOMDIR"
+DICOMDIR_REASON = "DICOMDIR (a CD's index file)"
+_STORAGE = "1.2.840.10008.5.1.4.1.1."
+# Storage SOP classes that are not images (whatever their Modality says), and the modality to name them by;
+# a key ending in "." covers the whole family (all SR documents, all presentation states).
+NON_IMAGE_SOP_CLASSES = {_STORAGE + k: v for k, v in {
+    "481.2": "RTDOSE", "481.3": "RTSTRUCT", "481.4": "RTRECORD", "481.5": "RTPLAN", "481.6": "RTRECORD",
+    "481.7": "RTRECORD", "481.8": "RTPLAN", "481.9": "RTRECORD", "66": "RAW", "66.1": "REG", "66.2": "FID",
+    "66.3": "REG", "66.4": "SEG", "66.5": "SEG", "104.1": "DOC", "104.2": "DOC", "88.59": "KO", "88.": "SR",
+    "11.": "PR"}.items()}
+# (7FE0,0010) Pixel Data, (7FE0,0008) Float and (7FE0,0009) Double Float Pixel Data, as little/big-endian tags
+PIXEL_TAGS = frozenset(bytes.fromhex(h) for h in ("e07f1000", "e07f0800", "e07f0900", "7fe00010", "7fe00008",
+                                                  "7fe00009"))
 MIN_SLICES = 4  # dicom2nifti's validate_slicecount refuses 3 or fewer (a localizer, it says)
 ZIP_KIND = "zip archive"
 FOLDER_KIND = "folder"
@@ -34,6 +48,63 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == DICOM_MAGIC or _is_raw_dataset(head)
+
+
+def non_image_kind(ds, has_pixels: bool) -> str | None:
+    """What the dataset ``ds`` is when it is not an image slice: "DICOMDIR", or a modality such as "RTSTRUCT",
+    "SR", "SEG" (decided by its SOP Class UID, then its Modality, then the absence of pixel data); None for an
+    image slice, and for a dataset the loader must judge (no SeriesInstanceUID, or an image storage class
+    without pixel data: a truncated slice, reported in one line by the loader)."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return DICOMDIR
+    if "SeriesInstanceUID" not in ds:
+        return None
+    modality = str(ds.get("Modality", "") or "").upper()
+    kind = NON_IMAGE_SOP_CLASSES.get(sop) or next(
+        (v for k, v in NON_IMAGE_SOP_CLASSES.items() if k.endswith(".") and sop.startswith(k)), None)
+    if kind is not None:
+        return modality if modality in NON_IMAGE_MODALITIES else kind
+    if modality in NON_IMAGE_MODALITIES:
+        return modality
+    if has_pixels or not sop or "Image Storage" in _sop_name(sop):
+        return None
+    return modality or _sop_name(sop) or "DICOM object"
+
+
+def _sop_name(sop: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(sop).name
+    return "" if name == sop else name
+
+
+def object_kind(path: Path) -> tuple[str, bool] | None:
+    """(kind, has pixel data) of a DICOM file that is not an image slice (``non_image_kind``); None for an image
+    slice or a file pydicom cannot read (the loader reports that in one line). Only the header is read
+    (``stop_before_pixels``); whether pixel data follow is seen from the tag at which the read stopped."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            force = fh.read(132)[128:132] != DICOM_MAGIC
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force)
+            has_pixels = fh.read(4) in PIXEL_TAGS
+    except Exception:  # InvalidDicomError, EOFError, struct/Unicode errors...: the loader says which
+        return None
+    kind = non_image_kind(ds, has_pixels)
+    return None if kind is None else (kind, has_pixels)
+
+
+def non_image_reason(kinds: list[tuple[str, bool]]) -> str:
+    """Why files of these non-image ``kinds`` (``object_kind``, DICOMDIR excluded) are not a scan, in one line:
+    "RTSTRUCT series (no image data): not a scan"."""
+    parts = list(dict.fromkeys(f"{kind} series ({'not an image series' if pixels else 'no image data'})"
+                               for kind, pixels in kinds))
+    return ", ".join(parts) + (": not a scan" if len(parts) == 1 else ": not scans")
 
 
 def _is_raw_dataset(head: bytes) -> bool:
@@ -88,7 +159,7 @@ class Series:
 
     @property
     def is_image(self) -> bool:
-        return self.modality not in NON_IMAGE_MODALITIES and any("PixelData" in ds for ds in self.datasets)
+        return any("PixelData" in ds and non_image_kind(ds, True) is None for ds in self.datasets)
 
     @property
     def localizer(self) -> bool:
@@ -142,8 +213,7 @@ def read_header(path: Path, source: Source):
     except Exception as exc:  # InvalidDicomError, EOFError, struct/Unicode errors...: pydicom raises many types
         raise InputError(source.label, f"{source.name(path)} in the {source.kind} is not a readable DICOM file "
                                        f"({type(exc).__name__}: {first_line(exc)}); corrupt or truncated?") from exc
-    sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") if hasattr(ds, "file_meta") else "")
-    if sop == DICOMDIR_SOP_CLASS or (ds.get("SOPClassUID", None) == DICOMDIR_SOP_CLASS):
+    if non_image_kind(ds, True) == DICOMDIR:
         return None
     if "SeriesInstanceUID" not in ds:
         raise InputError(source.label, f"{source.name(path)} in the {source.kind} is not a readable DICOM image (no "
@@ -174,14 +244,32 @@ def choose_series(series: list[Series], source: Source) -> tuple[Series, list[st
                                        + ", ".join(s.describe() for s in series) + ")")
     chosen = max(images, key=lambda s: (s.is_ct_volume, not s.multiframe, s.n_slices))
     said = []
-    others = [s for s in series if s is not chosen]
-    if others:
-        said.append(f"{source.label} holds {len(series)} DICOM series: segmented {chosen.describe()}, not "
-                        + ", ".join(s.describe() for s in others) + "; put each series in its own folder to segment it")
+    others = [s for s in images if s is not chosen]
+    objects = [s for s in series if not s.is_image]
+    if others or objects:
+        text = f"{source.label} holds {len(series)} DICOM series: segmented {chosen.describe()}"
+        if others:
+            text += ", not " + ", ".join(s.describe() for s in others) + "; put each series in its own folder to " \
+                                                                           "segment it"
+        if objects:
+            text += "; not image series, ignored: " + ", ".join(s.describe() for s in objects)
+        said.append(text)
     if not chosen.is_ct_volume:
         said.append(f"{source.label}: no CT series with at least {MIN_SLICES} slices; segmented "
                         f"{chosen.describe()}; the CT model's output is meaningless for other images")
     return chosen, said
+
+
+# choose_series says what 06 and totalseg-fast do with the series; 01 --from imports it instead
+IMPORT_WORDING = (("DICOM series: segmented ", "DICOM series: imported "), ("slices; segmented ", "slices; imported "),
+                  ("to segment it", "to import it"))
+
+
+def import_wording(message: str) -> str:
+    """``message`` (one of choose_series's warnings) as 01 --from says it: "imported", not "segmented"."""
+    for old, new in IMPORT_WORDING:
+        message = message.replace(old, new)
+    return message
 
 
 def first_line(exc: BaseException) -> str:

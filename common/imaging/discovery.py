@@ -5,8 +5,12 @@
   "not a NIfTI file"), or a DICOM series folder (a folder holding a DICOM file, recognised by its content:
   common.imaging.dicom_series.is_dicom_file, whatever the name, as PACS exports without extensions have).
 - Folders are searched recursively; symbolic links are followed once (a loop is refused, not followed).
+- A folder whose DICOM files hold no image slice is not a scan (common.imaging.dicom_series.object_kind: SOP
+  Class UID, Modality, no pixel data; headers only): as a CD/PACS export writes them, a ``DICOMDIR`` (the CD's
+  index) and series folders of RTSTRUCT, SR, SEG, PR, KO, REG, RTPLAN or RTDOSE objects are listed as ignored,
+  with their reason ("DICOMDIR (a CD's index file)", "RTSTRUCT series (no image data): not a scan").
 - Ignored, with the reason in the result: files named like label maps (``*_seg``, ``*_labels``, ``*_mask``,
-  ``*_gt``), README/LICENSE files, files inside a DICOM series folder that are neither DICOM nor NIfTI.
+  ``*_gt``), README/LICENSE files, files inside a folder of DICOM files that are neither DICOM nor NIfTI.
   Silently left out: hidden entries (``.name``) and this run's own outputs when ``--out`` lies inside the
   input (``*_seg.nii.gz``, ``*_passport.json``, ``*_run.json`` and the result file).
 - Scan ids (the stem of every output file) come from the path relative to the input root, parts joined
@@ -23,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.imaging.dicom_series import is_dicom_file
+from common.imaging.dicom_series import DICOMDIR, DICOMDIR_REASON, is_dicom_file, non_image_reason, object_kind
 from common.imaging.scan_paths import is_nifti_path, is_zip_path
 
 LABEL_FILE = re.compile(r"(_seg|_labels?|_mask|_gt)(_[a-z0-9]+)?$")
@@ -52,11 +56,25 @@ def is_label_file(path: Path) -> bool:
 
 
 def is_dicom_dir(path: Path) -> bool:
-    """A folder that holds at least one DICOM file directly (a series folder)."""
+    """A folder that holds at least one DICOM image file directly (a series folder; see ``dicom_content``)."""
     try:
-        return path.is_dir() and any(is_dicom_file(p) for p in path.iterdir() if not p.name.startswith("."))
+        files = [p for p in path.iterdir() if not p.name.startswith(".") and _is_file(p)] if path.is_dir() else []
     except OSError:
         return False
+    return dicom_content([p for p in files if is_dicom_file(p)]) is None
+
+
+def dicom_content(files: list[Path]) -> list[tuple[Path, str, bool]] | None:
+    """None when one of the DICOM ``files`` (one folder's) is an image slice, or one the loader must judge (the
+    folder is then a series: a scan); else every file's (path, kind, has pixel data), none of them an image
+    (common.imaging.dicom_series.object_kind: headers only, and only until the first image slice)."""
+    kinds = []
+    for p in files:
+        kind = object_kind(p)
+        if kind is None:
+            return None
+        kinds.append((p, *kind))
+    return kinds
 
 
 @dataclass
@@ -122,9 +140,14 @@ class _Walker:
                                  "error": f"{folder}: cannot list the folder ({exc.strerror or exc})"})
             return
         files = [p for p in entries if not p.name.startswith(".") and not self._ours(p)]
-        series = any(is_dicom_file(p) for p in files if _is_file(p))
-        if series and rel:
-            self.found.append(_Found(folder, rel, "dicom"))
+        dicoms = [p for p in files if _is_file(p) and is_dicom_file(p)]
+        in_folder = set(dicoms)
+        objects = dicom_content(dicoms) if dicoms else []
+        series = bool(dicoms) and objects is None
+        if series:  # the root itself is named by its own name, as a scan given alone
+            self.found.append(_Found(folder, rel or (folder.name,), "dicom"))
+        elif objects:
+            self.non_images(folder, objects)
         for p in files:
             parts = (*rel, nifti_stem(p.name))
             if _is_broken_link(p):
@@ -135,12 +158,22 @@ class _Walker:
                     self.walk(p, (*rel, p.name))
                 else:
                     self.ignore(p, "subfolder not searched (pass it with --input)")
-            elif series and is_dicom_file(p):
-                continue  # part of this folder's series
+            elif p in in_folder:
+                continue  # part of this folder's series, or listed by non_images
             else:
-                self.file(p, parts, in_series=folder if series else None)
+                self.file(p, parts, in_series=folder if series else None, in_dicom=folder if dicoms else None)
 
-    def file(self, p: Path, parts: tuple[str, ...], in_series: Path | None = None) -> None:
+    def non_images(self, folder: Path, objects: list[tuple[Path, str, bool]]) -> None:
+        """A folder of DICOM files none of which is an image slice: each DICOMDIR, then the folder (its series)."""
+        for p, kind, _ in objects:
+            if kind == DICOMDIR:
+                self.ignore(p, DICOMDIR_REASON)
+        others = [(kind, pixels) for _, kind, pixels in objects if kind != DICOMDIR]
+        if others:
+            self.ignore(folder, non_image_reason(others))
+
+    def file(self, p: Path, parts: tuple[str, ...], in_series: Path | None = None,
+             in_dicom: Path | None = None) -> None:
         name = p.name.lower()
         if name in DOC_FILES:
             self.ignore(p, "documentation file, not a scan")
@@ -151,6 +184,8 @@ class _Walker:
             self.found.append(_Found(p, (*parts[:-1], zip_stem(p.name)), "zip"))
         elif in_series is not None and not is_nifti_path(p):
             self.ignore(p, f"not a DICOM file, inside the DICOM series folder {in_series}")
+        elif in_dicom is not None and not is_nifti_path(p):
+            self.ignore(p, f"not a DICOM file, inside the folder of DICOM files {in_dicom}")
         else:
             self.found.append(_Found(p, parts, "nifti" if is_nifti_path(p) else "other"))
 
@@ -226,9 +261,7 @@ def discover(root: Path, *, output_dirs: Iterable[Path] = (), output_files: Iter
             walker.found.append(_Found(root, (zip_stem(root.name),), "zip"))
         else:
             walker.found.append(_Found(root, (nifti_stem(root.name),), "other"))
-    else:
-        if is_dicom_dir(root):  # the series itself; NIfTI files kept beside it are scans of their own
-            walker.found.append(_Found(root, (root.name,), "dicom"))
+    else:  # a series folder is a scan itself (walk); NIfTI files kept beside it are scans of their own
         walker.walk(root, (), recursive=recursive)
     assign_ids(walker.found, batch)
     batch.ignored += walker.ignored

@@ -18,6 +18,7 @@ import numpy as np
 
 from common.core.atomic import atomic_path, atomic_save_nifti
 from common.core.errors import InputError
+from common.imaging.dicom_series import DICOMDIR, DICOMDIR_REASON, import_wording, is_dicom_file, object_kind
 from common.imaging.discovery import is_label_file
 from common.imaging.labels import same_grid
 from common.imaging.scan_paths import is_nifti_path, is_zip_path, scan_id
@@ -39,11 +40,23 @@ def warn(msg: str) -> None:
 
 class ImportPlan(NamedTuple):
     """What one --from import does: ``items`` (source, target name in OUT); ``refused`` one-line reasons for
-    sources that are not imported; ``skipped`` files that are neither NIfTI nor part of a DICOM series."""
+    sources that are not imported; ``skipped`` files that are neither NIfTI nor part of a DICOM series;
+    ``ignored`` (file, reason) DICOM files that are not images (a CD's DICOMDIR, RTSTRUCT, SR, SEG...)."""
 
     items: list[tuple[Path, str]]
     refused: list[str]
     skipped: list[Path]
+    ignored: tuple[tuple[Path, str], ...] = ()
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why the DICOM file ``path`` is not imported when it holds no image ("RTSTRUCT (no image data)", "DICOMDIR
+    (a CD's index file)"); None for any other file."""
+    kind = object_kind(path) if is_dicom_file(path) else None
+    if kind is None:
+        return None
+    name, pixels = kind
+    return DICOMDIR_REASON if name == DICOMDIR else f"{name} ({'not an image series' if pixels else 'no image data'})"
 
 
 def _dicom_series(root: Path, exclude: Path | None) -> dict[Path, list[str]]:
@@ -98,7 +111,10 @@ def plan_import(root: Path, exclude: Path | None = None) -> ImportPlan:
     series = _dicom_series(root, exclude)
     niftis = [p for p in files if is_nifti_path(p)]
     zips = [p for p in files if is_zip_path(p)]  # a zipped DICOM series (common.imaging.dicom reads it)
-    skipped = [p for p in files if not is_nifti_path(p) and not is_zip_path(p) and p.parent not in series]
+    others = [p for p in files if not is_nifti_path(p) and not is_zip_path(p) and p.parent not in series]
+    why = {p: _not_an_image(p) for p in others}
+    skipped = [p for p in others if why[p] is None]
+    ignored = tuple((p, why[p]) for p in others if why[p] is not None)
     items: list[tuple[Path, str]] = []
     refused: list[str] = []
     owner: dict[str, Path] = {}
@@ -114,7 +130,7 @@ def plan_import(root: Path, exclude: Path | None = None) -> ImportPlan:
     for folder, uids in series.items():
         refused += [f"{folder}: DICOM series {uid} not imported: only the first series of a folder ({uids[0]}) is; "
                     "put each series in its own folder" for uid in uids[1:]]
-    return ImportPlan(items, refused, skipped)
+    return ImportPlan(items, refused, skipped, ignored)
 
 
 def _same_file_content(a: Path, b: Path) -> bool:
@@ -169,7 +185,7 @@ def _import_one(src: Path, target: Path, force: bool) -> bool:
         say(f"  kept existing {target} (same scan as {src})")
         return True
     for w in warnings:
-        warn(w)
+        warn(import_wording(w))
     if is_dicom:
         atomic_save_nifti(vol.image, target)
     else:
@@ -190,6 +206,10 @@ def run_import(src: Path, out: Path, force: bool) -> int:
     if exclude is not None:
         say(f"  not searching the output folder {out} (inside --from)")
     plan = plan_import(src, exclude)
+    for path, reason in plan.ignored[:MAX_SKIPPED_SHOWN]:
+        say(f"  ignored {path}: {reason}")
+    if len(plan.ignored) > MAX_SKIPPED_SHOWN:
+        say(f"  ignored {len(plan.ignored) - MAX_SKIPPED_SHOWN} more DICOM files that hold no image")
     for path in plan.skipped[:MAX_SKIPPED_SHOWN]:
         say(f"  skipped {path}: not a NIfTI file (.nii/.nii.gz) or part of a DICOM series")
     if len(plan.skipped) > MAX_SKIPPED_SHOWN:
