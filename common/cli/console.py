@@ -50,12 +50,13 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from common.cli.cluster_args import add_cluster_arguments
+    from common.cli.official_flags import add_official_flags
     from common.cli.script_args import add_weights_argument
 
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", dest="input", metavar="filepath", required=True,
+    p.add_argument("-i", dest="input", metavar="filepath",
                    help="CT: NIfTI file, DICOM folder, zip of a DICOM series, or a folder of scans")
-    p.add_argument("-o", dest="output", metavar="directory", type=Path, required=True,
+    p.add_argument("-o", dest="output", metavar="directory", type=Path,
                    help="output folder (one mask per class), or with --ml the label map file; for a folder of "
                         "scans, each scan's outputs go to <o>/<scan id>/ (--ml: segmentations.nii.gz there)")
     p.add_argument("-ml", "--ml", action="store_true", help="save one multilabel image for all classes")
@@ -92,8 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=None, help="ONNX model file (default models/task297.onnx, exported "
                                                              "from the weights on first use)")
     add_weights_argument(p)
+    p.add_argument("-ss", "--skip_saving", action="store_true",
+                   help="write no masks, only what else was asked for (e.g. --statistics into -o); -o is then not "
+                        "replaced, so masks already there stay")
+    p.add_argument("-lt", "--list-tasks", action="store_true", dest="list_tasks",
+                   help="list the tasks this tool runs (one: total, the fast model) and exit")
+    p.add_argument("-lc", "--list-classes", dest="list_classes", nargs="?", const=TASK, metavar="task",
+                   help="list the classes of the task (index -> name, the official class map) and exit")
     add_cluster_arguments(p)
+    add_official_flags(p)
     return p
+
+
+def _listing(args: argparse.Namespace) -> str | None:
+    """What --list-tasks / --list-classes print (the official class map for the names), or None."""
+    if args.list_tasks:
+        return f"{TASK}\tCT\tno licence\t117 classes (the fast model: Task 297, 3 mm; the only task of {PROG})"
+    if args.list_classes is not None:
+        if args.list_classes != TASK:
+            raise InputError(None, f"--list-classes {args.list_classes}: {PROG} runs only the task {TASK}")
+        from totalsegmentator.map_to_binary import class_map
+
+        return "\n".join(f"{k}\t{v}" for k, v in sorted(class_map[TASK].items()))
+    return None
 
 
 def _roi_subset(names: list[str] | None, label_map: dict[int, str]) -> list[str] | None:
@@ -120,7 +142,22 @@ def _check_device(device: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from common.cli.official_flags import refusal
+
+    problem = refusal(args)
+    if problem:
+        parser.error(problem)
+    try:
+        listing = _listing(args)
+    except InputError as exc:
+        parser.error(str(exc))
+    if listing is not None:
+        print(listing)
+        return 0
+    if args.input is None or args.output is None:
+        parser.error("the following arguments are required: -i, -o")
     say = _printer(args)
 
     from common.cli.args import fail

@@ -47,6 +47,8 @@ def targets_for(args: argparse.Namespace, batch, scan: Path) -> ScanTargets:
         seg = args.output
         folder = seg.parent if args.ml else seg
         whole = None if args.ml else seg
+    if getattr(args, "skip_saving", False):  # no masks: the folder is not replaced, single files are staged
+        whole = None
     custom_stats = isinstance(args.statistics, str) and not is_folder_mode(args, batch)
     return ScanTargets(seg, Path(args.statistics) if custom_stats else folder / "statistics.json",
                        folder / "preview_total.png", folder / "passport.json", whole)
@@ -70,7 +72,9 @@ def staged(targets: ScanTargets, owned: Callable[[str], bool]) -> Iterator[ScanT
         groups: dict[Path, StagedFiles] = {}
         moved = []
         for path in targets[:4]:
-            if staging is not None and path == targets.folder:
+            if staging is None and path.is_dir():
+                moved.append(path)  # the mask folder with --skip_saving: nothing is written to it
+            elif staging is not None and path == targets.folder:
                 moved.append(staging)
             elif staging is not None and path.parent == targets.folder:
                 moved.append(staging / path.name)
@@ -100,9 +104,16 @@ def _check_room(vol, targets: ScanTargets, n_images: int) -> None:
     from common.core.disk_space import check_free_space
     from common.imaging.official_output import min_nifti_bytes
 
+    if n_images == 0:
+        return
     need = min_nifti_bytes(int(np.prod(vol.shape[:3])), n_images)
     what = "the label map" if n_images == 1 else f"the {n_images} masks"
     check_free_space((targets.folder or targets.seg).parent, need, f"{what} (at least)")
+
+
+def _n_images(args: argparse.Namespace, selected: dict[int, str]) -> int:
+    """How many NIfTI images the scan's outputs hold: none with -ss, one with --ml, else one per class."""
+    return 0 if getattr(args, "skip_saving", False) else 1 if args.ml else len(selected)
 
 
 def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
@@ -124,12 +135,14 @@ def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.
     selected = out.subset_map(label_map, roi)
     t0 = time.perf_counter()
     run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None,
-                   preflight=lambda vol: _check_room(vol, targets, 1 if args.ml else len(selected)))
+                   preflight=lambda vol: _check_room(vol, targets, _n_images(args, selected)))
     messages += [("warning", f"warning: {w}") for w in run.warnings]
     labels = np.asanyarray(run.result.labels.dataobj)
     t1 = time.perf_counter()
     with staged(targets, owned) as into:
-        if args.ml:
+        if getattr(args, "skip_saving", False):
+            pass  # -ss: no masks (the official --skip_saving), only the extras asked for
+        elif args.ml:
             out.write_multilabel(labels, run.volume.image, selected, into.seg)
         else:
             out.write_class_masks(labels, run.volume.image, selected, into.seg, threads=args.nr_thr_saving)
