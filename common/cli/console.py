@@ -265,8 +265,6 @@ def _check_and_lock_output(args: argparse.Namespace, batch, held: ExitStack) -> 
     """Refuse, before the work, an -o that cannot be written; then take its lock (common.core.locks, a file in
     ``.locks/`` beside it) for the whole run, so that a second run on the same -o stops at once, naming this one.
     One scan's -o is left as it is until its new output set is complete (common.cli.console_scan)."""
-    import os
-
     from common.core.atomic import name_too_long
     from common.core.locks import ScanLock
 
@@ -283,8 +281,6 @@ def _check_and_lock_output(args: argparse.Namespace, batch, held: ExitStack) -> 
     if not lock.acquired:
         raise InputError(out, f"is being written by another {PROG} run ({lock.holder}); wait for it to finish or "
                               "choose another -o")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(out.parent, "cannot write there (read-only)")
 
 
 class _Outcomes:

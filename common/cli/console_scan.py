@@ -47,7 +47,7 @@ def targets_for(args: argparse.Namespace, batch, scan: Path) -> ScanTargets:
         seg = args.output
         folder = seg.parent if args.ml else seg
         whole = None if args.ml else seg
-    if getattr(args, "skip_saving", False):  # no masks: the folder is not replaced, single files are staged
+    if args.skip_saving:  # no masks: the folder is not replaced, single files are staged
         whole = None
     custom_stats = isinstance(args.statistics, str) and not is_folder_mode(args, batch)
     return ScanTargets(seg, Path(args.statistics) if custom_stats else folder / "statistics.json",
@@ -113,7 +113,7 @@ def _check_room(vol, targets: ScanTargets, n_images: int) -> None:
 
 def _n_images(args: argparse.Namespace, selected: dict[int, str]) -> int:
     """How many NIfTI images the scan's outputs hold: none with -ss, one with --ml, else one per class."""
-    return 0 if getattr(args, "skip_saving", False) else 1 if args.ml else len(selected)
+    return 0 if args.skip_saving else 1 if args.ml else len(selected)
 
 
 def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
@@ -140,7 +140,7 @@ def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.
     labels = np.asanyarray(run.result.labels.dataobj)
     t1 = time.perf_counter()
     with staged(targets, owned) as into:
-        if getattr(args, "skip_saving", False):
+        if args.skip_saving:
             pass  # -ss: no masks (the official --skip_saving), only the extras asked for
         elif args.ml:
             out.write_multilabel(labels, run.volume.image, selected, into.seg)

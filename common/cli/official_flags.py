@@ -106,14 +106,8 @@ def _given(dest: str, value: Any) -> bool:
     if dest == "output_type":
         types = [t for item in (value or []) for t in str(item).split(",") if t]
         return any(t != "nifti" for t in types)
-    default = FLAGS[dest].kwargs.get("default", None if "action" not in FLAGS[dest].kwargs else False)
-    if dest == "model_size":
-        return value != "big"
-    if dest == "test":
-        return value != 0
-    if dest == "resampling_order":
-        return value != 1
-    return value != default and value not in (None, False)
+    kwargs = FLAGS[dest].kwargs
+    return value != kwargs.get("default", False if kwargs.get("action") == "store_true" else None)
 
 
 def refusal(args: argparse.Namespace) -> str | None:

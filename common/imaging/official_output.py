@@ -13,6 +13,7 @@ Every file is written atomically (common.core.atomic).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,13 +98,18 @@ def min_nifti_bytes(n_voxels: int, n_images: int) -> int:
     writes them: no image compresses further than all zeros do at nibabel's gzip level (measured on 8 MiB of
     zeros here, not assumed; 90 % of it, for the gzip framing of smaller files), plus the 352-byte header. Class
     masks are nearly all zeros, so for a mask set this is near the real size; a label map takes more."""
+    return n_images * (int(0.9 * n_voxels * _zero_bytes_per_voxel()) + 352)
+
+
+@functools.cache
+def _zero_bytes_per_voxel() -> float:
+    """Bytes per voxel of gzipped zeros at nibabel's level, measured once per process on 8 MiB."""
     import gzip
 
     from nibabel.openers import Opener
 
     sample = 8 << 20
-    per_voxel = len(gzip.compress(bytes(sample), compresslevel=Opener.default_compresslevel)) / sample
-    return n_images * (int(0.9 * n_voxels * per_voxel) + 352)
+    return len(gzip.compress(bytes(sample), compresslevel=Opener.default_compresslevel)) / sample
 
 
 def write_statistics(stats: dict, target: Path) -> Path:
