@@ -36,7 +36,7 @@ DEFAULT_RESULT = ROOT / "benchmarks" / "console_vs_06.json"
 TIMEOUT_S = 1800
 
 
-def _run(cmd: list[str]) -> tuple[float, int]:
+def run_child(cmd: list[str]) -> tuple[float, int]:
     """Run ``cmd``; return (wall s, peak RSS bytes of that child). Raises RuntimeError when it fails."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 for name, (cmd, _) in variants.items():
                     try:
-                        wall, rss = _run(cmd)
+                        wall, rss = run_child(cmd)
                     except RuntimeError as exc:
                         print(f"error: {scan}: {exc}", file=sys.stderr)
                         return 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -187,6 +188,10 @@ def _segment_all(args: argparse.Namespace, run: _Prepared, say: Say) -> int:
     else:
         _segment_here(args, run, outcomes)
     failed = outcomes.failed
+    if args.report is not None and not failed:
+        from common.cli.scan_outputs import write_report
+
+        write_report(args.report, args.input, args.output, run.opts, run.roi, time.perf_counter() - run.started)
     n_ok = len(batch.scans) - (len(failed) - len(batch.refused))
     say(f"{n_ok} scan(s) segmented, {len(failed)} failed; weights: {run.spec.provenance()['weights']}; output: "
         f"{args.output}")
@@ -215,12 +220,14 @@ class _Prepared(NamedTuple):
     """What the scans need, once the options, the inputs and the model have been checked."""
 
     cfg: Any  # RunConfig
+    opts: Any  # common.cli.scan_outputs.ScanOptions
     batch: Any  # the resolved inputs (common.sources.inputs.resolve_inputs)
     spec: Any  # the model's ModelSpec
     label_map: dict[int, str]  # class id -> name, background excluded
     roi: list[str] | None
     onnx: Path | None
     predictor: Any  # None when the scans run on a cluster
+    started: float  # perf_counter at the start of the run (for --report)
 
 
 def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
@@ -228,6 +235,7 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     inputs, outputs (and their lock, entered on ``held``), model, ONNX file and (in this process) the predictor.
     Raises InputError, OSError or RuntimeError with a one-line message."""
     from common.cli.cluster_args import cluster_problem, wants_cluster
+    from common.cli.scan_outputs import scan_options
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.core.signals import exit_cleanly_on_sigterm
     from common.inference.model_cache import ensure_onnx, prepare_model
@@ -235,10 +243,12 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     from common.inference.run_config import RunConfig, load_config
     from common.sources.inputs import resolve_inputs
 
+    started = time.perf_counter()
     exit_cleanly_on_sigterm()
     problem = cluster_problem(args)
     if problem:
         raise InputError(None, problem)
+    opts = scan_options(args)
     providers = _check_device(args.device)
     cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
     if cfg_path:
@@ -246,9 +256,16 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     else:  # the GPU runs through ONNX Runtime's CUDA provider
         cfg = RunConfig.fastest_exact_onnx() if args.device == "gpu" else RunConfig.fastest_exact()
     cfg.segment.resample_threads = args.nr_thr_resamp
+    cfg.segment.resample_order = args.resampling_order
     cfg.ort.providers = providers
     batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
-    _check_and_lock_output(args, batch, held)
+    if opts.output_type != "nifti" and not is_folder_mode(args, batch) and batch.scans and \
+            batch.scans[0].is_file() and not batch.scans[0].name.lower().endswith(".zip"):
+        raise InputError(batch.scans[0], f"-ot {opts.output_type} needs a DICOM series as input (a folder or a zip "
+                                         "of one), as the official tool")
+    if args.report is not None and is_folder_mode(args, batch):
+        raise InputError(None, "-rp/--report: one scan per run (the official report describes one input)")
+    _check_and_lock_output(args, opts, batch, held)
     spec = prepare_model(args.weights, log=lambda m: say(m))
     label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded
     roi = _roi_subset(args.roi_subset, label_map)
@@ -258,10 +275,10 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     onnx = ensure_onnx(spec, args.onnx or DEFAULT_ONNX, log=lambda m: say(m)) if cfg.backend == "onnxruntime" \
         else None
     predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)
-    return _Prepared(cfg, batch, spec, label_map, roi, onnx, predictor)
+    return _Prepared(cfg, opts, batch, spec, label_map, roi, onnx, predictor, started)
 
 
-def _check_and_lock_output(args: argparse.Namespace, batch, held: ExitStack) -> None:
+def _check_and_lock_output(args: argparse.Namespace, opts, batch, held: ExitStack) -> None:
     """Refuse, before the work, an -o that cannot be written; then take its lock (common.core.locks, a file in
     ``.locks/`` beside it) for the whole run, so that a second run on the same -o stops at once, naming this one.
     One scan's -o is left as it is until its new output set is complete (common.cli.console_scan)."""
@@ -269,9 +286,13 @@ def _check_and_lock_output(args: argparse.Namespace, batch, held: ExitStack) -> 
     from common.core.locks import ScanLock
 
     out, folder_mode = args.output, is_folder_mode(args, batch)
-    if args.ml and not folder_mode and (out.is_dir() or not out.name.lower().endswith((".nii", ".nii.gz"))):
+    if opts.output_type != "nifti" and not folder_mode and out.is_dir():
+        raise InputError(out, f"with -ot {opts.output_type} and one scan, -o is the DICOM file to write (e.g. "
+                              "seg.dcm), not a folder")
+    if opts.output_type == "nifti" and opts.ml and not folder_mode and (
+            out.is_dir() or not out.name.lower().endswith((".nii", ".nii.gz"))):
         raise InputError(out, "with --ml and one scan, -o is the label map file (ending .nii.gz)")
-    if not folder_mode and not args.ml and out.exists() and not out.is_dir():
+    if not folder_mode and not opts.single_file and out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder (without --ml, -o is the folder of the class masks)")
     problem = name_too_long(out)
     if problem:
@@ -309,7 +330,7 @@ def _segment_on_cluster(args: argparse.Namespace, run: _Prepared, say: Say, outc
 
     batch = run.batch
     recipe = ModelRecipe(run.cfg, args.weights, str(run.onnx) if run.onnx else None)
-    items = [(scan, batch.ids[scan], (targets_for(args, batch, scan), args, run.label_map, run.roi))
+    items = [(scan, batch.ids[scan], (targets_for(args, batch, scan, run.opts), run.opts, run.label_map, run.roi))
              for scan in batch.scans]
     try:
         with open_client(cluster_target(args), recipe, log=lambda m: say(m)) as client:
@@ -336,8 +357,9 @@ def _segment_here(args: argparse.Namespace, run: _Prepared, outcomes: _Outcomes)
     batch = run.batch
     scans = tqdm(batch.scans, desc=PROG, unit="scan", disable=args.quiet or len(batch.scans) < 2)
     for scan in scans:
-        out = segment_or_error(scan, batch.ids[scan], targets_for(args, batch, scan), args, run.label_map, run.roi,
-                                run.spec, run.predictor, run.cfg)
+        targets = targets_for(args, batch, scan, run.opts)
+        out = segment_or_error(scan, batch.ids[scan], targets, run.opts, run.label_map, run.roi, run.spec,
+                               run.predictor, run.cfg)
         if isinstance(out, str):
             outcomes.failed_scan(out)
         else:

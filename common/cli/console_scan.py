@@ -14,10 +14,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from common.cli.scan_outputs import ScanOptions
 from common.core.atomic import TMP_PREFIX, name_too_long
 from common.core.errors import InputError
+from common.imaging.official_post import DICOM_TYPES, dicom_target
 
 ML_NAME_IN_FOLDER_MODE = "segmentations.nii.gz"
+FOLDER_MODE_NAMES = {"ml": ML_NAME_IN_FOLDER_MODE, "dicom_seg": "segmentations_seg.dcm",
+                     "dicom_rtstruct": "segmentations_rtstruct.dcm"}
 EXTRA_NAMES = ("statistics.json", "preview_total.png", "passport.json")
 
 
@@ -37,27 +41,28 @@ def is_folder_mode(args: argparse.Namespace, batch) -> bool:
     return not (len(batch.scans) == 1 and batch.scans[0] == Path(args.input))
 
 
-def targets_for(args: argparse.Namespace, batch, scan: Path) -> ScanTargets:
-    """Where one scan's outputs go. One scan: -o is the masks folder (or the --ml file), extras beside it. A
-    folder of scans: everything of a scan in <o>/<scan id>/ (--ml file: segmentations.nii.gz there)."""
+def targets_for(args: argparse.Namespace, batch, scan: Path, opts: ScanOptions) -> ScanTargets:
+    """Where one scan's outputs go. One scan: -o is the masks folder (or the --ml / DICOM file), extras beside it.
+    A folder of scans: everything of a scan in <o>/<scan id>/ (one-file outputs named as FOLDER_MODE_NAMES)."""
     if is_folder_mode(args, batch):
         folder = args.output / batch.ids[scan]
-        seg, whole = (folder / ML_NAME_IN_FOLDER_MODE if args.ml else folder), folder
+        name = FOLDER_MODE_NAMES["ml" if opts.output_type == "nifti" else opts.output_type]
+        seg, whole = (folder / name if opts.single_file else folder), folder
     else:
-        seg = args.output
-        folder = seg.parent if args.ml else seg
-        whole = None if args.ml else seg
-    if args.skip_saving:  # no masks: the folder is not replaced, single files are staged
+        seg = dicom_target(opts.output_type, args.output)
+        folder = seg.parent if opts.single_file else seg
+        whole = None if opts.single_file else seg
+    if opts.skip_saving:  # no masks: the folder is not replaced, single files are staged
         whole = None
-    custom_stats = isinstance(args.statistics, str) and not is_folder_mode(args, batch)
-    return ScanTargets(seg, Path(args.statistics) if custom_stats else folder / "statistics.json",
+    custom_stats = isinstance(opts.statistics, str) and not is_folder_mode(args, batch)
+    return ScanTargets(seg, Path(opts.statistics) if custom_stats else folder / "statistics.json",
                        folder / "preview_total.png", folder / "passport.json", whole)
 
 
 def owned_names(label_map: dict[int, str]) -> Callable[[str], bool]:
     """``owned(name)``: True for the entries of an output folder that belong to this tool's output set (every
     class mask it can write, the --ml file of a folder run, the extras, leftover temporary files)."""
-    names = {f"{v}.nii.gz" for v in label_map.values()} | {ML_NAME_IN_FOLDER_MODE, *EXTRA_NAMES}
+    names = {f"{v}.nii.gz" for v in label_map.values()} | {*FOLDER_MODE_NAMES.values(), *EXTRA_NAMES}
     return lambda name: name in names or name.startswith(TMP_PREFIX)
 
 
@@ -111,75 +116,89 @@ def _check_room(vol, targets: ScanTargets, n_images: int) -> None:
     check_free_space((targets.folder or targets.seg).parent, need, f"{what} (at least)")
 
 
-def _n_images(args: argparse.Namespace, selected: dict[int, str]) -> int:
-    """How many NIfTI images the scan's outputs hold: none with -ss, one with --ml, else one per class."""
-    return 0 if args.skip_saving else 1 if args.ml else len(selected)
+def _n_images(opts: ScanOptions, selected: dict[int, str]) -> int:
+    """How many images the scan's outputs hold: none with -ss, one file with --ml or DICOM, else one per class."""
+    return 0 if opts.skip_saving else 1 if opts.single_file else len(selected)
 
 
-def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
+def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, opts: ScanOptions,
                  label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list[tuple[str, str]]:
     """Segment one scan and write its output set (``targets``, replaced as a whole). Returns the messages to
     print, as (kind, line): "warning" (always shown), "note" (unless -q) or "verbose" (-v). Raises InputError
     (one line) for a bad scan, OSError for outputs that cannot be written (nothing of them then remains)."""
-    import numpy as np
-
+    from common.cli.scan_outputs import produce
     from common.imaging import official_output as out
-    from common.runs.scan_run import run_scan
 
     for path in targets[:4]:
         problem = name_too_long(path)
         if problem:
             raise InputError(None, problem)
+    if opts.output_type in DICOM_TYPES and (scan.is_file() and not scan.name.lower().endswith(".zip")):
+        raise InputError(scan, f"-ot {opts.output_type} needs a DICOM series as input (a folder or a zip of one), "
+                               "as the official tool")
     owned = owned_names(label_map)
     messages = [("note", line) for line in stale_staging_notes(targets, owned)]
-    selected = out.subset_map(label_map, roi)
     t0 = time.perf_counter()
-    run = run_scan(scan, spec, predictor, cfg.segment, mask_path=None,
-                   preflight=lambda vol: _check_room(vol, targets, _n_images(args, selected)))
-    messages += [("warning", f"warning: {w}") for w in run.warnings]
-    labels = np.asanyarray(run.result.labels.dataobj)
+    selected = out.subset_map(label_map, roi)
+    made = produce(scan, opts, label_map, roi, spec, predictor, cfg,
+                   preflight=lambda vol: _check_room(vol, targets, _n_images(opts, selected)))
+    messages += [("warning", f"warning: {w}") for w in made.run.warnings]
     t1 = time.perf_counter()
-    with staged(targets, owned) as into:
-        if args.skip_saving:
-            pass  # -ss: no masks (the official --skip_saving), only the extras asked for
-        elif args.ml:
-            out.write_multilabel(labels, run.volume.image, selected, into.seg)
-        else:
-            out.write_class_masks(labels, run.volume.image, selected, into.seg, threads=args.nr_thr_saving)
-        t2 = time.perf_counter()
-        _write_extras(scan, run, into, args, roi, selected, spec, cfg)
+    t2 = write_output_set(scan, made, opts, targets, owned, roi, spec)
     t3 = time.perf_counter()
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items())
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in made.run.stages.items())
     messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
                      + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
     return messages
 
 
-def _write_extras(scan: Path, run, into: ScanTargets, args: argparse.Namespace, roi: list[str] | None,
-                  selected: dict[int, str], spec, cfg) -> None:
+def write_output_set(scan: Path, made, opts: ScanOptions, targets: ScanTargets, owned: Callable[[str], bool],
+                     roi: list[str] | None, spec) -> float:
+    """Write a scan's output set (``made``: common.cli.scan_outputs.produce) into ``targets``, as a whole (see
+    ``staged``). Returns the time (perf_counter) when the labels were written, before the extras."""
+    with staged(targets, owned) as into:
+        _write_labels(scan, made, opts, into)
+        t_labels = time.perf_counter()
+        _write_extras(scan, made, into, opts, roi, spec)
+    return t_labels
+
+
+def _write_labels(scan: Path, made, opts: ScanOptions, into: ScanTargets) -> None:
+    """The masks, the --ml label map or the DICOM object, into the staged targets (nothing with -ss)."""
+    from common.imaging import official_output as out
+
+    if opts.skip_saving:
+        return  # -ss: no masks (the official --skip_saving), only the extras asked for
+    if opts.output_type in DICOM_TYPES:
+        from common.imaging.dicom import series_reference
+        from common.imaging.official_post import write_dicom_output
+
+        with series_reference(scan) as reference:
+            write_dicom_output(opts.output_type, made.labels, made.selected, reference, into.seg,
+                               made.reference.affine)
+    elif opts.ml:
+        out.write_multilabel(made.labels, made.reference, made.label_map, into.seg)
+    else:
+        out.write_class_masks(made.labels, made.reference, made.selected, into.seg, threads=opts.nr_thr_saving)
+
+
+def _write_extras(scan: Path, made, into: ScanTargets, opts: ScanOptions, roi: list[str] | None, spec) -> None:
     """statistics.json, preview_total.png and passport.json, as asked for, into the staged targets."""
     import numpy as np
 
     from common.imaging import official_output as out
 
-    if args.statistics or args.preview:
-        from common.inference.preprocess import resample_to_spacing, to_canonical
+    run = made.run
+    if made.stats is not None:
+        out.write_statistics(made.stats, into.statistics)
+    if opts.preview:
+        from common.reporting.preview import write_preview
 
-        ct_3mm = resample_to_spacing(to_canonical(run.volume.image), spec.spacing_xyz, order=cfg.segment.resample_order,
-                                     threads=cfg.segment.resample_threads)
-        if args.statistics:
-            stats = out.statistics(run.result.labels_model_res, ct_3mm, roi,
-                                   exclude_masks_at_border=not args.stats_include_incomplete,
-                                   metric=args.stats_aggregation)
-            out.write_statistics(stats, into.statistics)
-        if args.preview:
-            from common.reporting.preview import write_preview
-
-            lab3 = np.asanyarray(run.result.labels_model_res.dataobj)
-            if roi is not None:
-                lab3 = lab3 * np.isin(lab3, list(selected)).astype(lab3.dtype)
-            write_preview(np.asanyarray(ct_3mm.dataobj), lab3, into.preview, title=scan.name)
-    if args.passport:
+        lab3 = np.asanyarray(run.result.labels_model_res.dataobj)
+        if roi is not None:
+            lab3 = lab3 * np.isin(lab3, list(made.selected)).astype(lab3.dtype)
+        write_preview(np.asanyarray(made.ct_3mm.dataobj), lab3, into.preview, title=scan.name)
+    if opts.passport:
         from common.records.passport import build_passport, save_passport, scan_metadata
 
         lab = run.result.labels_model_res
@@ -188,13 +207,13 @@ def _write_extras(scan: Path, run, into: ScanTargets, args: argparse.Namespace, 
                                      resolution="model"), into.passport)
 
 
-def segment_or_error(scan: Path, scan_id: str, targets: ScanTargets, args: argparse.Namespace,
+def segment_or_error(scan: Path, scan_id: str, targets: ScanTargets, opts: ScanOptions,
                      label_map: dict[int, str], roi: list[str] | None, spec, predictor, cfg) -> list | str:
     """segment_scan, in this process or on a Dask worker: its messages, or the one-line error of a bad scan (a
     string, so that a cluster's client tells a bad scan from a failure of the cluster); one bad scan never
     stops a folder run. KeyboardInterrupt and SystemExit pass through."""
     try:
-        return segment_scan(scan, scan_id, targets, args, label_map, roi, spec, predictor, cfg)
+        return segment_scan(scan, scan_id, targets, opts, label_map, roi, spec, predictor, cfg)
     except InputError as exc:
         return str(exc)
     except OSError as exc:  # a full disk, a folder that went read-only: one line naming the file

@@ -23,6 +23,14 @@ class Flag(NamedTuple):
 
 
 
+def _order(text: str) -> int:
+    """The official -ro type: a spline order 0-5."""
+    value = int(text)
+    if not 0 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"{value} is not a spline order (0-5)")
+    return value
+
+
 FLAGS: dict[str, Flag] = {
     "force_split": Flag(("-fs", "--force_split"), {"action": "store_true", "help": (
         "accepted: the official tool splits a large image into 3 parts to save memory; here memory is bounded by "
@@ -70,27 +78,32 @@ FLAGS: dict[str, Flag] = {
                                "help": "only 0 (the official testing hook copies its reference files)"},
                  "the official --test hook copies reference segmentations from its own tests folder instead of "
                  "predicting; run without --test"),
-    "save_lowres": Flag(("-sl", "--save_lowres"), {"action": "store_true", "help": "not yet supported"},
-                        "not supported yet (the 3 mm result is in 06's passport at model resolution); omit -sl"),
-    "resampling_order": Flag(("-ro", "--resampling_order"), {"type": int, "default": 1, "metavar": "0-5",
-                                                             "help": "only 1, the official default, for now"},
-                             "only the official default order 1 is supported yet; omit -ro"),
-    "v1_order": Flag(("-v1o", "--v1_order"), {"action": "store_true", "help": "not yet supported"},
-                     "the v1 label order is not supported yet; omit -v1o"),
+    "save_lowres": Flag(("-sl", "--save_lowres"), {"action": "store_true", "help": (
+        "supported: the result at the model's 3 mm instead of the input's resolution, written as the official "
+        "tool writes it (not with --roi_subset or DICOM output, as there)")}, None),
+    "resampling_order": Flag(("-ro", "--resampling_order"), {"type": _order, "default": 1, "metavar": "0-5",
+                                                             "help": (
+        "supported: spline order of the input's resampling to 3 mm (0-5, default 1), as the official tool")},
+                             None),
+    "v1_order": Flag(("-v1o", "--v1_order"), {"action": "store_true", "help": (
+        "supported with --ml: classes numbered as in TotalSegmentator v1 (v2-only classes removed)")}, None),
     "remove_small_blobs": Flag(("-rmb", "--remove_small_blobs"), {"nargs": "?", "const": 200.0, "default": False,
-                                                                 "type": float, "metavar": "mm3",
-                                                                 "help": "not yet supported"},
-                               "removing small components is not supported yet; omit -rmb"),
-    "radiomics": Flag(("-r", "--radiomics"), {"action": "store_true", "help": "not yet supported"},
-                      "radiomics (pyradiomics) are not supported yet; run the official tool's "
-                      "totalseg_get_radiomics on our masks"),
+                                                                 "type": float, "metavar": "mm3", "help": (
+        "supported: remove connected components under mm3 (default 200) from every class, on the 3 mm result, "
+        "by the official tool's own function")}, None),
+    "radiomics": Flag(("-r", "--radiomics"), {"action": "store_true", "help": "refused (pyradiomics)"},
+                      "pyradiomics does not install on this Python from PyPI (no wheel; its source build fails), so "
+                      "radiomics are not computed here; run the official totalseg_get_radiomics on our masks"),
     "save_probabilities": Flag(("-sp", "--save_probabilities"), {"metavar": "PATH", "help": "not yet supported"},
-                               "saving the class probabilities is not supported yet; omit -sp"),
-    "report": Flag(("-rp", "--report"), {"metavar": "PATH", "help": "not yet supported"},
-                   "the official run report is not written yet; omit -rp"),
-    "output_type": Flag(("-ot", "--output_type"), {"nargs": "+", "default": None, "metavar": "TYPE",
-                                                   "help": "only nifti for now (dicom_seg, dicom_rtstruct: not yet)"},
-                        "only nifti output is supported yet (DICOM SEG and RTSTRUCT are not); omit -ot"),
+                               "the class probabilities would need the full 118-class logits, which this pipeline never holds (it "
+                               "takes the argmax slab by slab); run the official tool for them"),
+    "report": Flag(("-rp", "--report"), {"metavar": "PATH", "help": (
+        "supported for one scan: the official run report JSON (its own build_run_report), written once the "
+        "outputs are in place")}, None),
+    "output_type": Flag(("-ot", "--output_type"), {"nargs": "+", "default": None, "metavar": "TYPE", "help": (
+        "supported: nifti (default), dicom_seg (DICOM SEG, highdicom) or dicom_rtstruct (RTSTRUCT, rt_utils), "
+        "written by the official tool's own writers; DICOM output needs a DICOM series as input and -o is the "
+        "file; one type per run")}, None),
 }
 
 
@@ -103,9 +116,6 @@ def add_official_flags(p: argparse.ArgumentParser) -> None:
 
 def _given(dest: str, value: Any) -> bool:
     """Whether a refusable flag was given with a value that asks for what is not run."""
-    if dest == "output_type":
-        types = [t for item in (value or []) for t in str(item).split(",") if t]
-        return any(t != "nifti" for t in types)
     kwargs = FLAGS[dest].kwargs
     return value != kwargs.get("default", False if kwargs.get("action") == "store_true" else None)
 

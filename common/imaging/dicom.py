@@ -167,3 +167,27 @@ def load_dicom_zip(path: str | Path) -> nib.Nifti1Image:
         root.mkdir()
         extract_zip(path, root)
         return load_series(Source(path, root, ZIP_KIND), recursive=True)
+
+
+@contextlib.contextmanager
+def series_reference(path: str | Path) -> Iterator[Path]:
+    """A temporary folder holding (as links) only the image files of the series that ``load_volume(path)``
+    segments (a folder or a zip; localizers left out), for writers that read a whole folder as the reference
+    series (the official DICOM SEG / RTSTRUCT writers); removed on leaving the block."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="ts-bench-ref-", ignore_cleanup_errors=True) as tmp:
+        if path.is_file():
+            root = Path(tmp) / "extracted"
+            root.mkdir()
+            extract_zip(path, root)
+            source, recursive = Source(path, root, ZIP_KIND), True
+        else:
+            source, recursive = Source(path, path, FOLDER_KIND), False
+        with _quiet_pydicom():
+            chosen, _ = choose_series(read_series(source, recursive), source)
+            slices, _ = drop_localizers(chosen)
+        ref = Path(tmp) / "series"
+        ref.mkdir()
+        for k, ds in enumerate(slices):
+            (ref / f"{k:05d}.dcm").symlink_to(Path(ds.filename).resolve())
+        yield ref

@@ -69,28 +69,35 @@ def write_class_masks(labels: np.ndarray, input_img: nib.Nifti1Image, label_map:
         return list(pool.map(one, label_map.items()))
 
 
-def write_multilabel(labels: np.ndarray, input_img: nib.Nifti1Image, label_map: dict[int, str],
-                     target: Path) -> Path:
-    """The label map (x, y, z, uint8; classes outside ``label_map`` set to 0) with the official label-map
-    header extension."""
+def multilabel_image(labels: np.ndarray, input_img: nib.Nifti1Image, label_map: dict[int, str]) -> nib.Nifti1Image:
+    """The label map as the official tool returns and writes it: (x, y, z) uint8, classes outside ``label_map``
+    set to 0, ``input_img``'s affine and header, and the official label-map header extension."""
     from totalsegmentator.nifti_ext_header import add_label_map_to_nifti
 
     data = np.asfortranarray(labels, dtype=np.uint8)  # NIfTI's order on disk: saved without reordering
     if set(np.unique(data)) - {0, *label_map}:
         data = data * np.isin(data, list(label_map)).astype(np.uint8)
     img = nib.Nifti1Image(data, np.asarray(input_img.affine, dtype=np.float64), official_header(input_img))
-    return atomic_save_nifti(add_label_map_to_nifti(img, label_map), target)
+    return add_label_map_to_nifti(img, label_map)
+
+
+def write_multilabel(labels: np.ndarray, input_img: nib.Nifti1Image, label_map: dict[int, str],
+                     target: Path) -> Path:
+    """multilabel_image(labels, input_img, label_map) saved (atomically) at ``target``."""
+    return atomic_save_nifti(multilabel_image(labels, input_img, label_map), target)
 
 
 def statistics(labels_model_res: nib.Nifti1Image, ct_model_res: nib.Nifti1Image, roi_subset: Sequence[str] | None,
-               *, exclude_masks_at_border: bool = True, metric: str = "mean") -> dict[str, dict[str, float]]:
+               *, exclude_masks_at_border: bool = True, metric: str = "mean",
+               normalized_intensities: bool = False) -> dict[str, dict[str, float]]:
     """TotalSegmentator's fast-mode statistics: {class name: {"volume": mm³, "intensity": HU}} computed by its
     own get_basic_statistics on the 3 mm canonical labels and the 3 mm resampled CT (same grid)."""
     from totalsegmentator.statistics import get_basic_statistics
 
     return get_basic_statistics(np.asanyarray(labels_model_res.dataobj), ct_model_res, None, quiet=True,
                                 task="total", exclude_masks_at_border=exclude_masks_at_border,
-                                roi_subset=list(roi_subset) if roi_subset is not None else None, metric=metric)
+                                roi_subset=list(roi_subset) if roi_subset is not None else None, metric=metric,
+                                normalized_intensities=normalized_intensities)
 
 
 def min_nifti_bytes(n_voxels: int, n_images: int) -> int:

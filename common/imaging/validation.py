@@ -335,6 +335,18 @@ def load_scan(path: str | Path, modality: str = "CT") -> tuple[Volume, list[str]
     return Volume(path, img), warnings
 
 
+def scan_from_image(img: nib.Nifti1Image, label: str = "nibabel image") -> tuple[Volume, list[str]]:
+    """A scan given in memory (e.g. to the python API) checked as ``load_scan`` checks a file; its Volume (path
+    ``label``, for messages) and warnings. Raises InputError (one line) for every problem of validate_image."""
+    if not isinstance(img, nib.Nifti1Image):
+        img = nib.Nifti1Image.from_image(img)
+    data = np.asanyarray(img.dataobj)
+    warnings = validate_image(img, label, data=data)
+    if data.ndim > 3:
+        img = squeeze_to_3d(img, data)
+    return Volume(Path(label), img), warnings
+
+
 def check_label_map_matches(scan_img: nib.Nifti1Image, label_img: nib.Nifti1Image,
                             scan_path: str | Path | None, label_path: str | Path | None) -> None:
     """A label map must share its scan's voxel grid: same (x, y, z) shape and affine (common.imaging.labels.GRID_ATOL_MM).

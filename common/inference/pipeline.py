@@ -8,6 +8,7 @@ affine and shape.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -26,6 +27,8 @@ from common.inference.preprocess import (
 )
 from common.inference.run_config import SegmentOptions
 from common.inference.sliding_window import Predict, sliding_window_labels
+
+Refine = Callable[[np.ndarray, nib.Nifti1Image], np.ndarray]  # (3 mm labels (x, y, z), their grid) -> labels
 
 
 @dataclass
@@ -49,8 +52,13 @@ def model_input(canonical: nib.Nifti1Image, spec: ModelSpec, order: int = 1,
 
 
 def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: SegmentOptions | None = None,
-            progress=None) -> SegmentResult:
-    """Segment one CT scan (nibabel image) with ``predict`` (see common.inference.predictors)."""
+            progress=None, refine: Refine | None = None, full_resolution: bool = True) -> SegmentResult:
+    """Segment one CT scan (nibabel image) with ``predict`` (see common.inference.predictors).
+
+    ``refine(labels, grid)``, when given, post-processes the model-resolution labels (canonical (x, y, z),
+    uint8; ``grid`` the 3 mm image whose affine and zooms they have) before they are resampled back, where
+    the official tool runs its --remove_small_blobs. ``full_resolution=False`` skips that resampling (the
+    official --save_lowres): ``labels`` is then the model-resolution map in the input's axis order."""
     opt = options or SegmentOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -75,7 +83,14 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
     timings["inference"] = t2 - t1
 
     labels = from_nnunet_axes(uncrop(labels, crop), spec.transpose_backward)
+    if refine is not None:
+        labels = refine(np.ascontiguousarray(labels), resampled)
     low = nib.Nifti1Image(np.ascontiguousarray(labels), resampled.affine)
+    if not full_resolution:
+        out = undo_canonical(np.asanyarray(low.dataobj), resampled.affine, img.affine)
+        out.set_data_dtype(np.uint8)
+        timings["postprocess"] = time.perf_counter() - t2
+        return SegmentResult(labels=out, labels_model_res=low, timings=timings, n_tiles=counter["n"])
     full = resample_labels_to_shape(labels, canonical_shape, threads=opt.resample_threads)
     out = undo_canonical(np.ascontiguousarray(full), canonical_affine, img.affine)
     out = nib.Nifti1Image(np.asanyarray(out.dataobj), img.affine)  # exactly the input's affine

@@ -178,10 +178,13 @@ class OfficialRunner:
 
     def segment(self, input_path: str | Path, output_path: str | Path, *, device: str = "cpu",
                 timeout_s: float | None = None, nr_thr_resamp: int = 1, nr_thr_saving: int = 6, ml: bool = True,
-                statistics: bool = False, roi_subset: list[str] | None = None, preview: bool = False) -> OfficialCall:
+                statistics: bool = False, roi_subset: list[str] | None = None, preview: bool = False,
+                **options: Any) -> OfficialCall:
         """Segment ``input_path`` into the multilabel NIfTI ``output_path`` (written by the official tool), or
         with ``ml=False`` into the folder ``output_path`` (one mask per class); ``statistics`` writes its
-        statistics.json, ``roi_subset`` and ``preview`` are the official options of those names.
+        statistics.json, ``roi_subset`` and ``preview`` are the official options of those names; ``options``
+        are further keyword arguments of the official ``totalsegmentator()`` (JSON values, e.g.
+        ``output_type="dicom_seg"``, ``save_lowres=True``, ``resampling_order=3``).
 
         ``timeout_s`` defaults to ``time_limit_for(input_path)``. Raises OfficialCallError (one line, naming
         the scan) on failure or timeout; after a timeout or crash the next call starts a fresh worker.
@@ -192,7 +195,7 @@ class OfficialRunner:
             assert self.proc is not None and self.proc.stdin is not None
             req = {"input": str(input_path), "output": str(output_path), "device": device,
                    "nr_thr_resamp": nr_thr_resamp, "nr_thr_saving": nr_thr_saving, "ml": ml,
-                   "statistics": statistics, "roi_subset": roi_subset, "preview": preview}
+                   "statistics": statistics, "roi_subset": roi_subset, "preview": preview, "options": options}
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
             ans = self._read_answer(limit, f"{input_path}: official TotalSegmentator")

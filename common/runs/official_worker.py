@@ -67,7 +67,8 @@ def _handle(req: dict[str, Any], totalsegmentator) -> dict[str, Any]:
     totalsegmentator(req["input"], req["output"], ml=bool(req.get("ml", True)), fast=True, task="total",
                      device=req.get("device", "cpu"), quiet=True, nr_thr_resamp=int(req.get("nr_thr_resamp", 1)),
                      nr_thr_saving=int(req.get("nr_thr_saving", 6)), statistics=bool(req.get("statistics", False)),
-                     roi_subset=req.get("roi_subset"), preview=bool(req.get("preview", False)))
+                     roi_subset=req.get("roi_subset"), preview=bool(req.get("preview", False)),
+                     **req.get("options", {}))
     return {"ok": True, "total_s": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()}
 
 

@@ -29,19 +29,20 @@ class ScanRun:
     warnings: list[str]
 
 
-def run_scan(path: Path, spec, predictor, options: SegmentOptions, mask_path: Path | None = None,
-             progress=None, preflight: Callable[[Volume], None] | None = None) -> ScanRun:
+def run_scan(path: Path | Volume, spec, predictor, options: SegmentOptions, mask_path: Path | None = None,
+             progress=None, preflight: Callable[[Volume], None] | None = None, **segment_kwargs) -> ScanRun:
     """Load + validate, segment, save the mask (atomically) — each stage timed in seconds. ``preflight(volume)``
     runs after the checks and before the segmentation (e.g. the free-space check of the outputs); it raises
-    to refuse the scan."""
+    to refuse the scan. ``path`` may be a Volume already loaded and validated (the python API's nibabel input);
+    ``segment_kwargs`` go to common.inference.pipeline.segment (``refine``, ``full_resolution``)."""
     t0 = time.perf_counter()
-    vol, warnings = load_scan(path)
+    vol, warnings = (path, []) if isinstance(path, Volume) else load_scan(path)
     check_extent_for(vol, spec)
     check_memory_for(vol, spec)
     if preflight is not None:
         preflight(vol)
     t1 = time.perf_counter()
-    res = segment(vol.image, spec, predictor, options, progress=progress)
+    res = segment(vol.image, spec, predictor, options, progress=progress, **segment_kwargs)
     t2 = time.perf_counter()
     if mask_path is not None:
         save_labels(np.asanyarray(res.labels.dataobj), vol.affine, mask_path, header=official_header(vol.image))
