@@ -78,7 +78,7 @@ _NOT_RUN: dict[str, tuple[Any, str]] = {
     "robust_crop": (False, "robust_crop"), "higher_order_resampling": (False, "higher_order_resampling"),
     "higher_order_resampling_LEGACY": (False, "higher_order_resampling_LEGACY"), "nora_tag": ("None", "nora_tag"),
     "license_number": (None, "license_number"), "test": (0, "test"), "model_size": ("big", "model_size"),
-    "radiomics": (False, "radiomics"), "save_probabilities": (None, "save_probabilities"),
+    "radiomics": (False, "radiomics"),
     "task": (TASK, "this tool runs only the task 'total' (the fast model, Task 297)"),
     "fast": (True, "this tool runs only the fast model (3 mm, Task 297); fast=False is the official 1.5 mm "
                    "model: use the official totalsegmentator() for it"),
@@ -136,7 +136,8 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
                        skip_saving=bool(skip_saving), save_lowres=bool(save_lowres), v1_order=bool(v1_order),
                        remove_small_blobs=None if remove_small_blobs is False or remove_small_blobs is None
                        else 200.0 if remove_small_blobs is True else float(remove_small_blobs),
-                       nr_thr_saving=int(nr_thr_saving))
+                       nr_thr_saving=int(nr_thr_saving),
+                       save_probabilities=Path(save_probabilities).absolute() if save_probabilities else None)
     try:
         check_options(opts, roi)
     except InputError as exc:

@@ -265,6 +265,8 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
                                          "of one), as the official tool")
     if args.report is not None and is_folder_mode(args, batch):
         raise InputError(None, "-rp/--report: one scan per run (the official report describes one input)")
+    if args.save_probabilities is not None and is_folder_mode(args, batch):
+        raise InputError(None, "-sp/--save_probabilities: one scan per run (the official tool writes one file)")
     _check_and_lock_output(args, opts, batch, held)
     spec = prepare_model(args.weights, log=lambda m: say(m))
     label_map = {k: v for k, v in spec.labels.items() if k != 0}  # class id -> name, background excluded

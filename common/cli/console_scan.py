@@ -160,6 +160,10 @@ def write_output_set(scan: Path, made, opts: ScanOptions, targets: ScanTargets, 
         _write_labels(scan, made, opts, into)
         t_labels = time.perf_counter()
         _write_extras(scan, made, into, opts, roi, spec)
+    if opts.save_probabilities is not None:  # -sp: its own path, as the official tool copies it there
+        from common.inference.probabilities import save_probabilities
+
+        save_probabilities(opts.save_probabilities, *made.run.result.probabilities)
     return t_labels
 
 

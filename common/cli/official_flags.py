@@ -94,9 +94,10 @@ FLAGS: dict[str, Flag] = {
     "radiomics": Flag(("-r", "--radiomics"), {"action": "store_true", "help": "refused (pyradiomics)"},
                       "pyradiomics does not install on this Python from PyPI (no wheel; its source build fails), so "
                       "radiomics are not computed here; run the official totalseg_get_radiomics on our masks"),
-    "save_probabilities": Flag(("-sp", "--save_probabilities"), {"metavar": "PATH", "help": "not yet supported"},
-                               "the class probabilities would need the full 118-class logits, which this pipeline never holds (it "
-                               "takes the argmax slab by slab); run the official tool for them"),
+    "save_probabilities": Flag(("-sp", "--save_probabilities"), {"metavar": "PATH", "help": (
+        "supported for one scan: the class probabilities as nnU-Net exports them (npz at PATH, properties in "
+        "PATH.pkl); the labels are then the argmax of the probabilities, as there; needs the full logits in "
+        "memory (118 x 4 bytes per 3 mm voxel)")}, None),
     "report": Flag(("-rp", "--report"), {"metavar": "PATH", "help": (
         "supported for one scan: the official run report JSON (its own build_run_report), written once the "
         "outputs are in place")}, None),

@@ -38,6 +38,7 @@ class ScanOptions:
     v1_order: bool = False
     remove_small_blobs: float | None = None  # mm³; None: off
     nr_thr_saving: int = 6
+    save_probabilities: Path | None = None   # the npz path (and its .pkl beside it)
 
     @property
     def single_file(self) -> bool:
@@ -66,7 +67,8 @@ def scan_options(args: argparse.Namespace) -> ScanOptions:
                        preview=args.preview, passport=args.passport, skip_saving=args.skip_saving,
                        save_lowres=args.save_lowres, v1_order=args.v1_order,
                        remove_small_blobs=None if rmb is False or rmb is None else float(rmb),
-                       nr_thr_saving=args.nr_thr_saving)
+                       nr_thr_saving=args.nr_thr_saving,
+                       save_probabilities=Path(args.save_probabilities).absolute() if args.save_probabilities else None)
     check_options(opts, roi=args.roi_subset)
     return opts
 
@@ -115,7 +117,7 @@ def produce(source: Path | Any, opts: ScanOptions, label_map: dict[int, str], ro
             return post.remove_small_blobs(labels, grid, label_map, opts.remove_small_blobs)
 
     run = run_scan(source, spec, predictor, cfg.segment, mask_path=None, preflight=preflight, refine=refine,
-                   full_resolution=not opts.save_lowres)
+                   full_resolution=not opts.save_lowres, probabilities=opts.save_probabilities is not None)
     if opts.save_lowres:
         reference = post.lowres_image(run.result.labels_model_res, run.volume.image)
         labels = np.asanyarray(reference.dataobj)

@@ -39,6 +39,7 @@ class SegmentResult:
     labels_model_res: nib.Nifti1Image   # canonical, at the model spacing (what passports use by default)
     timings: dict[str, float] = field(default_factory=dict)
     n_tiles: int = 0
+    probabilities: tuple | None = None  # (C, z, y, x) float32 and nnU-Net's properties, when asked for
 
 
 def model_input(canonical: nib.Nifti1Image, spec: ModelSpec, order: int = 1,
@@ -52,13 +53,16 @@ def model_input(canonical: nib.Nifti1Image, spec: ModelSpec, order: int = 1,
 
 
 def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: SegmentOptions | None = None,
-            progress=None, refine: Refine | None = None, full_resolution: bool = True) -> SegmentResult:
+            progress=None, refine: Refine | None = None, full_resolution: bool = True,
+            probabilities: bool = False) -> SegmentResult:
     """Segment one CT scan (nibabel image) with ``predict`` (see common.inference.predictors).
 
     ``refine(labels, grid)``, when given, post-processes the model-resolution labels (canonical (x, y, z),
     uint8; ``grid`` the 3 mm image whose affine and zooms they have) before they are resampled back, where
     the official tool runs its --remove_small_blobs. ``full_resolution=False`` skips that resampling (the
-    official --save_lowres): ``labels`` is then the model-resolution map in the input's axis order."""
+    official --save_lowres): ``labels`` is then the model-resolution map in the input's axis order.
+    ``probabilities=True`` keeps the class probabilities as nnU-Net exports them (common.inference.probabilities;
+    the labels are then their argmax, as there) in ``result.probabilities``: (array, properties)."""
     opt = options or SegmentOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -77,8 +81,20 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
         if progress is not None:
             progress(k)
 
-    labels = sliding_window_labels(data, predict, spec.num_classes, spec.patch_size, step=opt.tile_step,
-                                   batch_size=opt.batch_size, accumulate=opt.accumulate, progress=count)
+    kept = None
+    if probabilities:
+        from common.inference.probabilities import nnunet_properties, softmax_and_labels, uncrop_probabilities
+        from common.inference.sliding_window import sliding_window_logits
+
+        logits = sliding_window_logits(data, predict, spec.num_classes, spec.patch_size, step=opt.tile_step,
+                                       batch_size=opt.batch_size, accumulate=opt.accumulate, progress=count)
+        probs, labels = softmax_and_labels(logits)
+        del logits
+        kept = (uncrop_probabilities(probs, crop, spec.transpose_backward), nnunet_properties(resampled, crop))
+        del probs
+    else:
+        labels = sliding_window_labels(data, predict, spec.num_classes, spec.patch_size, step=opt.tile_step,
+                                       batch_size=opt.batch_size, accumulate=opt.accumulate, progress=count)
     t2 = time.perf_counter()
     timings["inference"] = t2 - t1
 
@@ -90,10 +106,12 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
         out = undo_canonical(np.asanyarray(low.dataobj), resampled.affine, img.affine)
         out.set_data_dtype(np.uint8)
         timings["postprocess"] = time.perf_counter() - t2
-        return SegmentResult(labels=out, labels_model_res=low, timings=timings, n_tiles=counter["n"])
+        return SegmentResult(labels=out, labels_model_res=low, timings=timings, n_tiles=counter["n"],
+                             probabilities=kept)
     full = resample_labels_to_shape(labels, canonical_shape, threads=opt.resample_threads)
     out = undo_canonical(np.ascontiguousarray(full), canonical_affine, img.affine)
     out = nib.Nifti1Image(np.asanyarray(out.dataobj), img.affine)  # exactly the input's affine
     out.set_data_dtype(np.uint8)
     timings["postprocess"] = time.perf_counter() - t2
-    return SegmentResult(labels=out, labels_model_res=low, timings=timings, n_tiles=counter["n"])
+    return SegmentResult(labels=out, labels_model_res=low, timings=timings, n_tiles=counter["n"],
+                         probabilities=kept)

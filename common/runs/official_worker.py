@@ -59,6 +59,11 @@ def _peak_rss_bytes() -> dict[str, int]:
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb}
 
 
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    """Further official keyword arguments from JSON: the paths the official CLI gives as Path objects."""
+    return {k: Path(v) if k == "save_probabilities" and v is not None else v for k, v in options.items()}
+
+
 def _handle(req: dict[str, Any], totalsegmentator) -> dict[str, Any]:
     hang = os.environ.get(INJECT_HANG_ENV)
     if hang and hang in Path(req["input"]).name:
@@ -68,7 +73,7 @@ def _handle(req: dict[str, Any], totalsegmentator) -> dict[str, Any]:
                      device=req.get("device", "cpu"), quiet=True, nr_thr_resamp=int(req.get("nr_thr_resamp", 1)),
                      nr_thr_saving=int(req.get("nr_thr_saving", 6)), statistics=bool(req.get("statistics", False)),
                      roi_subset=req.get("roi_subset"), preview=bool(req.get("preview", False)),
-                     **req.get("options", {}))
+                     **_options(req.get("options", {})))
     return {"ok": True, "total_s": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()}
 
 
