@@ -12,6 +12,8 @@ place of the last when all of them fit in one tile. Each configuration runs the 
 configurations with >= 99.9 % agreement on every sweep scan and the baseline are re-timed (median of
 --finalist-runs); the fastest of those is written to benchmarks/optimized_config.json
 (06 uses it) and benchmarked on all scans (warm-up + --repeats). The whole sweep is kept in the result.
+Approximate candidates (the bf16 network, common.inference.precision) are swept only with --allow-approximate,
+and chosen under the same >= 99.9 % rule on the user's own scans and weights; without it, never.
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=unit_fraction, default=0.999,
                    help="minimum voxel agreement, a fraction in (0, 1] (default 0.999)")
     p.add_argument("--no-sweep", action="store_true", help="benchmark the configuration in --config-out as is")
+    p.add_argument("--allow-approximate", action="store_true",
+                   help="also sweep APPROXIMATE candidates (the bf16 network, where the CPU has native bf16); one is "
+                        "chosen only if it reaches --threshold agreement with 03 on every sweep scan, like any other "
+                        "(without this option no approximate configuration is ever swept or chosen)")
     return p
 
 
@@ -53,6 +59,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     from common.cli.args import check_outputs
+    from common.inference.precision import describe, label
     from common.inference.predictor_factory import build_predictor
     from common.inference.run_config import load_config, save_config
     from common.records.results import new_result
@@ -81,8 +88,9 @@ def main(argv=None) -> int:
         refs, ref_source = reference_masks(args.reference, sweep_scans, spec)
         print(f"sweep on {len(sweep_scans)} scan(s); reference: {ref_source}")
         t0 = time.perf_counter()
-        rows, retimed = run_sweep(spec, onnx, sweep_scans, refs, args.threshold, args.finalist_runs)
-        chosen_row = select_fastest(retimed, args.threshold)
+        rows, retimed = run_sweep(spec, onnx, sweep_scans, refs, args.threshold, args.finalist_runs,
+                                  allow_approximate=args.allow_approximate)
+        chosen_row = select_fastest(retimed, args.threshold, allow_approximate=args.allow_approximate)
         if chosen_row is None:
             return fail(f"no configuration reached {args.threshold:.1%} agreement; nothing written", 1)
         cfg = copy.deepcopy(chosen_row.config)  # the rows keep the name they were timed under
@@ -91,7 +99,8 @@ def main(argv=None) -> int:
                                                  "threshold": args.threshold, "reference": ref_source,
                                                  "sweep_seconds": sum(chosen_row.seconds),
                                                  "sweep_agreement": chosen_row.agreement})
-        print(f"chosen: {chosen_row.name} -> {args.config_out} (sweep took {time.perf_counter() - t0:.0f} s)")
+        print(f"chosen: {chosen_row.name} -> {args.config_out} (sweep took {time.perf_counter() - t0:.0f} s); "
+              f"{label(cfg.precision)}")
     predictor = build_predictor(cfg, spec, onnx if cfg.backend == "onnxruntime" else None)
     settings = {"config": cfg.to_dict(), "repeats": args.repeats, "warmup": args.warmup, "input": source,
                 "threshold": args.threshold, "reference": ref_source, "session": predictor.describe()}
@@ -100,8 +109,10 @@ def main(argv=None) -> int:
     result["sweep"] = [r.to_json() for r in rows]
     result["finalists"] = [r.to_json() for r in retimed]
     result["chosen"] = chosen_row.name if chosen_row else cfg.name
+    result["arithmetic"] = describe(cfg.precision)
+    result["settings"]["allow_approximate"] = args.allow_approximate
     if args.efficiency:  # the tile's FLOPs are counted from the ONNX graph, whichever backend runs it
-        report_efficiency(result, onnx, spec, cfg.threads)
+        report_efficiency(result, onnx, spec, cfg.threads, cfg.precision)
     return run_benchmark_batch(result, batch, segment_runner(spec, predictor, cfg.segment), args, "05 optimized")
 
 

@@ -28,12 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli.args import fail, positive_int, run_script, script_parser
+from common.cli.args import fail, nonnegative_int, positive_int, run_script, script_parser
 from common.cli.cluster_args import add_cluster_arguments
 from common.cli.script_args import add_run_arguments, report_efficiency, start_onnx_run
 from common.core.errors import InputError
 from common.core.paths import OPTIMIZED_CONFIG
 from common.inference.model_cache import model_record
+from common.inference.precision import PRECISION_HELP, PRECISIONS, label
 from common.runs.efficiency import EFFICIENCY_HELP, add_scan_efficiencies
 
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "median/min/max in the result (default 1: the single timed run of the batch)")
     p.add_argument("--force", action="store_true", help="recompute scans whose outputs already exist")
     p.add_argument("--efficiency", action="store_true", help=EFFICIENCY_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    p.add_argument("--margin-tiles", type=nonnegative_int, default=1, metavar="N",
+                   help="with an approximate --precision: after the batch, compare its logits with exact float32 "
+                        "on N central tiles of the first scan (largest logit error, share of voxels whose top-2 "
+                        "margin is below it; the result's \"approximation\"); 0 skips it (default 1)")
     add_cluster_arguments(p)
     return p
 
@@ -131,12 +137,31 @@ def _run_on_cluster(args, batch, opts, cfg, onnx, result, recorder) -> None:
             result["machine"]["cluster"] = run.record()
 
 
+def _margins(args, cfg, spec, predictor, result: dict, recorder) -> None:
+    """With an approximate precision: the margin analysis (common.runs.approximation) on the first scan segmented
+    here, after the batch, into result["approximation"]; a failure is recorded, not fatal."""
+    if not cfg.approximate or args.margin_tiles == 0 or predictor is None:
+        return
+    from common.runs.approximation import margin_line, measure_margins
+
+    first = next((s for s in result["scans"] if s["status"] == "ok"), None)
+    if first is None:
+        return
+    try:
+        result["approximation"] = measure_margins(Path(first["file"]), spec, cfg, predictor, args.margin_tiles)
+        print(margin_line(result["approximation"]))
+    except (InputError, OSError, RuntimeError, ValueError) as exc:
+        result["approximation"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    recorder.write()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
     from common.cli.cluster_args import cluster_problem, wants_cluster
     from common.core.machine import usable_cores
+    from common.inference.precision import describe
     from common.inference.predictor_factory import build_predictor
     from common.inference.run_config import RunConfig, load_config
     from common.records import resume
@@ -148,12 +173,14 @@ def main(argv=None) -> int:
             raise InputError(None, problem)
         cfg_path = args.config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
         cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()  # bad config: before any work
+        cfg = cfg.with_precision(args.precision)
         # the ONNX file is the network for ONNX Runtime, and what --efficiency counts the tile's FLOPs from
         batch, spec, onnx = start_onnx_run(args, export=cfg.backend == "onnxruntime" or args.efficiency)
         predictor = None if wants_cluster(args) else build_predictor(cfg, spec, onnx)  # before any scan
     except (InputError, OSError, RuntimeError) as exc:
         return fail(exc)
-    print(f"data: {batch.source}; configuration: {cfg.name} ({cfg_path or 'built-in defaults'}), backend {cfg.backend}")
+    print(f"data: {batch.source}; configuration: {cfg.name} ({cfg_path or 'built-in defaults'}), backend {cfg.backend}"
+          f"; {label(cfg.precision)}")
     for item in batch.ignored:
         print(f"ignored {item['file']}: {item['reason']}")
 
@@ -165,12 +192,13 @@ def main(argv=None) -> int:
     result = new_result("06_inferenceAndPassport.py", method="inference_passport", settings=settings,
                         model=model_record(spec))
     result["skipped"] = []
+    result["arithmetic"] = describe(cfg.precision)
     recorder = BatchRecorder(result, args.result, batch)
     for ref in batch.refused:
         tqdm.write(f"FAILED {ref['error']}")
     opts = _job_options(args, key_config)
     if args.efficiency:
-        report_efficiency(result, onnx, spec, cfg.threads)
+        report_efficiency(result, onnx, spec, cfg.threads, cfg.precision)
     t0 = time.perf_counter()
     try:
         if wants_cluster(args):
@@ -183,6 +211,7 @@ def main(argv=None) -> int:
         recorder.write()
         return fail(exc)
     wall = time.perf_counter() - t0
+    _margins(args, cfg, spec, predictor, result, recorder)
     order = {str(p): i for i, p in enumerate(batch.scans)}  # batch order, whatever order tasks finished in
     result["scans"].sort(key=lambda s: order.get(s["file"], -1))
     ok = [s for s in result["scans"] if s["status"] == "ok"]
@@ -200,14 +229,16 @@ def main(argv=None) -> int:
         recorder.finish()
     except OSError as exc:
         return fail(exc, 1)
+    tag = f" [{label(cfg.precision)}]" if cfg.approximate else ""
     for s in ok:
         st = s["median"]["stages"]
         rss = s.get("peak_rss_bytes")
-        print(f"{s['scan_id']}: {s['median']['total_s']:.2f} s total — " +
+        print(f"{s['scan_id']}{tag}: {s['median']['total_s']:.2f} s total — " +
               ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"; {len(s['labels_present'])} structures"
               + (f"; {s['n_tiles']} tiles" if s.get("n_tiles") else "")
               + (f"; {s['inference_s_per_tile']:.2f} s per tile, efficiency {s['efficiency']:.0%}"
                  if s.get("efficiency") else "")
+              + (f" ({s['efficiency_error']})" if s.get("efficiency_error") else "")
               + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else ""))
     tp = recorder.summary_extra["throughput"]
     print(f"{len(ok)} done, {len(result['skipped'])} skipped, {recorder.n_failed} failed, "

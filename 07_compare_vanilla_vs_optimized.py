@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-dir", metavar="DIR", type=Path, default=BENCHMARKS,
         help="where to write comparison.md, comparison.json and the plots (default: benchmarks/)")
+    parser.add_argument(
+        "--cohort", metavar="COHORT.json", type=Path, default=None,
+        help="a cohort benchmark result (cohort_benchmark.py) to add as the 'Cohort' table (default: "
+             "benchmarks/cohort.json when it exists)")
     return parser
 
 
@@ -67,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     try:
+        from common.reporting.report_cohort import read_cohort
+
+        cohort_path = args.cohort or (BENCHMARKS / "cohort.json" if (BENCHMARKS / "cohort.json").exists() else None)
+        cohort = read_cohort(cohort_path) if cohort_path else None
         doc, written = run_comparison(paths, args.out_dir, reference=args.reference,
-                                      ground_truth=args.ground_truth, notes=notes)
+                                      ground_truth=args.ground_truth, notes=notes, cohort=cohort)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         speed = "—" if m.speedup_total is None else f"{m.speedup_total:.2f}x"
         agree = "—" if m.mean_voxel_agreement is None else f"{100 * m.mean_voxel_agreement:.3f} %"
         rss = "" if m.median_rss_ratio is None else f", median peak RSS vs ref {100 * m.median_rss_ratio:.0f} %"
-        print(f"{label}: speedup {speed}, voxel agreement {agree}{rss}, scans ok {m.n_ok}/{m.n_scans}")
+        arith = "" if m.arithmetic == "exact" else f" [{m.arithmetic.upper()}]"
+        print(f"{label}{arith}: speedup {speed}, voxel agreement {agree}{rss}, scans ok {m.n_ok}/{m.n_scans}")
     for w in doc.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for path in written.values():

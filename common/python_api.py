@@ -51,7 +51,7 @@ def session_builds() -> int:
     return _BUILDS["n"]
 
 
-def _session(weights: str, config: Path | None, quiet: bool) -> Session:
+def _session(weights: str, config: Path | None, quiet: bool, precision: str | None = None) -> Session:
     """The cached session for (weights, configuration): built once per process (model, ONNX file, predictor)."""
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.inference.model_cache import ensure_onnx, prepare_model
@@ -60,11 +60,11 @@ def _session(weights: str, config: Path | None, quiet: bool) -> Session:
     from common.inference.weights import PROJECT_HOME_ENV
 
     cfg_path = config or (OPTIMIZED_CONFIG if OPTIMIZED_CONFIG.exists() else None)
-    key = (weights, str(cfg_path), *(os.environ.get(v) for v in (PROJECT_HOME_ENV, "TOTALSEG_HOME_DIR",
+    key = (weights, str(cfg_path), precision, *(os.environ.get(v) for v in (PROJECT_HOME_ENV, "TOTALSEG_HOME_DIR",
                                                                   "TOTALSEG_WEIGHTS_PATH")))
     if key not in _SESSIONS:
         log = (lambda m: None) if quiet else print
-        cfg = load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()
+        cfg = (load_config(cfg_path) if cfg_path else RunConfig.fastest_exact()).with_precision(precision)
         spec = prepare_model(weights, log=log)
         onnx = ensure_onnx(spec, DEFAULT_ONNX, log=log) if cfg.backend == "onnxruntime" else None
         _SESSIONS[key] = Session(spec, cfg, build_predictor(cfg, spec, onnx))
@@ -108,7 +108,7 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
                      robust_crop=False, higher_order_resampling_LEGACY=False, higher_order_resampling=False,
                      save_probabilities=None, debug=False, report=None, statistics_extra=False, save_lowres=False,
                      resampling_order=1, plans="nnUNetPlans", model_size="big", *, weights: str = "auto",
-                     config: str | Path | None = None):
+                     config: str | Path | None = None, precision: str | None = None):
     """Segment ``input`` (a NIfTI path, a DICOM folder or zip, or a nibabel image) as TotalSegmentator 2.18's
     ``totalsegmentator(..., fast=True)`` does; see its command-line help for each parameter.
 
@@ -116,8 +116,9 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
     "dicom_rtstruct": the DICOM file); None writes nothing (statistics only where ``statistics`` is a path).
     Returns the label image ((x, y, z) uint8 in the input's grid, or the 3 mm grid with ``save_lowres``, with the
     label-map header extension), and with ``statistics`` the pair (image, statistics dict).
-    Keyword-only extras: ``weights`` ("auto", "official" or "standin") and ``config`` (a run configuration file;
-    default as totalseg-fast). ``force_split``, ``no_derived_masks``, ``statistics_extra``, ``crop_path`` and
+    Keyword-only extras: ``weights`` ("auto", "official" or "standin"), ``config`` (a run configuration file;
+    default as totalseg-fast) and ``precision`` ("bf16": the network in bfloat16, opt-in and APPROXIMATE, refused
+    without native bf16; a warning is printed even with ``quiet``). ``force_split``, ``no_derived_masks``, ``statistics_extra``, ``crop_path`` and
     ``debug`` change nothing for the fast total task (as in the official code); the parameters this tool does not
     run (another task, ``fast=False``, ``fastest``, ``body_seg``, a robust subset, ...) raise ValueError naming
     the parameter and why. ``device="gpu"`` without a GPU runs on the CPU with a note, as the official function.
@@ -152,7 +153,8 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
     t0 = time.perf_counter()
     with _LOCK:
         result = _run(input, Path(output) if output is not None else None, opts, roi, statistics,
-                      int(nr_thr_resamp), int(resampling_order), weights, Path(config) if config else None, quiet)
+                      int(nr_thr_resamp), int(resampling_order), weights, Path(config) if config else None, quiet,
+                      precision)
     if report is not None:
         write_report(Path(report), input, Path(output) if output is not None else None, opts, roi,
                      time.perf_counter() - t0)
@@ -160,17 +162,19 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
 
 
 def _run(input, output: Path | None, opts: ScanOptions, roi: list[str] | None, statistics, nr_thr_resamp: int,
-         resampling_order: int, weights: str, config: Path | None, quiet: bool):
+         resampling_order: int, weights: str, config: Path | None, quiet: bool, precision: str | None):
     from common.imaging.official_output import multilabel_image, subset_map
     from common.imaging.validation import scan_from_image
 
-    session = _session(weights, config, quiet)
+    session = _session(weights, config, quiet, precision)
     label_map = {k: v for k, v in session.spec.labels.items() if k != 0}
     if roi is not None and set(roi) - set(label_map.values()):
         raise ValueError(f"roi_subset: unknown class name(s) {', '.join(sorted(set(roi) - set(label_map.values())))}")
     cfg = session.cfg.model_copy(deep=True)
     cfg.segment.resample_threads, cfg.segment.resample_order = nr_thr_resamp, resampling_order
     source = scan_from_image(input)[0] if isinstance(input, nib.spatialimages.SpatialImage) else Path(input)
+    if cfg.approximate:
+        print(f"warning: approximate ({cfg.precision} network): labels can differ from the official tool's")
     made = produce(source, opts, label_map, roi, session.spec, session.predictor, cfg)
     if not quiet:
         for w in made.run.warnings:

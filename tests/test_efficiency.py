@@ -12,7 +12,8 @@ import torch
 
 from common.inference.run_config import RunConfig, save_config
 from common.records.results import read_result
-from common.runs.efficiency import conv_macs
+from common.runs.compute_peak import measure_peak
+from common.runs.efficiency import conv_macs, scan_efficiency
 
 
 def _hook_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -62,8 +63,10 @@ def test_06_records_efficiency_per_scan(tmp_path, example_ct_sm, tiny_onnx_model
     res = read_result(tmp_path / "r.json")
     eff = res["efficiency"]
     assert eff["tile_flops"] == conv_macs(tiny_onnx_model, (1, 1, 32, 32, 32))["flops"]
-    assert eff["gemm_peak_gflops"] > 0 and eff["gemm"]["threads"] >= 1
-    assert eff["limit_s_per_tile"] == pytest.approx(eff["tile_flops"] / (eff["gemm_peak_gflops"] * 1e9))
+    assert eff["peak_gflops"] > 0 and eff["peaks"]["float32"]["threads"] >= 1
+    assert eff["peak_gflops"] == max(k["gflops"] for k in eff["peaks"]["float32"]["kernels"] if "gflops" in k)
+    assert eff["limit_kernel"] in eff["limit_source"]
+    assert eff["limit_s_per_tile"] == pytest.approx(eff["tile_flops"] / (eff["peak_gflops"] * 1e9))
     (rec,) = res["scans"]
     assert rec["n_tiles"] > 1
     assert rec["inference_s_per_tile"] == pytest.approx(rec["median"]["stages"]["inference"] / rec["n_tiles"])
@@ -83,3 +86,20 @@ def test_04_records_efficiency_per_scan(tmp_path, example_ct_sm, tiny_onnx_model
     (rec,) = res["scans"]
     assert rec["inference_s_per_tile"] == pytest.approx(rec["median"]["stages"]["inference"] / rec["n_tiles"])
     assert rec["efficiency"] == pytest.approx(res["efficiency"]["limit_s_per_tile"] / rec["inference_s_per_tile"])
+
+
+def test_the_peak_is_the_fastest_kernel_and_names_it():
+    rec = measure_peak("float32", threads=1, repeats=1, full=False)
+    timed = [k for k in rec["kernels"] if "gflops" in k]
+    assert len(timed) >= 3 and any("oneDNN channels-last conv" in k["kernel"] for k in timed)
+    best = max(timed, key=lambda k: k["gflops"])
+    assert (rec["gflops"], rec["kernel"]) == (best["gflops"], best["kernel"])
+    with pytest.raises(ValueError, match="unknown precision"):
+        measure_peak("float8", threads=1)
+
+
+def test_above_the_limit_is_flagged_as_a_measurement_error():
+    slow = scan_efficiency(inference_s=8.0, n_tiles=4, limit_s_per_tile=1.0)  # 2 s per tile against 1 s
+    assert slow["efficiency"] == pytest.approx(0.5) and "efficiency_error" not in slow
+    fast = scan_efficiency(inference_s=2.0, n_tiles=4, limit_s_per_tile=1.0)  # 0.5 s per tile: "200 %"
+    assert fast["efficiency"] == pytest.approx(2.0) and fast["efficiency_error"].startswith("measurement error")

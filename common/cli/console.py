@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="run configuration JSON (default: benchmarks/optimized_config.json from 05, else the "
                         "built-in fastest exact configuration; the same choice as 06)")
+    p.add_argument("--precision", choices=["float32", "bf16"], default=None,  # common.inference.precision
+                   help="float32: exact (default); bf16: the network in bfloat16, opt-in and APPROXIMATE "
+                        "(refused where the CPU has no native bf16)")
     p.add_argument("--onnx", type=Path, default=None, help="ONNX model file (default models/task297.onnx, exported "
                                                              "from the weights on first use)")
     add_weights_argument(p)
@@ -258,6 +261,10 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     cfg.segment.resample_threads = args.nr_thr_resamp
     cfg.segment.resample_order = args.resampling_order
     cfg.ort.providers = providers
+    cfg = cfg.with_precision(args.precision)  # PrecisionError (one line) in build_predictor without native bf16
+    if cfg.approximate:
+        say(f"arithmetic: approximate ({cfg.precision} network): labels can differ from the official tool's",
+            always=True)
     batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
     if opts.output_type != "nifti" and not is_folder_mode(args, batch) and batch.scans and \
             batch.scans[0].is_file() and not batch.scans[0].name.lower().endswith(".zip"):

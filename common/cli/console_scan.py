@@ -147,6 +147,8 @@ def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, opts: ScanOptio
     t2 = write_output_set(scan, made, opts, targets, owned, roi, spec)
     t3 = time.perf_counter()
     stages = ", ".join(f"{k} {v:.2f}" for k, v in made.run.stages.items())
+    if cfg.approximate:
+        messages.append(("note", f"{scan.name}: approximate ({cfg.precision} network)"))
     messages.append(("verbose", f"{scan.name}: segmented in {t1 - t0:.1f} s ({stages}), written in {t2 - t1:.1f} s"
                      + (f", extras {t3 - t2:.1f} s" if t3 - t2 > 0.05 else "")))
     return messages
@@ -203,11 +205,13 @@ def _write_extras(scan: Path, made, into: ScanTargets, opts: ScanOptions, roi: l
             lab3 = lab3 * np.isin(lab3, list(made.selected)).astype(lab3.dtype)
         write_preview(np.asanyarray(made.ct_3mm.dataobj), lab3, into.preview, title=scan.name)
     if opts.passport:
+        from common.inference.precision import describe
         from common.records.passport import build_passport, save_passport, scan_metadata
 
         lab = run.result.labels_model_res
+        model = {**spec.provenance(), "arithmetic": describe(made.precision)}
         save_passport(build_passport(np.asanyarray(lab.dataobj), lab.affine, spec.labels,
-                                     scan=scan_metadata(scan, run.volume.image), model=spec.provenance(),
+                                     scan=scan_metadata(scan, run.volume.image), model=model,
                                      resolution="model"), into.passport)
 
 

@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     args.onnx, args.child_model = onnx, spec.folder  # the children load the same weights and graph
     eff = efficiency_record(onnx, spec.patch_size, args.threads)
-    print(f"tile {spec.patch_size}: {eff['tile_flops'] / 1e12:.3f} TFLOP; GEMM peak {eff['gemm_peak_gflops']:.0f} "
-          f"GFLOPS on {args.threads} threads -> limit {eff['limit_s_per_tile']:.2f} s per tile")
+    print(f"tile {spec.patch_size}: {eff['tile_flops'] / 1e12:.3f} TFLOP; peak {eff['peak_gflops']:.0f} GFLOPS "
+          f"({eff['limit_kernel']}) on {args.threads} threads -> limit {eff['limit_s_per_tile']:.2f} s per tile")
     records = []
     for b in backends:
         rec = _run_child(b, args)

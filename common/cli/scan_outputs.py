@@ -101,6 +101,7 @@ class ScanProduct(NamedTuple):
     selected: dict[int, str]
     stats: dict | None
     ct_3mm: nib.Nifti1Image | None
+    precision: str = "float32"  # the network's arithmetic (common.inference.precision)
 
 
 def produce(source: Path | Any, opts: ScanOptions, label_map: dict[int, str], roi: list[str] | None, spec, predictor,
@@ -138,7 +139,7 @@ def produce(source: Path | Any, opts: ScanOptions, label_map: dict[int, str], ro
         stats = out.statistics(run.result.labels_model_res, ct_3mm, roi,
                                exclude_masks_at_border=not opts.stats_include_incomplete, metric=opts.stats_aggregation,
                                normalized_intensities=opts.stats_normalized)
-    return ScanProduct(run, labels, reference, names, selected, stats, ct_3mm)
+    return ScanProduct(run, labels, reference, names, selected, stats, ct_3mm, cfg.precision)
 
 
 def write_report(path: Path, input_: Any, output: Path | None, opts: ScanOptions, roi: list[str] | None,

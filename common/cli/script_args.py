@@ -63,10 +63,12 @@ def start_onnx_run(args: argparse.Namespace, *, export: bool = True) -> tuple[Ba
     return batch, spec, ensure_onnx(spec, args.onnx) if export else None
 
 
-def report_efficiency(result: dict, onnx: Path, spec: ModelSpec, threads: int | None) -> None:
-    """--efficiency of 04-06: measure this machine's GEMM peak (on the backend's ``threads``, else all usable
-    cores) and the tile's FLOPs (from the ONNX graph) into ``result``; print the one-line summary."""
+def report_efficiency(result: dict, onnx: Path, spec: ModelSpec, threads: int | None,
+                      precision: str = "float32") -> None:
+    """--efficiency of 04-06: measure this machine's peaks with the fastest kernels (on the backend's
+    ``threads``, else all usable cores; common.runs.compute_peak) and the tile's FLOPs (from the ONNX graph)
+    into ``result``, the limit at the peak of the network's ``precision``; print the one-line summary."""
     from common.core.machine import usable_cores
     from common.runs.efficiency import measure_into
 
-    print(measure_into(result, onnx, spec.patch_size, threads or usable_cores()))
+    print(measure_into(result, onnx, spec.patch_size, threads or usable_cores(), precision))

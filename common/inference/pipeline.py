@@ -22,7 +22,7 @@ from common.inference.preprocess import (
     ct_normalize,
     from_nnunet_axes,
     resample_to_spacing,
-    to_canonical,
+    to_canonical_raw,
     to_nnunet_axes,
 )
 from common.inference.run_config import SegmentOptions
@@ -67,10 +67,10 @@ def segment(img: nib.Nifti1Image, spec: ModelSpec, predict: Predict, options: Se
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    canonical = to_canonical(img)
+    canonical = to_canonical_raw(img)  # the stored voxels where that is bit-identical: no float64 copy
     data, crop, resampled = model_input(canonical, spec, order=opt.resample_order, threads=opt.resample_threads)
     canonical_shape, canonical_affine = canonical.shape[:3], canonical.affine
-    del canonical  # the full-resolution float64 copy is not needed past resampling (memory: 8 bytes/voxel)
+    del canonical  # the full-resolution canonical data is not needed past resampling
     t1 = time.perf_counter()
     timings["preprocess"] = t1 - t0
 

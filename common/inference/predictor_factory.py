@@ -6,6 +6,7 @@ from pathlib import Path
 from common.core.heap import set_keep_freed_memory
 from common.inference.model import ModelSpec
 from common.inference.model_cache import ensure_onnx
+from common.inference.precision import PrecisionError, is_approximate, require_native
 from common.inference.predictors import OnnxPredictor, TorchPredictor
 from common.inference.run_config import CHANNELS_LAST, RunConfig
 from common.inference.torch_channels_last import ChannelsLastTorchPredictor
@@ -16,8 +17,13 @@ def build_predictor(cfg: RunConfig, spec: ModelSpec, onnx_path: Path | None):
 
     ``onnx_path`` is the base ONNX file (precise InstanceNorm); the variant ``cfg.onnx_norm`` asks for is
     exported beside it on first use. ``cfg.keep_freed_memory`` is applied here, to the whole process (the
-    last predictor built decides it; 05's sweep builds one per configuration).
+    last predictor built decides it; 05's sweep builds one per configuration). ``cfg.precision`` other than
+    float32 (approximate) needs the channels-last backend and a CPU with native bf16: PrecisionError (one
+    line) otherwise, before anything is built.
     """
+    if is_approximate(cfg.precision) and cfg.backend != CHANNELS_LAST:
+        raise PrecisionError(f"--precision {cfg.precision} runs on the {CHANNELS_LAST} backend only, not {cfg.backend}")
+    require_native(cfg.precision)
     set_keep_freed_memory(cfg.keep_freed_memory)
     if cfg.backend == "onnxruntime":
         if onnx_path is None:
@@ -26,5 +32,5 @@ def build_predictor(cfg: RunConfig, spec: ModelSpec, onnx_path: Path | None):
     if cfg.backend == "pytorch":
         return TorchPredictor(spec.build_network(), threads=cfg.torch_threads)
     if cfg.backend == CHANNELS_LAST:
-        return ChannelsLastTorchPredictor(spec.build_network(), threads=cfg.torch_threads)
+        return ChannelsLastTorchPredictor(spec.build_network(), threads=cfg.torch_threads, precision=cfg.precision)
     raise ValueError(f"unknown backend {cfg.backend!r}")

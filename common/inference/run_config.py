@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from common.core.atomic import atomic_write_json
 from common.core.errors import InputError
 from common.core.json_errors import EXPECTED, problem, where
+from common.inference.precision import PRECISIONS, Precision, is_approximate
 
 CONFIG_SCHEMA = "ts-bench-run-config"
 Backend = Literal["onnxruntime", "pytorch", "pytorch_channels_last"]  # common.inference.predictor_factory
@@ -93,7 +94,24 @@ class RunConfig(_Settings):
     onnx_norm: Annotated[Literal["precise", "native"], _one_of("precise", "native")] = "precise"  # ONNX InstanceNorm
     torch_threads: Annotated[int, _integer(0)] = 0     # 0 = torch's default (one per physical core)
     keep_freed_memory: bool = False                    # glibc keeps freed memory for reuse (common.core.heap)
+    # the network's arithmetic (common.inference.precision): "float32" is exact mode; "bf16" (channels-last
+    # backend only) is opt-in and approximate, and every output of such a run says so
+    precision: Annotated[Precision, _one_of(*PRECISIONS)] = "float32"
     segment: SegmentOptions = Field(default_factory=SegmentOptions)
+
+    def with_precision(self, precision: str | None) -> RunConfig:
+        """This configuration with the network's ``precision`` (None: unchanged); an approximate one is named so."""
+        if precision is None or precision == self.precision:
+            return self
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+        name = self.name + (f" [approximate: {precision} network]" if is_approximate(precision) else " [exact]")
+        return self.model_copy(update={"precision": precision, "name": name})
+
+    @property
+    def approximate(self) -> bool:
+        """True when the network does not run the exact float32 arithmetic (``precision`` other than float32)."""
+        return is_approximate(self.precision)
 
     @classmethod
     def fastest_exact(cls) -> RunConfig:

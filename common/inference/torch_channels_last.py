@@ -181,12 +181,30 @@ class _ClassMajorHeadCode:
         return out
 
 
+class _Bf16ConvCode:
+    """A Conv3d or ConvTranspose3d run in bfloat16 by oneDNN (approximate, ``precision="bf16"``): its float32
+    channels-last input rounded to bf16, its weights and bias held in bf16, its output widened back to
+    float32, so that the norms, concatenations and head around it run exactly as in float32 mode."""
+
+    def __init__(self, conv: nn.Module):
+        import torch
+
+        super().__init__()  # nn.Module.__init__ (the next class in _Bf16Conv's MRO)
+        self.inner = copy.deepcopy(conv).to(dtype=torch.bfloat16, memory_format=torch.channels_last_3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return self.inner(x.to(torch.bfloat16)).to(torch.float32)
+
+
 class _ModuleClasses(NamedTuple):
     """The torch.nn.Module classes built by ``_modules()``, by name."""
 
     SampleNorm: type
     OneDnnConv: type
     ClassMajorHead: type
+    Bf16Conv: type
 
 
 @functools.cache
@@ -203,7 +221,11 @@ def _modules() -> _ModuleClasses:
     class _ClassMajorHead(_ClassMajorHeadCode, nn.Module):
         __doc__ = _ClassMajorHeadCode.__doc__
 
-    return _ModuleClasses(SampleNorm=_SampleNorm, OneDnnConv=_OneDnnConv, ClassMajorHead=_ClassMajorHead)
+    class _Bf16Conv(_Bf16ConvCode, nn.Module):
+        __doc__ = _Bf16ConvCode.__doc__
+
+    return _ModuleClasses(SampleNorm=_SampleNorm, OneDnnConv=_OneDnnConv, ClassMajorHead=_ClassMajorHead,
+                          Bf16Conv=_Bf16Conv)
 
 
 def sample_norm(norm, slope: float | None = None, inplace: bool = False):
@@ -212,11 +234,14 @@ def sample_norm(norm, slope: float | None = None, inplace: bool = False):
     return _modules().SampleNorm(norm, slope, inplace)
 
 
-def channels_last_network(network):
+def channels_last_network(network, precision: str = "float32"):
     """A copy of nnU-Net's ``PlainConvUNet`` (eval mode) rewritten as described above, weights channels-last.
 
-    Input: float32 (N, 1, *patch) in nnU-Net's axis order; output: float32 (N, K, *patch) logits, contiguous.
-    Raises ValueError for a network that is not the plain conv U-Net this was written for.
+    Input: float32 (N, 1, *patch) in nnU-Net's axis order; output: float32
+    (N, K, *patch) logits, contiguous. With ``precision="bf16"`` (approximate, common.inference.precision)
+    every 3x3x3 and transposed convolution runs in bf16 through oneDNN (AMX or AVX512_BF16; ``_Bf16ConvCode``);
+    the 1-channel first convolution, the norms, the concatenations and the head stay float32. Raises ValueError for a network that is not the plain conv U-Net
+    this was written for, or an unknown precision.
     """
     import torch
     from torch import nn
@@ -245,8 +270,28 @@ def channels_last_network(network):
         index = next(i for i, sub in enumerate(first.all_modules) if sub is first.conv)
         first.all_modules[index] = onednn_conv(first.conv)
     net = net.to(memory_format=torch.channels_last_3d)
+    if precision == "bf16":
+        _to_bf16_convolutions(net, blocks, modules.Bf16Conv)
+    elif precision != "float32":
+        raise ValueError(f"unknown precision {precision!r} for the channels-last network")
     heads[-1] = class_major_head(heads[-1])
     return net
+
+
+def _to_bf16_convolutions(net, blocks: list, bf16_conv: type) -> None:
+    """Wrap every Conv3d of the conv blocks (not the first, 1-channel one) and every transposed convolution of
+    the decoder in ``bf16_conv``, in place."""
+    from torch import nn
+
+    for block in blocks:
+        subs = block.all_modules
+        for i, sub in enumerate(subs):
+            if isinstance(sub, nn.Conv3d) and sub.in_channels > 1:
+                subs[i] = block.conv = bf16_conv(sub)
+    ups = getattr(net.decoder, "transpconvs", None) or []
+    for i, up in enumerate(ups):
+        if isinstance(up, nn.ConvTranspose3d):
+            ups[i] = bf16_conv(up)
 
 
 class ChannelsLastTorchPredictor:
@@ -254,14 +299,17 @@ class ChannelsLastTorchPredictor:
 
     backend = BACKEND
 
-    def __init__(self, network, threads: int = 0):
+    def __init__(self, network, threads: int = 0, precision: str = "float32"):
+        """``precision``: "float32" (exact) or "bf16" (approximate; the caller checks the CPU first,
+        common.inference.precision.require_native)."""
         import torch
 
         from common.inference.predictors import set_torch_threads
 
         self.torch = torch
+        self.precision = precision
         set_torch_threads(threads)
-        self.network = channels_last_network(network)
+        self.network = channels_last_network(network, precision)
         self._lock = threading.Lock()  # the head's emit_features switch belongs to one call at a time
 
     def _run(self, batch: np.ndarray, features: bool = False):
@@ -287,9 +335,11 @@ class ChannelsLastTorchPredictor:
 
     def describe(self) -> dict[str, Any]:
         from common.core.heap import freed_memory_kept
+        from common.inference.precision import describe
 
         return {"backend": self.backend, "threads": self.torch.get_num_threads(), "layout": "channels_last_3d",
-                "convolutions": "oneDNN (torch mkldnn)", "freed_memory_kept": freed_memory_kept()}
+                "convolutions": "oneDNN (torch mkldnn)", "freed_memory_kept": freed_memory_kept(),
+                **describe(self.precision)}
 
 
 class HeadLogits:

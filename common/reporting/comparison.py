@@ -279,7 +279,19 @@ def method_summary(e: Entry, is_ref: bool, rows: pd.DataFrame, stages: pd.Series
         median_rss_ratio=None if is_ref else _median_of(rows["rss_ratio"]),
         ground_truth=GroundTruthDice(quantiles(gt_pooled), _mean(gt_pooled), dice_buckets(gt_pooled),
                                      len(gt_pooled)) if with_gt else None,
+        arithmetic=(res.get("arithmetic") or {}).get("label") or "exact",
+        limit=_limit(res.get("efficiency")), approximation=res.get("approximation"),
     )
+
+
+def _limit(eff: dict | None) -> dict | None:
+    """The compute limit of a result's "efficiency" record (older records: the float32 torch.mm GEMM peak)."""
+    if not eff or not eff.get("limit_s_per_tile"):
+        return None
+    peak = eff.get("peak_gflops") or eff.get("gemm_peak_gflops")
+    return {"precision": eff.get("precision", "float32"), "peak_gflops": peak,
+            "limit_s_per_tile": eff["limit_s_per_tile"],
+            "source": eff.get("limit_source") or "measured: torch.mm float32 GEMM (older record)"}
 
 
 # --------------------------------------------------------------------------------------------- compare

@@ -135,6 +135,9 @@ class MethodSummary:
     max_peak_rss_bytes: int | None
     median_rss_ratio: float | None
     ground_truth: GroundTruthDice | None = None  # only with a ground-truth folder; its keys join this object's
+    arithmetic: str = "exact"  # common.inference.precision.label: "exact" or "approximate (bf16 network)"
+    limit: dict[str, Any] | None = None  # the compute limit: {"precision", "peak_gflops", "limit_s_per_tile", "source"}
+    approximation: dict[str, Any] | None = None  # an approximate run's margin analysis (common.inference.margins)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "ground_truth"}

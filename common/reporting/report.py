@@ -14,6 +14,7 @@ from common.records.results import MAX_ERROR_CHARS
 from common.reporting.comparison import compare
 from common.reporting.comparison_doc import ComparisonDoc
 from common.reporting.comparison_inputs import REFERENCE_METHOD, choose_reference, load_entries
+from common.reporting.report_cohort import render_cohort
 from common.reporting.report_markdown import render_markdown
 from common.reporting.report_plots import plot_dice, plot_latency, plot_stages
 
@@ -31,10 +32,12 @@ PLOTTERS: dict[str, Callable[[ComparisonDoc, Path], Path | None]] = {
 }
 
 
-def write_report(doc: ComparisonDoc, out_dir: str | Path) -> tuple[ComparisonDoc, dict[str, Path]]:
+def write_report(doc: ComparisonDoc, out_dir: str | Path,
+                 cohort: dict | None = None) -> tuple[ComparisonDoc, dict[str, Path]]:
     """Draw the PNG plots into ``out_dir``, then write comparison.json and comparison.md (all atomically) of the
-    document completed with the plots drawn and a note per plot without data. Returns that document and the
-    paths written; ``doc`` itself is left as it is."""
+    document completed with the plots drawn and a note per plot without data; ``cohort`` (a cohort benchmark
+    result) adds its table to the Markdown and its document to the JSON ("cohort"). Returns that document and
+    the paths written; ``doc`` itself is left as it is."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -50,14 +53,16 @@ def write_report(doc: ComparisonDoc, out_dir: str | Path) -> tuple[ComparisonDoc
         else:
             notes.append(f"plot {PLOT_FILES[key]} not drawn: no data")
     final = dataclasses.replace(doc, plots=plots, notes=[*doc.notes, *notes])
-    written["json"] = atomic_write_json(out_dir / "comparison.json", final.to_json())
-    written["markdown"] = atomic_write_text(out_dir / "comparison.md", render_markdown(final))
+    extra = {"cohort": cohort} if cohort else {}
+    written["json"] = atomic_write_json(out_dir / "comparison.json", {**final.to_json(), **extra})
+    text = render_markdown(final) + ("\n".join(["", *render_cohort(cohort)]) if cohort else "")
+    written["markdown"] = atomic_write_text(out_dir / "comparison.md", text)
     return final, written
 
 
 def run_comparison(result_paths: Sequence[str | Path], out_dir: str | Path, *, reference: str | None = None,
                    ground_truth: str | Path | None = None,
-                   notes: Sequence[str] = ()) -> tuple[ComparisonDoc, dict[str, Path]]:
+                   notes: Sequence[str] = (), cohort: dict | None = None) -> tuple[ComparisonDoc, dict[str, Path]]:
     """Load results, compare with the reference, write the report. InputError on bad inputs."""
     paths = list(result_paths)
     if reference and Path(reference).suffix == ".json" and Path(reference).exists():
@@ -78,4 +83,4 @@ def run_comparison(result_paths: Sequence[str | Path], out_dir: str | Path, *, r
         for rec in e.result["scans"]:
             if rec["status"] != "ok":
                 notes.append(f"{e.label}: {rec['scan_id']} failed: {one_line(rec.get('error') or '', MAX_ERROR_CHARS)}")
-    return write_report(compare(entries, ref, gt_dir, notes), out_dir)
+    return write_report(compare(entries, ref, gt_dir, notes), out_dir, cohort)

@@ -123,7 +123,8 @@ def _summary_section(doc: ComparisonDoc) -> list[str]:
         lat = m.latency
         b = m.dice_buckets
         rows.append([
-            label + (" (reference)" if m.is_reference else ""),
+            label + (" (reference)" if m.is_reference else "")
+            + (f" — **{m.arithmetic.upper()}**" if m.arithmetic != "exact" else ""),
             f"{m.n_ok}/{m.n_scans}",
             "—" if m.success_rate is None else f"{100 * m.success_rate:.1f} %",
             f"{fmt_s(lat['mean'])} / {fmt_s(lat['median'])} / {fmt_s(lat['p95'])}",
@@ -224,6 +225,33 @@ def _notes_section(doc: ComparisonDoc) -> list[str]:
     return _titled("Notes", [f"- {_esc(n)}" for n in doc.notes] + [""] if doc.notes else [])
 
 
+def _efficiency_cell(eff: float | None) -> str:
+    if eff is None:
+        return "—"
+    return f"{eff * 100:.0f} %" + (" (measurement error: faster than the limit)" if eff > 1 else "")
+
+
+def _limits_and_approximation(doc: ComparisonDoc) -> list[str]:
+    """Markdown lines: each method's compute limit and where it came from, and each approximate method's
+    margin analysis; none when no method has either."""
+    out = []
+    for label, m in doc.methods.items():
+        if m.limit:
+            lim = m.limit
+            out.append(f"- Compute limit of {_esc(label)}: {lim['limit_s_per_tile']:.2f} s per tile at "
+                       f"{lim['peak_gflops']:.0f} GFLOPS ({lim['precision']}); source: {_esc(lim['source'])}")
+        a = m.approximation
+        if m.arithmetic != "exact":
+            text = (f"largest logit error {a['max_abs_logit_error']:.3g} vs float32 on {a['tiles']} real CT tile(s); "
+                    f"voxels whose exact top-2 margin is below it: {fmt_pct(a['fraction_margin_below_max_error'])} % "
+                    f"(below the largest change of a logit difference: "
+                    f"{fmt_pct(a['fraction_margin_below_max_pair_error'])} %); flipped in those tiles: "
+                    f"{fmt_pct(a['fraction_flipped'])} %") if a and "max_abs_logit_error" in a else \
+                "no margin analysis recorded"
+            out.append(f"- **{_esc(label)} is {m.arithmetic.upper()}**: {text}.")
+    return [*out, ""] if out else []
+
+
 def render_size_and_memory(doc: ComparisonDoc) -> list[str]:
     """Markdown lines: time, peak RSS and tile count per scan, then the summary by size class."""
     if not doc.rows:
@@ -239,7 +267,7 @@ def render_size_and_memory(doc: ComparisonDoc) -> list[str]:
                      fmt_gib(r.peak_rss_bytes),
                      "(reference)" if r.is_reference else fmt_ratio(r.rss_ratio),
                      "—" if r.inference_s_per_tile is None else f"{r.inference_s_per_tile:.2f}",
-                     "—" if r.efficiency is None else f"{r.efficiency * 100:.0f} %"])
+                     _efficiency_cell(r.efficiency)])
     out.append(md_table(["Scan", "Tiles", "Method", "Median latency (s)", "Speedup vs ref", "Peak RSS (GiB)",
                          "RSS vs ref", "Inference s/tile", "Efficiency"], rows, "lrlrrrrrr"))
     out += ["", "Tiles: sliding-window tiles (112x112x128 at 3 mm, step 0.8) of the scan; (est.) = computed from "
@@ -247,9 +275,10 @@ def render_size_and_memory(doc: ComparisonDoc) -> list[str]:
             "scan, max over its timed runs (ours: this process's VmHWM reset before each run; the official "
             "tool: its isolated worker's, self + children). RSS vs ref = method / reference on the same scan. "
             "Inference s/tile: the inference stage (network + float16 accumulation) per tile; efficiency = the "
-            "compute limit per tile (tile FLOPs counted from the ONNX graph / this machine's float32 GEMM peak, "
-            "measured by 06 --efficiency) / that time.",
-            ""]
+            "compute limit per tile (tile FLOPs counted from the ONNX graph / this machine's peak for the run's "
+            "precision, measured by --efficiency with the fastest kernel available; its source below) / that "
+            "time. Above 100 % the peak was measured too low: a measurement error, marked so.",
+            "", *_limits_and_approximation(doc)]
     if doc.size_classes:
         out += ["## By size class", ""]
         rows = []

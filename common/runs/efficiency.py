@@ -1,22 +1,24 @@
-"""How close inference runs to this machine's compute limit (issue 9): efficiency = limit / actual per tile.
+"""How close inference runs to this machine's compute limit (issues 9 and 27): efficiency = limit / actual per tile.
 
 - ``conv_macs``: the multiply-accumulates of one tile, counted from the ONNX graph (Conv and ConvTranspose,
   which are >99.9 % of the network's arithmetic), with ONNX shape inference on a fixed input shape.
-- ``gemm_peak``: this machine's float32 GEMM peak in GFLOPS, measured here with torch.mm (n x n, the best of
-  a few runs) on the threads the benchmark uses.
-- ``limit_s_per_tile`` = 2 x MACs / peak: the time one tile would take if every FLOP ran at GEMM speed.
+- the peak: this machine's rate for the run's precision, measured now with the fastest kernel available
+  (``common.runs.compute_peak``: torch.mm, a channels-last 1x1x1 convolution and the network's 3x3x3
+  convolutions through oneDNN); the record names the kernel that won, every candidate's rate, and the
+  theoretical float32 ceiling where the clock can be read.
+- ``limit_s_per_tile`` = 2 x MACs / peak: the time one tile would take if every FLOP ran at the peak.
   Efficiency = limit / measured inference seconds per tile (network + float16 accumulation, as 06 times its
-  "inference" stage); 1.0 would be the GEMM peak, 0.8 means 1.25x the limit.
+  "inference" stage); 1.0 would be the peak, 0.8 means 1.25x the limit. A scan above 1.0 ran faster than the
+  "peak": that is a measurement error of the peak (a noisy machine), and the scan says so
+  (``efficiency_error``) instead of claiming more than 100 %.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-GEMM_N = 4096
-GEMM_REPEATS = 5
+from common.runs.compute_peak import machine_peaks
 
 
 def conv_macs(onnx_path: str | Path, input_shape: Sequence[int]) -> dict:
@@ -55,58 +57,52 @@ def conv_macs(onnx_path: str | Path, input_shape: Sequence[int]) -> dict:
     return {"macs": float(macs), "flops": 2.0 * macs, "n_conv": n_conv, "input_shape": list(input_shape)}
 
 
-def gemm_peak(threads: int, n: int = GEMM_N, repeats: int = GEMM_REPEATS) -> dict:
-    """This machine's float32 GEMM throughput: the best of ``repeats`` torch.mm of n x n matrices on
-    ``threads`` threads (after one warm-up). Returns {"gflops", "threads", "n", "best_s", "method"}."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen)
-        b = torch.randn(n, n, generator=gen)
-        torch.mm(a, b)
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
-    return {"gflops": 2.0 * n**3 / best / 1e9, "threads": max(1, threads), "n": n, "best_s": best,
-            "method": f"torch.mm float32 {n}x{n}, best of {repeats}"}
-
-
-def efficiency_record(onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int) -> dict:
-    """The result JSON's "efficiency" record: tile MACs/FLOPs from the graph, the GEMM peak measured now, and
-    the compute limit per tile in seconds."""
+def efficiency_record(onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int,
+                      precision: str = "float32", full: bool = True) -> dict:
+    """The result JSON's "efficiency" record: tile MACs/FLOPs from the graph, this machine's peaks measured now
+    (float32, bf16, int8: ``common.runs.compute_peak``; ``full=False`` times small kernels only, for tests),
+    and the compute limit per tile in seconds at the peak of ``precision`` (the run's network precision):
+    {"tile_macs", "tile_flops", "n_conv", "patch_size_zyx", "precision", "peak_gflops", "limit_kernel",
+    "limit_source", "limit_s_per_tile", "peaks", "theoretical_float32", "above_theoretical"}."""
     count = conv_macs(onnx_path, (1, 1, *patch_size_zyx))
-    peak = gemm_peak(threads)
+    measured = machine_peaks(threads, full=full)
+    peak = measured["peaks"][precision]
+    if not peak["gflops"]:
+        raise RuntimeError(f"no {precision} kernel ran on this machine: "
+                           + "; ".join(f"{r['kernel']}: {r.get('error')}" for r in peak["kernels"]))
     return {"tile_macs": count["macs"], "tile_flops": count["flops"], "n_conv": count["n_conv"],
-            "patch_size_zyx": list(patch_size_zyx), "gemm_peak_gflops": peak["gflops"], "gemm": peak,
-            "limit_s_per_tile": count["flops"] / (peak["gflops"] * 1e9)}
+            "patch_size_zyx": list(patch_size_zyx), "precision": precision, "peak_gflops": peak["gflops"],
+            "limit_kernel": peak["kernel"],
+            "limit_source": f"measured: {peak['kernel']} ({precision}, {peak['threads']} threads, best of "
+                            f"{peak['repeats']})",
+            "limit_s_per_tile": count["flops"] / (peak["gflops"] * 1e9), **measured}
 
 
 def scan_efficiency(inference_s: float | None, n_tiles: int | None, limit_s_per_tile: float | None) -> dict:
-    """{"inference_s_per_tile", "efficiency"} of one scan (None where a figure is missing)."""
+    """{"inference_s_per_tile", "efficiency"} of one scan (None where a figure is missing), plus
+    "efficiency_error" (one line) when the scan ran faster than the limit: the measured peak was too low."""
     if not inference_s or not n_tiles or n_tiles <= 0:
         return {"inference_s_per_tile": None, "efficiency": None}
     per_tile = inference_s / n_tiles
-    return {"inference_s_per_tile": per_tile,
-            "efficiency": limit_s_per_tile / per_tile if limit_s_per_tile else None}
+    out = {"inference_s_per_tile": per_tile, "efficiency": limit_s_per_tile / per_tile if limit_s_per_tile else None}
+    if out["efficiency"] is not None and out["efficiency"] > 1.0:
+        out["efficiency_error"] = (f"measurement error: {per_tile:.3f} s per tile is faster than the compute limit "
+                                   f"({limit_s_per_tile:.3f} s); the peak was measured too low (a busy machine?)")
+    return out
 
 
-EFFICIENCY_HELP = ("for benchmarking: measure this machine's float32 GEMM peak (about 5 s), count the tile's FLOPs "
-                   "from the ONNX graph, and record inference seconds per tile and efficiency (compute limit / "
-                   "actual) per scan; 07 reports them")
+EFFICIENCY_HELP = ("for benchmarking: measure this machine's float32, bf16 and int8 peaks with the fastest kernel "
+                   "available (about 15 s), count the tile's FLOPs from the ONNX graph, and record inference "
+                   "seconds per tile and efficiency (compute limit / actual) per scan; 07 reports them")
 
 
-def measure_into(result: dict, onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int) -> str:
+def measure_into(result: dict, onnx_path: str | Path, patch_size_zyx: Sequence[int], threads: int,
+                 precision: str = "float32", full: bool = True) -> str:
     """Put ``efficiency_record`` into ``result["efficiency"]``; return a one-line summary to print."""
-    eff = result["efficiency"] = efficiency_record(onnx_path, patch_size_zyx, threads)
-    return (f"compute limit: {eff['tile_flops'] / 1e12:.3f} TFLOP per tile at {eff['gemm_peak_gflops']:.0f} "
-            f"GFLOPS (float32 GEMM, {threads} threads) = {eff['limit_s_per_tile']:.2f} s per tile")
+    eff = result["efficiency"] = efficiency_record(onnx_path, patch_size_zyx, threads, precision, full)
+    return (f"compute limit: {eff['tile_flops'] / 1e12:.3f} TFLOP per tile at {eff['peak_gflops']:.0f} "
+            f"GFLOPS ({eff['limit_kernel']}, {precision}, {threads} threads) = {eff['limit_s_per_tile']:.2f} s "
+            "per tile")
 
 
 def add_scan_efficiencies(result: dict) -> None:

@@ -199,6 +199,7 @@ def _segment_and_write(scan: Path, scan_id: str, opts: JobOptions, spec, predict
     """Segment ``scan``, build its passport, write the outputs and fill ``record`` (stage times in s, peak RSS
     in bytes); the run's warnings go to ``outcome.messages``. Raises what a bad scan raises."""
     from common.core.peak_memory import track_peak_rss
+    from common.inference.precision import describe
     from common.records.results import add_repeat
     from common.runs.scan_run import labels_present, run_scan
 
@@ -208,7 +209,8 @@ def _segment_and_write(scan: Path, scan_id: str, opts: JobOptions, spec, predict
         vol = run.volume
         record.update(shape=list(vol.shape[:3]), spacing_mm=list(vol.spacing[:3]), orientation=vol.orientation)
         stages = dict(run.stages)
-        passport, lab_img = _build_passport(scan, opts, spec, run, key, stages)
+        arithmetic = describe(cfg.precision)  # "approximate" in the record and the passport's provenance
+        passport, lab_img = _build_passport(scan, opts, spec, run, key, stages, arithmetic)
         if passport is not None and opts.passport_repeats > 1:
             record["passport_timing_ms"] = time_passport(lab_img, spec.labels, opts.max_points,
                                                          opts.passport_repeats)
@@ -220,12 +222,15 @@ def _segment_and_write(scan: Path, scan_id: str, opts: JobOptions, spec, predict
     record["mask"] = str(files.mask)
     record["passport"] = str(files.passport) if passport is not None else None
     record["warnings"] = run.warnings
+    record["arithmetic"] = arithmetic
     outcome.messages += [f"warning: {scan_id}: {w}" for w in run.warnings]
 
 
-def _build_passport(scan: Path, opts: JobOptions, spec, run, key: dict | None, stages: dict) -> tuple:
+def _build_passport(scan: Path, opts: JobOptions, spec, run, key: dict | None, stages: dict,
+                    arithmetic: dict) -> tuple:
     """(passport, the label image it was computed from), both None with ``opts.no_passport``; its time (s) goes
-    to ``stages["passport"]`` (also with no passport)."""
+    to ``stages["passport"]`` (also with no passport). The passport's model provenance holds ``arithmetic``
+    (common.inference.precision.describe: exact or approximate)."""
     import numpy as np
 
     from common.records.passport import build_passport, scan_metadata
@@ -238,7 +243,8 @@ def _build_passport(scan: Path, opts: JobOptions, spec, run, key: dict | None, s
         lab_img = run.result.labels_model_res if opts.passport_resolution == "model" else run.result.labels
         passport = build_passport(np.asanyarray(lab_img.dataobj), lab_img.affine, spec.labels,
                                   scan=scan_metadata(scan, run.volume.image, sha256=file_digest),
-                                  model=spec.provenance(), resolution=opts.passport_resolution,
+                                  model={**spec.provenance(), "arithmetic": arithmetic},
+                                  resolution=opts.passport_resolution,
                                   max_points=opts.max_points)
     stages["passport"] = time.perf_counter() - t0
     return passport, lab_img

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.core.machine import usable_cores
+from common.inference.precision import native_bf16
 from common.inference.run_config import CHANNELS_LAST, RunConfig
 
 AGREEMENT_THRESHOLD = 0.999
 FACTORS = ("backend", "onnx_norm", "graph_optimization", "execution_mode", "resample_order", "tile_step", "accumulate",
            "batch_size", "resample_threads", "keep_freed_memory")
+APPROXIMATE_FACTORS = ("precision",)  # swept only with 05 --allow-approximate (common.inference.precision)
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,14 @@ class SweepRow:
                 "factor": self.factor}
 
 
-def one_factor_configs(cores: int | None = None) -> list[Candidate]:
+def one_factor_configs(cores: int | None = None, allow_approximate: bool = False) -> list[Candidate]:
     """The baseline (faithful pipeline, ONNX Runtime defaults) and one variation per factor.
 
     Factors: backend (ONNX Runtime / PyTorch / PyTorch channels-last on oneDNN, with thread counts 1..cores),
     graph optimisation level, execution mode, resampling order (1 vs 3), tile step (0.5, the official 0.8,
     1.0), float32 vs float16 logit sums, tiles per predictor call, threads for the resampling steps, glibc
-    keeping freed memory (common.core.heap).
+    keeping freed memory (common.core.heap). With ``allow_approximate`` (05 --allow-approximate) and a CPU
+    with native bf16, also the approximate factor "precision": the channels-last network in bf16 on all cores.
     """
     cores = cores or usable_cores()
     base = RunConfig(name="baseline: ort defaults")
@@ -63,7 +66,7 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
         for key, value in changes.items():
             if key.startswith("ort_"):
                 setattr(cfg.ort, key[4:], value)
-            elif key in ("backend", "torch_threads", "onnx_norm", "keep_freed_memory"):
+            elif key in ("backend", "torch_threads", "onnx_norm", "keep_freed_memory", "precision"):
                 setattr(cfg, key, value)
             else:
                 cfg.segment = cfg.segment.model_copy(update={key: value})
@@ -86,6 +89,9 @@ def one_factor_configs(cores: int | None = None) -> list[Candidate]:
     vary("keep_freed_memory", "keep freed memory (glibc heap)", keep_freed_memory=True)
     if cores > 1:
         vary("resample_threads", f"resample_threads={cores}", resample_threads=cores)
+    if allow_approximate and native_bf16() is not None:
+        vary("precision", f"APPROXIMATE bf16 channels-last threads={cores}", backend=CHANNELS_LAST,
+             torch_threads=cores, keep_freed_memory=True, precision="bf16")
     return out
 
 
@@ -108,10 +114,18 @@ def combine(best: dict[str, RunConfig]) -> RunConfig:
     return cfg
 
 
-def select_fastest(rows: list[SweepRow], threshold: float = AGREEMENT_THRESHOLD) -> SweepRow | None:
-    """Fastest row (by summed median seconds over the sweep scans) whose agreement with the reference is
-    >= threshold on EVERY sweep scan and that ran without error; None if no row qualifies."""
-    ok = [r for r in rows if r.agreement and min(r.agreement) >= threshold and not r.error]
+def qualifies(row: SweepRow, threshold: float = AGREEMENT_THRESHOLD, allow_approximate: bool = False) -> bool:
+    """A row may be chosen: it ran without error, agrees with the reference at >= ``threshold`` on EVERY sweep
+    scan, and is exact unless ``allow_approximate``."""
+    return (bool(row.agreement) and min(row.agreement) >= threshold and not row.error
+            and (allow_approximate or not row.config.approximate))
+
+
+def select_fastest(rows: list[SweepRow], threshold: float = AGREEMENT_THRESHOLD,
+                   allow_approximate: bool = False) -> SweepRow | None:
+    """Fastest row (by summed median seconds over the sweep scans) that ``qualifies``: an approximate row only
+    with ``allow_approximate``, and then only at >= threshold agreement like any other; None if none does."""
+    ok = [r for r in rows if qualifies(r, threshold, allow_approximate)]
     return min(ok, key=lambda r: sum(r.seconds)) if ok else None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.inference.model import ModelSpec
 from common.inference.run_config import RunConfig
-from common.runs.sweep import SweepRow, combine, one_factor_configs, select_fastest
+from common.runs.sweep import SweepRow, combine, one_factor_configs, qualifies, select_fastest
 
 
 def _valid_tiles(scan: Path, spec: ModelSpec) -> int | None:
@@ -116,13 +116,14 @@ def evaluate(cfg: RunConfig, spec: ModelSpec, onnx: Path | None, scans: list[Pat
 
 
 def run_sweep(spec: ModelSpec, onnx: Path | None, scans: list[Path], refs: dict, threshold: float,
-              finalist_runs: int) -> tuple[list[SweepRow], list[SweepRow]]:
+              finalist_runs: int, allow_approximate: bool = False) -> tuple[list[SweepRow], list[SweepRow]]:
     """One factor at a time from the baseline, then the best factors combined (one timed run each), then the
-    three fastest faithful rows and the baseline re-timed (median of ``finalist_runs``): (rows, re-timed)."""
+    three fastest faithful rows and the baseline re-timed (median of ``finalist_runs``): (rows, re-timed).
+    Approximate candidates (bf16) are swept, combined and re-timed only with ``allow_approximate``."""
     from tqdm import tqdm
 
     rows: list[SweepRow] = []
-    candidates = one_factor_configs()
+    candidates = one_factor_configs(allow_approximate=allow_approximate)
     for cand in tqdm(candidates, desc="05 sweep", unit="config"):
         row = evaluate(cand.config, spec, onnx, scans, refs, factor=cand.factor)
         rows.append(row)
@@ -131,7 +132,7 @@ def run_sweep(spec: ModelSpec, onnx: Path | None, scans: list[Path], refs: dict,
                    + (f"  ERROR {row.error}" if row.error else ""))
     best_per_factor = {}
     for factor in {r.factor for r in rows}:
-        pick = select_fastest([r for r in rows if r.factor in (factor, "baseline")], threshold)
+        pick = select_fastest([r for r in rows if r.factor in (factor, "baseline")], threshold, allow_approximate)
         if pick is not None and pick.factor == factor:
             best_per_factor[factor] = pick.config
     combo = combine(best_per_factor)
@@ -140,8 +141,7 @@ def run_sweep(spec: ModelSpec, onnx: Path | None, scans: list[Path], refs: dict,
     tqdm.write(f"{combo.name:34s} {sum(row.seconds):7.2f} s  min agreement "
                f"{min(row.agreement) if row.agreement else float('nan'):.5f}")
     # one run per configuration is noisy: re-time the fastest faithful candidates and the baseline
-    faithful = sorted((r for r in rows if r.agreement and min(r.agreement) >= threshold and not r.error),
-                      key=lambda r: sum(r.seconds))
+    faithful = sorted((r for r in rows if qualifies(r, threshold, allow_approximate)), key=lambda r: sum(r.seconds))
     finalists = faithful[:3] + [r for r in rows[:1] if r not in faithful[:3]]
     retimed = []
     for r in tqdm(finalists, desc="05 re-time finalists", unit="config"):
