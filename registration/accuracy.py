@@ -112,7 +112,11 @@ def summarise_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
             "fraction_nonpositive_body_max": float(max(c["jacobian"]["fraction_nonpositive_body_points"]
                                                        for c in cases)),
             "log_det_std_mean": float(np.mean([c["jacobian"]["log_det_std"] for c in cases])),
+            "det_min": float(min(c["jacobian"]["det_min"] for c in cases)),
         }
+    if "tps_accepted" in cases[0]:
+        res["tps_accepted"] = [bool(c["tps_accepted"]) for c in cases]
+        res["smoothing_used"] = [c.get("smoothing_used") for c in cases]
     if "dice" in cases[0]:
         res["dice_mean"] = {est: float(np.mean([c["dice"][est]["mean"] for c in cases])) for est in cases[0]["dice"]}
     return res

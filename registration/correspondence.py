@@ -30,7 +30,7 @@ def _knn_same_owner(tree: cKDTree, points: np.ndarray, owner: np.ndarray, k: int
     """(distances, indices), each (n, k), of the k nearest tree points of the SAME structure;
     index -1 and distance inf where the structure has fewer points."""
     k = int(min(k, tree.n))
-    dist, idx = tree.query(_with_owner(points, owner), k=k, distance_upper_bound=_SEPARATION_MM / 2)
+    dist, idx = tree.query(_with_owner(points, owner), k=k, distance_upper_bound=_SEPARATION_MM / 2, workers=-1)
     idx = np.asarray(idx).reshape(len(points), k)
     dist = np.asarray(dist, dtype=np.float64).reshape(len(points), k)
     return dist, np.where(idx >= tree.n, -1, idx)
@@ -167,7 +167,7 @@ class SurfacePoints:
     ``points`` (n, 3) fixed boundary points, ``owner`` (n,) their structure index; ``moving_points`` /
     ``moving_owner`` likewise (rigidly mapped); ``normals`` (n, 3) unit PCA normals (0 where undefined,
     all 0 in "point" mode); ``smoothed``: ``points`` moved along the normal onto the local mean surface;
-    ``k_query``: neighbour count of every search (the same for both clouds).
+    ``k_query``: neighbour count of the local-mean searches (the same for both clouds).
     """
 
     points: np.ndarray
@@ -194,13 +194,17 @@ def surface_points(selection: StructureSelection, options: DeformableOptions) ->
     tree_m = cKDTree(_with_owner(mpts, m_owner)) if len(mpts) else None
     normals = np.zeros_like(pts)
     smooth_pts = pts.copy()
-    # one neighbour count for the fixed and the moving queries: identical point sets then give
+    # one neighbour count for the fixed and the moving local-mean queries: identical point sets then give
     # identical neighbourhoods even where distances tie (voxel grids), so self-registration is exact
-    k_query = max(o.normal_neighbours, o.surface_neighbours, 3)
+    k_query = max(o.surface_neighbours, 1)
     if o.mode == "plane" and len(pts):
-        nb_d, nb = _knn_same_owner(cKDTree(_with_owner(pts, owner)), pts, owner, k_query)
+        tree_f = cKDTree(_with_owner(pts, owner))
+        k_normals = max(o.normal_neighbours, 3)
+        nb_d, nb = _knn_same_owner(tree_f, pts, owner, k_normals)
         normals = _pca_normals(pts, nb, o.normal_neighbours)
         if o.surface_neighbours > 1:  # move each fixed point onto the local mean surface (along its normal)
+            if k_query != k_normals:
+                nb_d, nb = _knn_same_owner(tree_f, pts, owner, k_query)
             mean_nb = _local_mean(pts, nb[:, :o.surface_neighbours], nb_d[:, :o.surface_neighbours])
             off = np.einsum("ij,ij->i", mean_nb - pts, normals)
             smooth_pts = pts + normals * off[:, None]
@@ -210,12 +214,18 @@ def surface_points(selection: StructureSelection, options: DeformableOptions) ->
 @dataclass
 class Corrections:
     """One ICP round: per cell the correction (n_cells, 3) mm of the field, ``good`` cells with accepted
-    matches, ``n_accepted`` matches per cell, ``n_matches`` in all."""
+    matches, ``n_accepted`` matches per cell, ``n_matches`` in all; ``A`` (n_cells, 3, 3), ``b`` (n_cells, 3) mm
+    and ``r2`` (n_cells,) mm^2: the undamped normal equations of the accepted matches (sum n n^T, sum r n and
+    sum r^2 with point-to-plane residuals r along the unit normals n; "point" mode: count x I, sum of the
+    residual vectors, sum of their squared lengths), linearised at the field the round started from."""
 
     correction: np.ndarray
     good: np.ndarray
     n_accepted: np.ndarray
     n_matches: int
+    A: np.ndarray
+    b: np.ndarray
+    r2: np.ndarray
 
 
 def match_step(surface: SurfacePoints, cell: np.ndarray, n_cells: int, u_cell: np.ndarray,
@@ -250,18 +260,22 @@ def match_step(surface: SurfacePoints, cell: np.ndarray, n_cells: int, u_cell: n
     n_acc = np.bincount(cell, weights=w, minlength=n_cells)
     good = n_acc > 0
     corr = np.zeros((n_cells, 3))
+    A = np.zeros((n_cells, 3, 3))
+    b = np.zeros((n_cells, 3))
     if o.mode == "plane":
-        # per cell: argmin_d sum_i (n_i . d - r_i)^2 + damping * n |d|^2 (no correction along
-        # directions no normal constrains: the current field stays there)
-        A = np.zeros((n_cells, 3, 3))
-        b = np.zeros((n_cells, 3))
+        r2 = np.bincount(cell, weights=w * r * r, minlength=n_cells)
         for p in range(3):
             b[:, p] = np.bincount(cell, weights=w * r * normals[:, p], minlength=n_cells)
             for q in range(3):
                 A[:, p, q] = np.bincount(cell, weights=w * normals[:, p] * normals[:, q], minlength=n_cells)
-        A += o.normal_damping * np.maximum(n_acc, 1)[:, None, None] * np.eye(3)
-        corr[good] = np.linalg.solve(A[good], b[good][..., None])[..., 0]
+        # per cell: argmin_d sum_i (n_i . d - r_i)^2 + damping * n |d|^2 (no correction along
+        # directions no normal constrains: the current field stays there)
+        damped = A + o.normal_damping * np.maximum(n_acc, 1)[:, None, None] * np.eye(3)
+        corr[good] = np.linalg.solve(damped[good], b[good][..., None])[..., 0]
     else:
+        r2 = np.bincount(cell, weights=w * np.einsum("ij,ij->i", delta, delta), minlength=n_cells)
         for p in range(3):
-            corr[:, p] = np.bincount(cell, weights=w * delta[:, p], minlength=n_cells) / np.maximum(n_acc, 1)
-    return Corrections(corr, good, n_acc, int(keep.sum()))
+            b[:, p] = np.bincount(cell, weights=w * delta[:, p], minlength=n_cells)
+        A[:] = n_acc[:, None, None] * np.eye(3)
+        corr = b / np.maximum(n_acc, 1)[:, None]
+    return Corrections(corr, good, n_acc, int(keep.sum()), A, b, r2)

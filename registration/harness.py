@@ -27,6 +27,14 @@ from registration.accuracy import (
     summarise_cases,
     tre_table,
 )
+from registration.breathing import (
+    LUNG,
+    BreathingField,
+    breathing_field,
+    label_mask,
+    random_breathing_transform,
+    region_points,
+)
 from registration.inputs import load_checked_scan
 from registration.options import DeformableOptions, RigidOptions
 from registration.rigid import rotation_angle_deg
@@ -67,14 +75,18 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
     rigid, defo, T = register_passports(fp, mp, rigid_options, defo_options)
     pts = sample_points(fixed_img, fixed_labels, affine, n_points, rng)
     pts["centroids"] = np.array([centroid(s) for s in fp]).reshape(-1, 3)
+    pts.update(region_points(fixed_labels, affine, names, n_points, rng))
     estimates = {"none": Transform.identity(), "rigid": T.rigid_only(), "rigid_tps": T}
     out: dict[str, Any] = {
         "truth": {
             "rotation_deg": rotation_angle_deg(known.rotation),
             "shift_mm_at_centre": None,
-            "peak_deformation_mm": float(np.linalg.norm(known.bumps(pts["body"]), axis=1).max()) if len(known.sigmas)
-            else 0.0,
+            "peak_deformation_mm": float(np.linalg.norm(known.deformation(pts["body"]), axis=1).max())
+            if known.deformed else 0.0,
             "max_grad_deformation": known.max_gradient(pts["body"]),
+            "det_min_deformation": known.det_min(pts["body"]) if known.deformed else 1.0,
+            **({"breathing_cc_mm": known.field.cc_mm, "breathing_ap_mm": known.field.ap_mm}
+               if isinstance(known.field, BreathingField) else {}),
         },
         "moving_shape": list(m_lab.shape),
         "n_structures": {"fixed": len(fp), "moving": len(mp), "matched": len(rigid.residuals_mm),
@@ -83,6 +95,9 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
         "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"] if defo else 0.0,
                     "tps_parts": defo.time_ms if defo else {}},
         "n_control_points": defo.n_control_points if defo else 0,
+        "tps_accepted": bool(defo.accepted) if defo else False,
+        "tps_validation": defo.validation if defo else None,
+        "smoothing_used": defo.settings.get("smoothing_used") if defo else None,
     }
     if defo is not None:
         out["jacobian"] = folding_stats(defo.grid, pts["body"])
@@ -115,9 +130,13 @@ def run_synthetic(ct_path: Path, seg_path: Path, *, magnitudes: tuple[float, ...
                   max_shift_mm: float = 30.0, rigid_options: RigidOptions | None = None,
                   deformable_options: DeformableOptions | None = None, with_dice: bool = True,
                   include_rigid_only: bool = True, include_self: bool = True,
-                  label_sigma_vox: float = 1.0) -> dict[str, Any]:
-    """Self-registration, rigid-only truths and rigid + deformation truths for each peak magnitude."""
-    img, anatomy, aff = load_ct_and_labels(ct_path, seg_path)
+                  label_sigma_vox: float = 1.0, breathing_cases: int | None = None,
+                  volume: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Self-registration, rigid-only truths, rigid + deformation truths for each peak magnitude and rigid +
+    breathing truths (registration/breathing.py; ``breathing_cases`` of them, default ``n_cases``, 0 for none;
+    needs lungs in the label map). ``volume``: (image, labels, affine) already loaded (e.g. a variant made at
+    run time; the paths are then only recorded)."""
+    img, anatomy, aff = volume if volume is not None else load_ct_and_labels(ct_path, seg_path)
     lab = model_labels(anatomy, label_sigma_vox)  # fixed labels: the smooth anatomy model on the fixed grid
     names = total_class_names_if_installed()
     fp = compute_structures(lab, aff, names)
@@ -149,6 +168,22 @@ def run_synthetic(ct_path: Path, seg_path: Path, *, magnitudes: tuple[float, ...
             cases.append(case)
         key = "rigid_only" if peak == 0 else f"peak_{peak:g}mm"
         out["results"][key] = {"cases": cases, "summary": summarise_cases(cases)}
+    n_breathing = n_cases if breathing_cases is None else breathing_cases
+    if n_breathing and label_mask(lab, names, LUNG).any():
+        template = breathing_field(lab, aff, names, body)
+        cases = []
+        for c in range(n_breathing):
+            rng = np.random.default_rng([seed, len(groups), c])
+            known = random_breathing_transform(rng, center, body, template, max_angle_deg=max_angle_deg,
+                                               max_shift_mm=max_shift_mm)
+            case = evaluate_case(img, anatomy, aff, names, known, seed=seed + c, **kw)
+            case["truth"]["shift_mm_at_centre"] = float(np.linalg.norm(known.moving_to_fixed(center[None])[0]
+                                                                       - center))
+            cases.append(case)
+        out["results"]["breathing"] = {"cases": cases, "summary": summarise_cases(cases),
+                                       "model": "registration/breathing.py: cranio-caudal 10-30 mm decaying over "
+                                                f"{template.decay_mm:g} mm from the lungs, AP expansion 4-10 mm, "
+                                                f"sliding over {template.slide_mm:g} mm at the lung outline"}
     return out
 
 

@@ -61,28 +61,41 @@ class DeformableOptions:
 
     ``centroid_smoothing`` None means ``smoothing`` (resolved at construction). ``bbox_mm``: optional
     ((xmin, ymin, zmin), (xmax, ymax, zmax)) fixed world mm the displacement grid must also cover (stored
-    as nested tuples of floats). ValueError for an unknown ``mode`` or a ``cell_mm`` that is not finite > 0.
+    as nested tuples of floats). The smoothing used is chosen by cross-validation among ``smoothing`` x
+    ``smoothing_factors`` (``(1.0,)``: ``smoothing`` as given) and, with ``validate``, the spline is kept only
+    when it lowers the held-out residual by more than ``accept_margin`` (registration/validation.py).
+    ValueError for an unknown ``mode``, a ``cell_mm`` that is not finite > 0, a factor that is not finite > 0
+    or ``cv_folds`` < 2.
     """
 
-    smoothing: float = 3e4
+    smoothing: float = 1e4
     centroid_smoothing: float | None = None
+    centroid_radius_mm: float = 20.0
     max_control_points: int = 1000
     cell_mm: float = 10.0
     max_points_per_structure: int = 500
     max_surface_points: int = 20000
     min_points_per_structure: int = 4
-    iterations: int = 4
+    iterations: int = 5
     mode: str = "plane"
     mutual: bool = True
     normal_neighbours: int = 12
     surface_neighbours: int = 8
     normal_damping: float = 0.1
+    trust_damping: float = 1e-3
+    smoothing_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
+    validate: bool = True
+    cv_folds: int = 5
+    cv_block_mm: float = 40.0
+    accept_margin: float = 0.3
+    accept_min_gain_mm: float = 0.05
     outlier_factor: float = 3.0
     outlier_floor_mm: float = 5.0
     max_structure_residual_mm: float = 60.0
     consistency_mm: float = 20.0
     exclude_rigid_outliers: bool = False
     grid_points: int = 24 ** 3
+    grid_eval_step: int = 2
     margin_mm: float = 20.0
     bbox_mm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
     min_voxels: int = 8
@@ -92,6 +105,12 @@ class DeformableOptions:
             raise ValueError(f"mode must be 'plane' or 'point', got {self.mode!r}")
         if not (np.isfinite(self.cell_mm) and self.cell_mm > 0):
             raise ValueError(f"cell_mm must be a finite number > 0, got {self.cell_mm!r}")
+        factors = tuple(float(f) for f in self.smoothing_factors) or (1.0,)
+        if not all(np.isfinite(f) and f > 0 for f in factors):
+            raise ValueError(f"smoothing_factors must be finite numbers > 0, got {self.smoothing_factors!r}")
+        object.__setattr__(self, "smoothing_factors", factors)
+        if int(self.cv_folds) < 2:
+            raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds!r}")
         c_smooth = self.smoothing if self.centroid_smoothing is None else self.centroid_smoothing
         object.__setattr__(self, "centroid_smoothing", float(c_smooth))
         if self.bbox_mm is not None:

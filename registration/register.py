@@ -1,11 +1,13 @@
 """Register two scans from their anatomical passports: rigid (Tier 1) + thin-plate spline (Tier 2).
 
     python registration/register.py --fixed-passport A.json --moving-passport B.json --out DIR \\
-        [--fixed-scan A.nii.gz --moving-scan B.nii.gz] [--no-deformable] [--smoothing X] [--allow-mixed-weights]
+        [--fixed-scan A.nii.gz --moving-scan B.nii.gz] [--no-deformable] [--smoothing X] [--smoothing-factors F ...]
+        [--keep-tps] [--allow-mixed-weights]
 
 Writes DIR/transform.json (rigid MOVING -> FIXED world mm + displacement grids in both directions,
 see registration/transform.py), DIR/registration.json (timings in ms, per-structure residuals,
-outliers, control points, settings) and, when both scans are given, DIR/overlay.png (fixed scan in
+outliers, control points, settings, and "tps": whether the spline was kept, the smoothing chosen and the
+held-out residuals behind both decisions, registration/validation.py; a dropped spline is a zero field) and, when both scans are given, DIR/overlay.png (fixed scan in
 green, moving scan warped onto the fixed grid in magenta: grey where they agree). Both JSON files record
 "provenance": each passport's model, weights kind and checkpoint sha256 (registration/provenance.py, which
 also gives the rule: a stand-in/official mix is refused without --allow-mixed-weights, other mismatches are
@@ -59,7 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--no-deformable", action="store_true", help="rigid only (skip the thin-plate spline)")
     p.add_argument("--smoothing", type=nonnegative_float, default=_DEFORMABLE_DEFAULTS.smoothing,
-                   help="thin-plate spline smoothing (RBFInterpolator units; larger = smoother). Default: %(default)g")
+                   help="thin-plate spline smoothing (RBFInterpolator units per matched point; larger = smoother): "
+                        "the centre of the candidates that cross-validation chooses from. Default: %(default)g")
+    p.add_argument("--smoothing-factors", type=positive_float, nargs="+", metavar="F",
+                   default=list(_DEFORMABLE_DEFAULTS.smoothing_factors),
+                   help="smoothing candidates as multiples of --smoothing, chosen by k-fold cross-validation on "
+                        "held-out matches (1 alone: --smoothing as given). Default: %(default)s")
+    p.add_argument("--keep-tps", action="store_true",
+                   help="keep the thin-plate spline even where held-out matches say it does not beat the rigid "
+                        "result (by default it is then dropped and the registration stays rigid)")
     p.add_argument("--residual-threshold", type=positive_float, default=_RIGID_DEFAULTS.residual_threshold_mm,
                    metavar="MM",
                    help="rigid: centroid residual (mm) above which a structure is an outlier. Default: %(default)g")
@@ -133,7 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bbox = fov_bbox_mm(tuple(fixed_p.grid.shape), np.asarray(fixed_p.grid.affine, dtype=np.float64))
     rigid_options = RigidOptions(residual_threshold_mm=args.residual_threshold)
     deformable_options = None if args.no_deformable else DeformableOptions(
-        smoothing=args.smoothing, max_control_points=args.max_control_points, bbox_mm=bbox)
+        smoothing=args.smoothing, max_control_points=args.max_control_points, bbox_mm=bbox,
+        smoothing_factors=tuple(args.smoothing_factors), validate=not args.keep_tps)
 
     t0 = time.perf_counter()
     try:
@@ -163,7 +174,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rigid": rigid.to_dict(),
         "deformable": defo.to_dict() if defo else None,
         "n_control_points": defo.n_control_points if defo else 0,
+        # the deformable tier's check (registration/validation.py): kept or dropped, the smoothing chosen
+        "tps": None if defo is None else {"accepted": bool(defo.accepted),
+                                          "smoothing_used": defo.settings.get("smoothing_used"),
+                                          "validation": defo.validation},
         "settings": {"deformable": not args.no_deformable, "smoothing": args.smoothing,
+                     "smoothing_factors": list(args.smoothing_factors), "keep_tps": bool(args.keep_tps),
                      "residual_threshold_mm": args.residual_threshold,
                      "max_control_points": args.max_control_points,
                      # every option that affects the result: RigidOptions(**...) / DeformableOptions(**...)
@@ -198,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['n_matched']} structures, {r['n_outliers']} outliers, {report['time_ms']['rigid']:.1f} ms")
     if report["deformable"]:
         d = report["deformable"]
-        line += (f"; TPS: {d['n_control_points']} control points, max |u| {d['displacement_mm_max']:.1f} mm, "
+        kept = "kept" if d["accepted"] else "dropped (held-out matches: no better than rigid)"
+        line += (f"; TPS {kept}: smoothing {d['settings']['smoothing_used']:g}, {d['n_control_points']} control "
+                 f"points, max |u| {d['displacement_mm_max']:.1f} mm, "
                  f"folding {100 * d['jacobian']['fraction_nonpositive']:.3f} %, {report['time_ms']['deformable']:.0f} ms")
         if d["settings"].get("budget_floor_applied"):
             line += f" (floor applied: {d['settings']['budget_note']})"

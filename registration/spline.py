@@ -5,9 +5,11 @@ to its rigidly mapped moving point x + u(x). See registration/deformable.py for 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
 
 from registration.options import DeformableOptions
@@ -105,22 +107,6 @@ def initial_field(centroids: np.ndarray, displacements: np.ndarray, centres: np.
     return None, np.tile(mean, (n_cells, 1))
 
 
-def refit(centres: np.ndarray, u_cell: np.ndarray, correction: np.ndarray, good: np.ndarray, n_accepted: np.ndarray,
-          centroids: np.ndarray, displacements: np.ndarray, options: DeformableOptions
-          ) -> tuple[RBFInterpolator | None, np.ndarray]:
-    """Refit the TPS on the ``good`` cells (value u + correction, smoothing / matches) plus the centroids
-    (their displacements, ``centroid_smoothing``); returns (spline, u at every cell centre), or (None,
-    ``u_cell`` unchanged) with fewer than 5 control points."""
-    ctrl = np.concatenate([centres[good], centroids])
-    vals = np.concatenate([u_cell[good] + correction[good], displacements])
-    smooth = np.concatenate([float(options.smoothing) / n_accepted[good],
-                             np.full(len(centroids), options.centroid_smoothing)])
-    if len(ctrl) >= 5:
-        tps = fit_tps(ctrl, vals, smooth)
-        return tps, tps(centres)
-    return None, u_cell
-
-
 def grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
              bbox_mm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     """Isotropic grid (origin mm, spacing mm, shape (nx, ny, nz)) of about ``grid_points`` nodes over the
@@ -138,14 +124,39 @@ def grid_for(points: list[np.ndarray], margin_mm: float, grid_points: int,
     return lo, spacing, (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
-def displacement_grid(tps: RBFInterpolator | None, clouds: list[np.ndarray], displacements: np.ndarray,
-                      options: DeformableOptions) -> DisplacementGrid:
-    """The spline's u sampled on the grid over ``clouds`` (``grid_for``); without a spline the mean centroid
+def sample_smooth_field(field: Callable[[np.ndarray], np.ndarray], origin: np.ndarray, spacing: np.ndarray,
+                        shape: tuple[int, int, int], step: int) -> np.ndarray:
+    """(nx, ny, nz, 3) values of a smooth field (callable on (n, 3) world mm) at the nodes origin + ijk *
+    spacing. ``step`` > 1: evaluated exactly on every ``step``-th node along each axis (both ends included)
+    and interpolated between them with cubic B-splines (scipy.ndimage.map_coordinates, order 3), about
+    step^3 times fewer evaluations of the field."""
+    axes = [origin[d] + spacing[d] * np.arange(shape[d]) for d in range(3)]
+    if step <= 1 or min(shape) < 4:
+        pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+        return field(pts).reshape(shape + (3,))
+    counts = [max(int(np.ceil((n - 1) / step)) + 1, 4) for n in shape]
+    coarse_idx = [np.linspace(0.0, n - 1.0, c) for n, c in zip(shape, counts, strict=True)]
+    coarse_axes = [origin[d] + spacing[d] * coarse_idx[d] for d in range(3)]
+    pts = np.stack(np.meshgrid(*coarse_axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    coarse = field(pts).reshape(tuple(counts) + (3,))
+    # fine node i sits at fractional coarse index i * (c - 1) / (n - 1)
+    fine = np.meshgrid(*[np.arange(n) * (c - 1) / (n - 1) for n, c in zip(shape, counts, strict=True)],
+                       indexing="ij")
+    coords = np.stack([f.ravel() for f in fine])
+    out = np.stack([ndimage.map_coordinates(coarse[..., k], coords, order=3, mode="nearest") for k in range(3)],
+                   axis=-1)
+    return out.reshape(shape + (3,))
+
+
+def displacement_grid(tps: Callable[[np.ndarray], np.ndarray] | None, clouds: list[np.ndarray],
+                      displacements: np.ndarray, options: DeformableOptions) -> DisplacementGrid:
+    """The spline's u sampled on the grid over ``clouds`` (``grid_for``; exactly on every
+    ``grid_eval_step``-th node, cubic in between: ``sample_smooth_field``); without a spline the mean centroid
     displacement (or 0). The inverse (``moving_to_fixed``) is left to transform.invert_displacement."""
     origin, spacing, shape = grid_for(clouds, options.margin_mm, options.grid_points, options.bbox_mm)
     grid = DisplacementGrid(origin, spacing, np.zeros(shape + (3,)))
     if tps is not None:
-        grid.fixed_to_moving = tps(grid.nodes_mm()).reshape(shape + (3,))
+        grid.fixed_to_moving = sample_smooth_field(tps, origin, spacing, shape, options.grid_eval_step)
     elif len(displacements):
         grid.fixed_to_moving[...] = displacements.mean(axis=0)
     return grid

@@ -201,8 +201,11 @@ def test_deformable_ignores_rigid_outlier():
 def test_deformable_phases_on_their_own():
     """The phases of register_deformable, called one by one, give its grid exactly; each checked on its own."""
     from registration.correspondence import match_step, select_structures, surface_points
+    from registration.deformable import linearised_round
     from registration.options import DeformableOptions
-    from registration.spline import control_cells, displacement_grid, initial_field, refit
+    from registration.spline import control_cells, displacement_grid, initial_field
+    from registration.spline_system import NodeSpline, SplineSystem
+    from registration.validation import block_folds, cross_validate
 
     fixed = make_passport(9)
     R, t = rotation_matrix([0, 1, 0], 6.0), np.array([2.0, 3.0, -4.0])
@@ -217,24 +220,38 @@ def test_deformable_phases_on_their_own():
     assert len(surf.points) == sum(len(p) for p in sel.fixed_points)
     assert np.allclose(np.linalg.norm(surf.normals, axis=1), 1.0)
     # control points: within the budget (cells + centroids)
-    cells = control_cells(surf.points, surf.owner, len(sel.fixed_centroids), o)
-    assert not cells.floor_applied and cells.n_cells + len(sel.fixed_centroids) <= 60
+    cf = sel.fixed_centroids
+    cells = control_cells(surf.points, surf.owner, len(cf), o)
+    assert not cells.floor_applied and cells.n_cells + len(cf) <= 60
     assert cells.centres.shape == (cells.n_cells, 3)
-    # spline fit: a rigid truth leaves (almost) nothing to correct
-    d_c = sel.moving_centroids - sel.fixed_centroids
-    tps, u_cell = initial_field(sel.fixed_centroids, d_c, cells.centres, o.centroid_smoothing)
+    # the linearised rounds: a rigid truth leaves (almost) nothing to correct
+    d_c = sel.moving_centroids - cf
+    nodes = np.concatenate([cells.centres, cf])
+    system = SplineSystem(nodes, np.concatenate([np.bincount(cells.cell).astype(float), np.ones(len(cf))]))
+    tps0, _ = initial_field(cf, d_c, cells.centres, o.centroid_smoothing)
+    F0 = tps0(nodes)
+    F = F0.copy()
     for _ in range(o.iterations):
-        c = match_step(surf, cells.cell, cells.n_cells, u_cell, o)
+        c = match_step(surf, cells.cell, cells.n_cells, F[:cells.n_cells], o)
         assert c.n_matches > 0.5 * len(surf.points) and np.abs(c.correction).max() < 0.5
-        new_tps, u_cell = refit(cells.centres, u_cell, c.correction, c.good, c.n_accepted, sel.fixed_centroids,
-                                d_c, o)
-        tps = new_tps if new_tps is not None else tps
+        data = linearised_round(c, F, d_c, 1.0, o.trust_damping)
+        F, info = system.solve(data, o.smoothing, F)
+        assert info == 0
+    # the check: a rigid pair gains nothing from the spline on held-out matches, so it is dropped
+    v = cross_validate(system, data, block_folds(cells.centres, o.cv_folds, o.cv_block_mm),
+                       [o.smoothing * f for f in o.smoothing_factors], F0, c.n_accepted, o.accept_margin,
+                       o.accept_min_gain_mm, precondition_with=o.smoothing)
+    assert not v.accepted and v.chosen in v.candidates
+    if v.chosen != o.smoothing:
+        F, _ = system.solve(data, v.chosen, F, precondition_with=o.smoothing)
+    F = np.zeros_like(F)  # dropped: a zero field
     # displacement grid and its inverse
-    grid = displacement_grid(tps, [*sel.fixed_points, *sel.moving_points, sel.fixed_centroids, sel.moving_centroids],
-                             d_c, o)
+    grid = displacement_grid(NodeSpline(system, F), [*sel.fixed_points, *sel.moving_points, cf,
+                                                     sel.moving_centroids], d_c, o)
     grid.moving_to_fixed = invert_displacement(grid)
-    assert np.abs(grid.fixed_to_moving).max() < 0.5
+    assert np.abs(grid.fixed_to_moving).max() == 0.0
     whole = register_deformable(fixed, moving, rigid, o)
+    assert not whole.accepted and whole.validation["accepted"] is False
     assert np.array_equal(grid.fixed_to_moving, whole.grid.fixed_to_moving)
     assert np.array_equal(grid.moving_to_fixed, whole.grid.moving_to_fixed)
 

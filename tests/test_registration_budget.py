@@ -244,7 +244,7 @@ def test_zero_budget_accepted_by_both_parsers():
     from registration.register import build_parser as reg_parser
     args = reg_parser().parse_args(["--fixed-passport", "A", "--moving-passport", "B", "--out", "o",
                                     "--max-control-points", "0"])
-    assert args.max_control_points == 0 and args.smoothing == 3e4 and args.residual_threshold == 15.0
+    assert args.max_control_points == 0 and args.smoothing == 1e4 and args.residual_threshold == 15.0
     args = eval_parser().parse_args(["--max-control-points", "0", "--iterations", "0"])
     assert args.max_control_points == 0 and args.iterations == 0
     assert args.cases == 3 and args.seed == 0 and args.points == 20000 and args.magnitudes == [5.0, 10.0, 20.0]

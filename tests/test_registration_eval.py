@@ -14,14 +14,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.registration_cases import real_ct_case
 
 from common.imaging.geometry import voxel_to_world
-from common.imaging.labels import total_class_names_if_installed
 from common.records.passport import build_passport, compute_structures, save_passport
-from registration.accuracy import BODY_HU
 from registration.batch import find_pairs, run_batch
 from registration.harness import evaluate_case, load_ct_and_labels
-from registration.synthetic import KnownTransform, make_moving, model_labels, random_known_transform
+from registration.synthetic import KnownTransform, make_moving, random_known_transform
 from registration.transform import load_transform, warp_labels
 from registration.two_tier import register_passports
 
@@ -30,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ct_case(example_ct_sm, example_seg):
-    img, anatomy, aff = load_ct_and_labels(example_ct_sm, example_seg)
-    names = total_class_names_if_installed()
-    lab = model_labels(anatomy)
-    fp = compute_structures(lab, aff, names)
-    body = voxel_to_world(np.argwhere(img > BODY_HU), aff)
-    center = voxel_to_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]
-    return {"img": img, "anatomy": anatomy, "lab": lab, "aff": aff, "names": names, "fp": fp, "body": body,
-            "center": center}
+    return real_ct_case(example_ct_sm, example_seg)
 
 
 def run_case(ct: dict, known: KnownTransform, n_points: int = 4000, with_dice: bool = False) -> dict:
@@ -104,6 +96,11 @@ def test_register_cli_end_to_end(ct_case, example_ct_sm, tmp_path):
     rep = json.loads((out / "registration.json").read_text(encoding="utf-8"))
     assert rep["time_ms"]["rigid"] > 0 and rep["time_ms"]["deformable"] > 0
     assert rep["n_control_points"] > 0 and "liver" in rep["rigid"]["residuals_mm"]
+    # the deformable tier's check is recorded: kept here (10 mm deformation), with the smoothing it chose
+    tps = rep["tps"]
+    assert tps["accepted"] is True and tps["validation"]["accepted"] is True
+    assert tps["smoothing_used"] in tps["validation"]["candidates"]
+    assert tps["validation"]["cv_over_rigid"] < 1.0 - rep["settings"]["deformable_options"]["accept_margin"]
     T = load_transform(out / "transform.json")
     x = ct_case["body"][::500]
     err = np.linalg.norm(T.fixed_to_moving(x) - known.fixed_to_moving(x), axis=1).mean()
@@ -174,3 +171,50 @@ def test_non_integer_label_map_is_refused(example_ct_sm, example_seg, tmp_path):
     ok = tmp_path / "float_ok.nii.gz"
     nib.save(nib.Nifti1Image(np.rint(lab), seg.affine, dtype=np.float32), str(ok))
     assert np.issubdtype(load_ct_and_labels(example_ct_sm, ok)[1].dtype, np.integer)
+
+
+def test_evaluate_cli_breathing_family_and_decisions(example_ct_sm, example_seg, tmp_path):
+    """A small evaluate.py run: a family named "breathing" with TRE per region, and per case the spline's
+    held-out decision and the smoothing it chose, in the result JSON."""
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "registration/evaluate.py", "--ct", str(example_ct_sm), "--labels",
+                        str(example_seg), "--magnitudes", "20", "--cases", "1", "--breathing-cases", "1",
+                        "--clinical-cases", "0", "--no-dice", "--no-timing", "--points", "3000", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    results = doc["synthetic"]["example_seg"]["results"]
+    assert [k for k in results if "breathing" in k] == ["breathing"]
+    case = results["breathing"]["cases"][0]
+    tre = case["tre_mm"]
+    assert tre["lungs"]["rigid_tps"]["mean"] < tre["lungs"]["rigid"]["mean"]
+    assert {"abdomen", "bone"} <= set(tre) and 10.0 <= abs(case["truth"]["breathing_cc_mm"]) <= 30.0
+    for key in ("rigid_only", "peak_20mm", "breathing"):
+        c = results[key]["cases"][0]
+        assert c["smoothing_used"] in c["tps_validation"]["candidates"]
+        assert c["tps_accepted"] is (key != "rigid_only")
+        assert c["jacobian"]["fraction_nonpositive"] == 0.0
+    assert results["rigid_only"]["summary"]["tps_over_rigid_mean_tre_body_per_case"] == [1.0]
+    assert {row["family"] for row in doc["summary"]} == {"self", "rigid_only", "peak_20mm", "breathing"}
+    assert doc["deformable_settings"]["smoothing_factors"] == [0.3, 1.0, 3.0]
+    assert "breathing" in r.stdout and "TPS kept" in r.stdout
+
+
+def test_clinical_variant_keeps_the_labels_on_the_scan(example_ct_sm, example_seg):
+    """The clinical-size variant: 512 x 512 in-plane at 0.98 x 0.98 x 2 mm, the scan's own z extent, and the
+    label map resampled onto the same grid (each structure keeps its volume and its place)."""
+    from registration.eval_inputs import clinical_case
+
+    img, lab, aff, name = clinical_case(example_ct_sm, example_seg)
+    assert img.shape == lab.shape == (512, 512, 45) and name == "clinical_512x512x45"
+    assert np.allclose(np.abs(np.diag(aff)[:3]), [0.98, 0.98, 2.0])
+    src = nib.load(str(example_seg))
+    src_lab = np.asarray(src.dataobj)
+    for k in (5, 1, 52):  # liver, spleen, aorta: volume (mm^3) and centroid (mm) kept
+        v_src = np.count_nonzero(src_lab == k) * 27.0
+        v_new = np.count_nonzero(lab == k) * 0.98 * 0.98 * 2.0
+        assert v_new == pytest.approx(v_src, rel=0.05)
+        c_src = voxel_to_world(np.argwhere(src_lab == k), src.affine).mean(axis=0)
+        c_new = voxel_to_world(np.argwhere(lab == k), aff).mean(axis=0)
+        assert np.linalg.norm(c_new - c_src) < 1.5
+    assert img[0, 0, 0] == -1024 and img[lab > 0].mean() > -200

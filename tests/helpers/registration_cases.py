@@ -1,11 +1,16 @@
 """Synthetic passports for the registration tests: ellipsoid structures with exactly known geometry (no CT data
-needed), and the same anatomy moved rigidly into another frame. World coordinates are mm, RAS+."""
+needed), and the same anatomy moved rigidly into another frame; and the real CT case the harness uses (a CT and
+its label map loaded once, its fixed passport, body points). World coordinates are mm, RAS+."""
 from __future__ import annotations
 
 import numpy as np
 
+from common.imaging.geometry import voxel_to_world
+from common.imaging.labels import total_class_names_if_installed
+from common.records.passport import compute_structures
 from common.records.passport_model import Structure
-from registration.synthetic import ellipsoid_structure
+from registration.accuracy import BODY_HU
+from registration.synthetic import ellipsoid_structure, model_labels
 
 NAMES = ["vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_T12", "sacrum", "hip_left", "hip_right",
          "rib_left_10", "rib_right_10", "liver", "spleen", "kidney_left", "kidney_right", "pancreas",
@@ -81,3 +86,17 @@ def passport_files(folder, fixed_model: dict, moving_model: dict, names=("A.json
     return tuple(save_passport(build_passport(lab, a, labels, scan={}, model=m, resolution="original"),
                                folder / name)
                  for a, m, name in ((aff, fixed_model, names[0]), (moved @ aff, moving_model, names[1])))
+
+
+def real_ct_case(ct_path, seg_path) -> dict:
+    """The harness's fixed scan from a real CT and its label map: image ``img``, label map ``anatomy`` and its
+    smooth model ``lab`` (x, y, z), ``aff`` (voxel -> world mm), class ``names``, fixed passport ``fp``, body
+    points ``body`` (n, 3) mm (HU > -500) and the scan ``center`` (3,) mm."""
+    from registration.harness import load_ct_and_labels
+
+    img, anatomy, aff = load_ct_and_labels(ct_path, seg_path)
+    names = total_class_names_if_installed()
+    lab = model_labels(anatomy)
+    return {"img": img, "anatomy": anatomy, "lab": lab, "aff": aff, "names": names,
+            "fp": compute_structures(lab, aff, names), "body": voxel_to_world(np.argwhere(img > BODY_HU), aff),
+            "center": voxel_to_world((np.array(img.shape) - 1)[None] / 2.0, aff)[0]}
