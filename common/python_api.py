@@ -16,6 +16,7 @@ For parallel work use processes, totalseg-fast's folder mode or 06 on a Dask clu
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ import nibabel as nib
 from nibabel import Nifti1Image
 
 from common.cli.official_flags import FLAGS
-from common.cli.scan_outputs import ScanOptions, check_options, produce, write_report
+from common.cli.scan_outputs import ScanOptions, check_options, is_dicom_source, produce, write_report
 from common.core.errors import InputError
 from common.imaging.official_post import DICOM_TYPES, dicom_target
 
@@ -144,8 +145,7 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
     except InputError as exc:
         raise ValueError(str(exc)) from None
     in_memory = isinstance(input, nib.spatialimages.SpatialImage)
-    if opts.output_type in DICOM_TYPES and (in_memory or (Path(input).is_file()
-                                                          and not Path(input).name.lower().endswith(".zip"))):
+    if opts.output_type in DICOM_TYPES and (in_memory or not is_dicom_source(Path(input))):
         raise ValueError(f"output_type={opts.output_type!r}: needs a DICOM series as input (a folder or a zip of "
                          "one), as the official function")
     if device != "cpu" and not quiet:
@@ -163,7 +163,7 @@ def totalsegmentator(input: str | Path | Nifti1Image, output: str | Path | None 
 
 def _run(input, output: Path | None, opts: ScanOptions, roi: list[str] | None, statistics, nr_thr_resamp: int,
          resampling_order: int, weights: str, config: Path | None, quiet: bool, precision: str | None):
-    from common.imaging.official_output import multilabel_image, subset_map
+    from common.imaging.official_output import multilabel_image
     from common.imaging.validation import scan_from_image
 
     session = _session(weights, config, quiet, precision)
@@ -180,7 +180,7 @@ def _run(input, output: Path | None, opts: ScanOptions, roi: list[str] | None, s
         for w in made.run.warnings:
             print(f"warning: {w}")
     _write(made, opts, output, statistics, roi, session.spec, source)
-    img = multilabel_image(made.labels, made.reference, made.label_map or subset_map(label_map, roi))
+    img = multilabel_image(made.labels, made.reference, made.label_map)
     return (img, made.stats) if opts.statistics else img
 
 
@@ -193,7 +193,7 @@ def _write(made, opts: ScanOptions, output: Path | None, statistics, roi, spec, 
     if output is None:
         if stats_file is None:
             return  # nothing to write (the official function writes nothing either)
-        opts = ScanOptions(**{**opts.__dict__, "skip_saving": True, "preview": False})
+        opts = dataclasses.replace(opts, skip_saving=True, preview=False)
         output = stats_file.parent / "unused"
     output = dicom_target(opts.output_type, output)
     folder = output.parent if opts.single_file else output

@@ -238,7 +238,7 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     inputs, outputs (and their lock, entered on ``held``), model, ONNX file and (in this process) the predictor.
     Raises InputError, OSError or RuntimeError with a one-line message."""
     from common.cli.cluster_args import cluster_problem, wants_cluster
-    from common.cli.scan_outputs import scan_options
+    from common.cli.scan_outputs import is_dicom_source, scan_options
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.core.signals import exit_cleanly_on_sigterm
     from common.inference.model_cache import ensure_onnx, prepare_model
@@ -267,7 +267,7 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
             always=True)
     batch = resolve_inputs(args.input, None, log=lambda m: say(m), output_dirs=(args.output,))
     if opts.output_type != "nifti" and not is_folder_mode(args, batch) and batch.scans and \
-            batch.scans[0].is_file() and not batch.scans[0].name.lower().endswith(".zip"):
+            not is_dicom_source(batch.scans[0]):
         raise InputError(batch.scans[0], f"-ot {opts.output_type} needs a DICOM series as input (a folder or a zip "
                                          "of one), as the official tool")
     if args.report is not None and is_folder_mode(args, batch):

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from common.cli.scan_outputs import ScanOptions
+from common.cli.scan_outputs import ScanOptions, is_dicom_source
 from common.core.atomic import TMP_PREFIX, name_too_long
 from common.core.errors import InputError
 from common.imaging.official_post import DICOM_TYPES, dicom_target
@@ -133,7 +133,7 @@ def segment_scan(scan: Path, scan_id: str, targets: ScanTargets, opts: ScanOptio
         problem = name_too_long(path)
         if problem:
             raise InputError(None, problem)
-    if opts.output_type in DICOM_TYPES and (scan.is_file() and not scan.name.lower().endswith(".zip")):
+    if opts.output_type in DICOM_TYPES and not is_dicom_source(scan):
         raise InputError(scan, f"-ot {opts.output_type} needs a DICOM series as input (a folder or a zip of one), "
                                "as the official tool")
     owned = owned_names(label_map)

@@ -88,6 +88,11 @@ def check_options(opts: ScanOptions, roi: list[str] | None) -> None:
                                f"(default {DEFAULT_BLOB_MM3:g})")
 
 
+def is_dicom_source(path: Path) -> bool:
+    """Whether a scan path can be the reference of a DICOM output: a DICOM folder or a zip of one (not a NIfTI)."""
+    return not (path.is_file() and not path.name.lower().endswith(".zip"))
+
+
 class ScanProduct(NamedTuple):
     """What a scan's outputs are written from: ``labels`` (x, y, z) uint8 in ``reference``'s grid (the input's,
     or the 3 mm one with --save_lowres; v1 ids with --v1_order), ``label_map`` the ids -> names of the label map
