@@ -111,19 +111,26 @@ class DeformableResult:
         }
 
 
-def jacobian_stats(grid: DisplacementGrid) -> dict[str, float]:
-    """Folding of the fixed->moving map x -> x + u(x) on the grid nodes.
-
-    Returns the fraction of nodes with det(J) <= 0, min det(J), and the standard deviation of
-    log det(J) over the nodes with det(J) > 0.
-    """
+def jacobian_stats(grid: DisplacementGrid) -> dict[str, float | None]:
+    """Folding of the fixed->moving map x -> x + u(x) (u in mm) on the grid nodes: the fraction of nodes with
+    det(J) <= 0 or not finite (a NaN/inf field counts as folded), min det(J) over the finite nodes, and the
+    standard deviation of log det(J) over the nodes with a finite det(J) > 0. Every value is a finite float or
+    None (JSON null: no finite node, or no node with det(J) > 0, e.g. a field folded everywhere), so the JSON
+    writers (allow_nan=False) never meet a NaN."""
     det = grid.jacobian_determinant()
-    pos = det[det > 0]
+    finite = np.isfinite(det)
+    pos = det[finite & (det > 0)]
     return {
-        "fraction_nonpositive": float(np.mean(det <= 0)),
-        "det_min": float(det.min()),
-        "log_det_std": float(np.std(np.log(pos))) if pos.size else float("nan"),
+        "fraction_nonpositive": float(np.mean(~finite | (det <= 0))) if det.size else 0.0,
+        "det_min": float(det[finite].min()) if finite.any() else None,
+        "log_det_std": float(np.std(np.log(pos))) if pos.size else None,
     }
+
+
+def _folds(grid: DisplacementGrid) -> bool:
+    """True when the grid's field folds (det(J) <= 0 at a node) or is not finite (mm values NaN/inf)."""
+    det = grid.jacobian_determinant()
+    return not np.all(np.isfinite(det)) or float(det.min()) <= 0
 
 
 def _centroid_history(sel: StructureSelection, displacements: np.ndarray) -> dict[str, Any]:
@@ -257,14 +264,14 @@ def _register_deformable(fixed: Structures, moving: Structures, rigid: RigidResu
     else:
         grid = displacement_grid(NodeSpline(system, F), clouds, d_c, o)
         larger = [v for v in candidates if v > lam] if data is not None else []
-        while np.any(F) and grid.jacobian_determinant().min() <= 0:
-            if larger:
+        while np.any(F) and _folds(grid):
+            if larger and np.all(np.isfinite(F)):
                 lam = larger.pop(0)
                 F, _ = system.solve(data, lam, F, precondition_with=o.smoothing)
                 notes.append(f"folding: smoothing raised to {lam:g}")
             else:
                 F = np.zeros_like(F)
-                notes.append("folding at every smoothing candidate: spline dropped")
+                notes.append("folding (or a non-finite field) at every smoothing candidate: spline dropped")
             grid = displacement_grid(NodeSpline(system, F), clouds, d_c, o)
     times["grid"] = (time.perf_counter() - t0) * 1000.0
     t0 = time.perf_counter()

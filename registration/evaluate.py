@@ -85,8 +85,9 @@ def _fmt_line(key: str, s: dict[str, Any]) -> str:
     if "tps_accepted" in s:
         line += f"  TPS kept {sum(s['tps_accepted'])}/{len(s['tps_accepted'])}"
     if "jacobian" in s:
+        dmin = s["jacobian"]["det_min"]
         line += (f"  fold {100 * s['jacobian']['fraction_nonpositive_grid_max']:.3f}% det-min "
-                 f"{s['jacobian']['det_min']:.2f}")
+                 + (f"{dmin:.2f}" if dmin is not None else "n/a"))
     regions = [k for k in ("lungs", "abdomen", "bone") if s["tre_mm"].get(k, {}).get("rigid", {}).get("mean")
                == s["tre_mm"].get(k, {}).get("rigid", {}).get("mean")]  # not NaN
     if regions:

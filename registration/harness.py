@@ -4,7 +4,8 @@ The real CT and its label map are the FIXED scan; registration/synthetic.py make
 known truth psi (MOVING world mm -> FIXED world mm, RAS+). Passports are built from the label maps ONLY
 (common.records.passport.compute_structures); the registration never sees the truth. Per case: TRE (mm, see
 registration/accuracy.py) for no registration, rigid only and rigid + TPS, Dice of the warped labels
-(circular: the same labels drive the registration), Jacobian folding of the deformable field, runtime.
+(circular: the same labels drive the registration), Jacobian folding of the deformable field, runtime, and
+where the body error sits (``tre_body_worst_structures_mm``: mean TRE per structure, worst first).
 Arrays are (x, y, z); affines map voxel (i, j, k) to world mm.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from registration.accuracy import (
     folding_stats,
     sample_points,
     summarise_cases,
+    tre_by_structure,
     tre_table,
 )
 from registration.breathing import (
@@ -92,6 +94,8 @@ def evaluate_case(fixed_img: np.ndarray, anatomy_labels: np.ndarray, affine: np.
         "n_structures": {"fixed": len(fp), "moving": len(mp), "matched": len(rigid.residuals_mm),
                          "rigid_outliers": list(rigid.outliers)},
         "tre_mm": tre_table(pts, known, estimates),
+        # where the body error sits: the structures (label of each body point's voxel) with the largest mean TRE
+        "tre_body_worst_structures_mm": tre_by_structure(pts["body"], fixed_labels, affine, names, known, estimates),
         "time_ms": {"rigid": rigid.time_ms, "tps": defo.time_ms["total"] if defo else 0.0,
                     "tps_parts": defo.time_ms if defo else {}},
         "n_control_points": defo.n_control_points if defo else 0,

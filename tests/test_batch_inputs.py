@@ -153,14 +153,25 @@ def _start_06(scans: Path, out: Path, result: Path, onnx: Path, home: Path, cfg:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.fixture
-def four_scans(tmp_path, example_ct_sm) -> Path:
-    d = tmp_path / "scans"
+def _small_scans(d: Path, example_ct_sm: Path, n: int, step: int) -> Path:
+    """n small crops of the shared CT, shifted by `step` voxels along x, as scan_0 … scan_{n-1}."""
     d.mkdir()
     ct = nib.load(example_ct_sm)
-    for i in range(4):
-        nib.save(ct.slicer[30 + 5 * i:90 + 5 * i, 30:90, 2:28], d / f"scan_{i}.nii.gz")
+    for i in range(n):
+        nib.save(ct.slicer[30 + step * i:90 + step * i, 30:90, 2:28], d / f"scan_{i}.nii.gz")
     return d
+
+
+@pytest.fixture
+def four_scans(tmp_path, example_ct_sm) -> Path:
+    return _small_scans(tmp_path / "scans", example_ct_sm, 4, 5)
+
+
+@pytest.fixture
+def ten_scans(tmp_path, example_ct_sm) -> Path:
+    """A batch long enough that a signal sent after the first scan lands before the last, even on a loaded
+    machine."""
+    return _small_scans(tmp_path / "scans10", example_ct_sm, 10, 3)
 
 
 def _finished(result: Path) -> int:
@@ -171,11 +182,11 @@ def _finished(result: Path) -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_batch_leaves_a_valid_incomplete_record(sig, four_scans, tmp_path, tiny_onnx_model,
+def test_an_interrupted_batch_leaves_a_valid_incomplete_record(sig, ten_scans, tmp_path, tiny_onnx_model,
                                                                tiny_standin_home):
     out = tmp_path / "out"
     cfg = save_config(RunConfig.fastest_exact(), tmp_path / "config.json")
-    proc = _start_06(four_scans, out, out / "06.json", tiny_onnx_model, tiny_standin_home, cfg)
+    proc = _start_06(ten_scans, out, out / "06.json", tiny_onnx_model, tiny_standin_home, cfg)
     t0 = time.time()
     while not _finished(out / "06.json"):  # the first scan is finished and recorded
         assert proc.poll() is None and time.time() - t0 < 120
@@ -190,7 +201,7 @@ def test_an_interrupted_batch_leaves_a_valid_incomplete_record(sig, four_scans, 
     res = read_result(out / "06.json")
     assert res["complete"] is False and res["interrupted"] == signal.Signals(sig).name
     done = [s for s in res["scans"] if s["status"] == "ok"]
-    assert done and done[0]["scan_id"] == "scan_0" and len(done) < 4
+    assert done and done[0]["scan_id"] == "scan_0" and len(done) < 10
     for s in done:
         assert Path(s["mask"]).exists()
     assert leftover_temp_files(out) == []

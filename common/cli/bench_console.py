@@ -5,11 +5,15 @@
 Each repeat runs, in turn (alternating, so that drift in the machine hits all alike):
 - ``06`` with ``--no-passport`` (one label map), the reference;
 - ``totalseg-fast --ml`` (one label map with the official extension: the same work as 06);
-- ``totalseg-fast`` default (117 per-class masks, as the official tool writes them).
+- ``totalseg-fast`` default (117 per-class masks, as the official tool writes them);
+- with ``--official``: the official TotalSegmentator with its own default output (117 per-class masks, ``ml=False``)
+  in a fresh isolated worker (common.runs.official), timed from the worker's start to its end (imports, model
+  load, segment, its writer), peak RSS the worker's self + children.
 Per process: wall time in s (start to exit, imports and model load included) and peak resident memory in bytes
 (ru_maxrss of that child alone, from os.wait4). The label maps of 06 and ``--ml`` must be identical voxel for
-voxel (checked each repeat). Writes benchmarks/console_vs_06.json: medians, min, max, the ratio to 06's
-median, machine, library versions and the weights used.
+voxel (checked each repeat), and with ``--official`` every per-class mask of totalseg-fast is compared with the
+official one (voxel agreement). Writes benchmarks/console_vs_06.json: medians, min, max, the ratio to 06's median
+(and the official median over totalseg-fast's, the speedup), machine, library versions and the weights used.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ ROOT = PROJECT_ROOT
 DEFAULT_SCAN = ROOT / "ct_data" / "clinical" / "clinical_512x512x200.nii.gz"
 DEFAULT_RESULT = ROOT / "benchmarks" / "console_vs_06.json"
 TIMEOUT_S = 1800
+OFFICIAL = "official TotalSegmentator (117 masks)"
+PER_CLASS = "totalseg-fast (117 masks)"
 
 
 def run_child(cmd: list[str]) -> tuple[float, int]:
@@ -68,9 +74,41 @@ def _variants(scan: Path, work: Path, weights: str) -> dict[str, tuple[list[str]
                               "--weights", weights], work / "06" / f"{scan.name.split('.')[0]}_seg.nii.gz"),
         "totalseg-fast --ml": ([exe, "-i", str(scan), "-o", str(work / "ml.nii.gz"), "--ml", "-q", "--weights",
                                 weights], work / "ml.nii.gz"),
-        "totalseg-fast (117 masks)": ([exe, "-i", str(scan), "-o", str(work / "masks"), "-q", "--weights", weights],
+        PER_CLASS: ([exe, "-i", str(scan), "-o", str(work / "masks"), "-q", "--weights", weights],
                                       work / "masks"),
     }
+
+
+def run_official_masks(scan: Path, out: Path, weights: str) -> tuple[float, int]:
+    """The official tool's default output (one mask per class into the folder ``out``) in a fresh isolated worker;
+    return (wall s from the worker's start to its end, peak RSS bytes of the worker and its children)."""
+    from common.inference.weights import ensure_task297
+    from common.runs.official import OfficialCallError, OfficialRunner, time_limit_for
+
+    folder = ensure_task297(weights, log=lambda m: None)
+    t0 = time.perf_counter()
+    try:
+        with OfficialRunner(folder) as runner:
+            call = runner.segment(scan, out, ml=False, timeout_s=time_limit_for(scan))
+    except OfficialCallError as exc:
+        raise RuntimeError(str(exc)) from exc
+    return time.perf_counter() - t0, call.peak_rss_bytes
+
+
+def mask_agreement(ours: Path, official: Path) -> dict:
+    """Voxel agreement of two folders of per-class masks (the same file names): the share of (voxel, class) pairs
+    that agree, and the number of classes whose masks differ at all."""
+    names = sorted(p.name for p in official.glob("*.nii.gz"))
+    ours_names = sorted(p.name for p in ours.glob("*.nii.gz"))
+    if names != ours_names:
+        raise RuntimeError(f"{ours}: {len(ours_names)} mask files against the official {len(names)}, or other names")
+    differ, total, n_diff_classes = 0, 0, 0
+    for name in names:
+        a = np.asanyarray(nib.load(ours / name).dataobj) > 0
+        b = np.asanyarray(nib.load(official / name).dataobj) > 0
+        d = int(np.count_nonzero(a != b))
+        differ, total, n_diff_classes = differ + d, total + a.size, n_diff_classes + (d > 0)
+    return {"classes": len(names), "classes_differing": n_diff_classes, "voxel_agreement": 1.0 - differ / total}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "official", "standin"), default="auto",
                    help="passed to both commands (default: %(default)s)")
     p.add_argument("--result", type=Path, default=DEFAULT_RESULT, help="JSON output (default: %(default)s)")
+    p.add_argument("--official", action="store_true",
+                   help="also run the official TotalSegmentator with its default per-class output, each repeat")
     return p
 
 
@@ -110,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(name, []).append((wall, rss))
                     print(f"{scan.name} repeat {rep + 1}/{args.repeats}: {name}: {wall:.1f} s, "
                           f"peak RSS {rss / 2**30:.2f} GiB", flush=True)
+                if args.official:
+                    try:
+                        wall, rss = run_official_masks(scan, Path(tmp) / "official", args.weights)
+                        agreement = mask_agreement(variants[PER_CLASS][1], Path(tmp) / "official")
+                    except RuntimeError as exc:
+                        print(f"error: {scan}: {exc}", file=sys.stderr)
+                        return 1
+                    runs.setdefault(OFFICIAL, []).append((wall, rss))
+                    print(f"{scan.name} repeat {rep + 1}/{args.repeats}: {OFFICIAL}: {wall:.1f} s, peak RSS "
+                          f"{rss / 2**30:.2f} GiB; per-class masks agree on {100 * agreement['voxel_agreement']:.4f} % "
+                          f"of (voxel, class) pairs", flush=True)
                 ref = np.asanyarray(nib.load(variants["06 --no-passport"][1]).dataobj)
                 ml = np.asanyarray(nib.load(variants["totalseg-fast --ml"][1]).dataobj)
                 if not np.array_equal(ref, ml):
@@ -119,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         ref_median = statistics.median(w for w, _ in runs["06 --no-passport"])
         for name, vals in runs.items():
             walls = [w for w, _ in vals]
-            rows.append({"scan": str(scan), "shape": list(nib.load(scan).shape), "command": name,
+            extra = {}
+            if OFFICIAL in runs and name == PER_CLASS:
+                extra = {"speedup_vs_official": statistics.median(w for w, _ in runs[OFFICIAL])
+                         / statistics.median(walls), "masks_vs_official": agreement}
+            rows.append({**extra, "scan": str(scan), "shape": list(nib.load(scan).shape), "command": name,
                          "wall_s": walls, "median_wall_s": statistics.median(walls), "min_wall_s": min(walls),
                          "max_wall_s": max(walls), "ratio_to_06": statistics.median(walls) / ref_median,
                          "peak_rss_bytes": max(r for _, r in vals),
-                         "label_map_checked_identical_to_06": name != "totalseg-fast (117 masks)"})
+                         "label_map_checked_identical_to_06": name not in (PER_CLASS, OFFICIAL)})
     doc = {"schema": "ts-bench-console-vs-06", "schema_version": 1, "machine": machine_info(),
            "versions": library_versions(), "model": spec.provenance(), "repeats": args.repeats,
            "timing": "wall time of each process, start to exit (imports, model load, load, segment, write)",
@@ -132,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{Path(r['scan']).name}: {r['command']}: median {r['median_wall_s']:.1f} s "
               f"[{r['min_wall_s']:.1f}-{r['max_wall_s']:.1f}], x{r['ratio_to_06']:.3f} of 06, "
-              f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+              f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
+              + (f", {r['speedup_vs_official']:.2f}x the official tool" if "speedup_vs_official" in r else ""))
     print(f"result: {args.result}")
     return 0
 
