@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(OFFICIAL, []).append((wall, rss))
                     agreements.append(agreement)
                     print(f"{scan.name} repeat {rep + 1}/{args.repeats}: {OFFICIAL}: {wall:.1f} s, peak RSS "
-                          f"{rss / 2**30:.2f} GiB; per-class masks agree on {100 * agreement['voxel_agreement']:.4f} % "
-                          f"of (voxel, class) pairs", flush=True)
+                          f"{rss / 2**30:.2f} GiB; per-class masks agree on {100 * agreement['voxel_agreement']:.5f} % "
+                          f"of (voxel, class) pairs ({agreement['classes_differing']} of {agreement['classes']} "
+                          f"classes differ somewhere)", flush=True)
                 ref = np.asanyarray(nib.load(variants["06 --no-passport"][1]).dataobj)
                 ml = np.asanyarray(nib.load(variants["totalseg-fast --ml"][1]).dataobj)
                 if not np.array_equal(ref, ml):
