@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -103,7 +104,7 @@ def test_06_refuses_bf16_without_native_support(monkeypatch, tmp_path, example_c
 
 @needs_bf16
 @pytest.mark.slow
-def test_06_bf16_is_labelled_approximate_everywhere(tmp_path, example_ct_sm, in_tiny_home, capsys):
+def test_06_bf16_is_labelled_approximate_everywhere(tmp_path, example_ct_sm, in_tiny_home, capsys, monkeypatch):
     scan = tmp_path / "ct.nii.gz"
     nib.save(nib.load(example_ct_sm).slicer[20:100, 20:80, 0:30], scan)
     cfg = save_config(RunConfig.fastest_exact(), tmp_path / "config.json")
@@ -123,8 +124,24 @@ def test_06_bf16_is_labelled_approximate_everywhere(tmp_path, example_ct_sm, in_
     assert margins["tiles"] == 1 and margins["max_abs_logit_error"] > 0
     assert 0 <= margins["fraction_margin_below_max_error"] <= 1
     assert res["efficiency"]["precision"] == "bf16" and "bf16" in res["efficiency"]["limit_source"]
+    from matplotlib.text import Text
+
+    from common.reporting import report_plots
+
+    plotted: dict[str, list[str]] = {}  # each PNG's texts (legend, tick labels, titles), read before saving
+    save = report_plots._save_png
+
+    def recording_save(fig, target):
+        fig.draw_without_rendering()  # tick labels exist once laid out
+        plotted[Path(target).name] = [t.get_text() for t in fig.findobj(Text)]
+        return save(fig, target)
+
+    monkeypatch.setattr(report_plots, "_save_png", recording_save)
     s07 = importlib.import_module("07_compare_vanilla_vs_optimized")
     assert s07.main(["--results", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "rep")]) == 0
+    assert {"comparison_latency.png", "comparison_stages.png"} <= set(plotted)
+    for name, texts in plotted.items():
+        assert any("APPROXIMATE (BF16 NETWORK)" in t for t in texts), name
     md = (tmp_path / "rep" / "comparison.md").read_text(encoding="utf-8")
     assert "APPROXIMATE (BF16 NETWORK)" in md and "largest logit error" in md
     assert "source: measured: " in md and res["efficiency"]["limit_kernel"] in md

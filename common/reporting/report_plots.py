@@ -35,6 +35,12 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+def shown_name(doc: ComparisonDoc, method: str) -> str:
+    """The method's name as the plots show it: approximate runs say so, as the Markdown tables do."""
+    m = doc.methods.get(method)
+    return method + (f" ({m.arithmetic.upper()})" if m is not None and m.arithmetic != "exact" else "")
+
+
 def plot_latency(doc: ComparisonDoc, target: Path) -> Path | None:
     """Grouped bars: median latency (s) per scan and method, error bars from min to max repeat."""
     labels = list(doc.methods)
@@ -56,14 +62,15 @@ def plot_latency(doc: ComparisonDoc, target: Path) -> Path | None:
             lo.append(med - r.min_total_s if r and r.min_total_s is not None else 0.0)
             hi.append(r.max_total_s - med if r and r.max_total_s is not None else 0.0)
         vals_all += [v for v in h if np.isfinite(v)]
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, h, width, yerr=[lo, hi], capsize=3, label=label,
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, h, width, yerr=[lo, hi], capsize=3,
+               label=shown_name(doc, label),
                color=color, edgecolor="black", linewidth=0.4)
     if vals_all and min(vals_all) > 0 and max(vals_all) / min(vals_all) > 50:
         ax.set_yscale("log")
     ax.set_xticks(x, scans, rotation=30 if len(scans) > 4 else 0, ha="right" if len(scans) > 4 else "center")
     ax.set_ylabel("median latency per scan (s)")
     ax.set_title("Latency per scan (bars: median, whiskers: min–max over repeats)")
-    ax.legend(fontsize="small")
+    fig.legend(fontsize="small", loc="outside lower center")  # below the axes: inside, it covers tall bars
     ax.grid(axis="y", alpha=0.3)
     return _save_png(fig, target)
 
@@ -73,7 +80,7 @@ def plot_stages(doc: ComparisonDoc, target: Path) -> Path | None:
     labels = [m for m in doc.methods if doc.methods[m].stages_mean_s or doc.methods[m].total_mean_s]
     if not labels:
         return None
-    fig = _new_figure(max(5.5, 1.5 + 1.3 * len(labels)), 4.5)
+    fig = _new_figure(max(5.5, 1.5 + 1.3 * len(labels)), 5.5)  # room for the slanted names
     ax = fig.add_subplot()
     parts = [*STAGES, "other"]
     colors = dict(zip(parts, _colors(len(parts)), strict=True))
@@ -92,13 +99,17 @@ def plot_stages(doc: ComparisonDoc, target: Path) -> Path | None:
         if not vals.any():
             continue
         used.add(part)
-        ax.bar(labels, vals, bottom=bottom, label=part if part != "other" else "other (unattributed)",
+        ax.bar([shown_name(doc, m) for m in labels], vals, bottom=bottom,
+               label=part if part != "other" else "other (unattributed)",
                color=colors[part], edgecolor="black", linewidth=0.4)
         bottom += vals
     for i, m in enumerate(labels):
         total = doc.methods[m].total_mean_s
         if total:
             ax.text(i, bottom[i], f"{fmt_s(total)} s", ha="center", va="bottom", fontsize="small")
+    ax.tick_params(axis="x", labelrotation=20)  # method names are long: side by side they overlap
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
     ax.set_ylabel("seconds (mean over scans of per-scan medians)")
     ax.set_title("Where the time goes")
     ax.margins(y=0.1)
@@ -138,7 +149,7 @@ def plot_dice(doc: ComparisonDoc, target: Path, key: str = "dice", title: str = 
         ax.set_ylim(-0.03, 1.03)
         ax.axhline(0.95, color="grey", lw=0.6, ls="--")
         ax.set_ylabel("Dice")
-        ax.set_title(f"{method} {title}", fontsize="medium", loc="left")
+        ax.set_title(f"{shown_name(doc, method)} {title}", fontsize="medium", loc="left")
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(classes)), [label_name(c, names) for c in classes], rotation=90,
                         fontsize=7 if len(classes) > 30 else 9)
