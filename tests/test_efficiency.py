@@ -98,6 +98,30 @@ def test_the_peak_is_the_fastest_kernel_and_names_it():
         measure_peak("float8", threads=1)
 
 
+def test_a_precision_without_native_instructions_is_not_timed(monkeypatch):
+    """On a CPU without native bf16 / int8 (a Zen 2 EPYC: AVX2 only) their kernels are emulated, hundreds of times
+    slower: timing them took over 10 minutes there. Simulate that CPU: nothing is timed, the record says why."""
+    import common.runs.compute_peak as cp
+
+    monkeypatch.setattr(cp, "native_isa", lambda precision: "AVX2" if precision == "float32" else None)
+    monkeypatch.setattr(cp, "_best_seconds", lambda *a: pytest.fail("a kernel was timed"))
+    for precision in ("bf16", "int8"):
+        rec = cp.measure_peak(precision, threads=1, repeats=1, full=False)
+        assert rec["gflops"] is None and rec["kernels"] == [] and rec["native_isa"] is None
+        assert rec["skipped"].startswith(f"not timed: this CPU has no native {precision}")
+
+
+def test_native_instruction_sets_follow_the_cpu_flags(monkeypatch):
+    import common.inference.precision as precision
+    import common.runs.compute_peak as cp
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma", "avx_vnni"})
+    assert cp.native_isa("int8") == "AVX_VNNI"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    assert cp.native_isa("int8") is None
+    assert cp.native_isa("float32")  # always runs: torch's CPU capability names the vector ISA
+
+
 def test_above_the_limit_is_flagged_as_a_measurement_error():
     slow = scan_efficiency(inference_s=8.0, n_tiles=4, limit_s_per_tile=1.0)  # 2 s per tile against 1 s
     assert slow["efficiency"] == pytest.approx(0.5) and "efficiency_error" not in slow

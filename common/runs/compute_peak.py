@@ -11,6 +11,11 @@ of a few runs after one warm-up, on the threads the benchmark uses:
   (32 channels at 128x112x112 ... 256 at 16x14x14, the issue's probe), the kernels the network itself runs;
 * int8: ``torch._int_mm`` (VNNI / AMX-INT8 where present), when this torch build has it on the CPU.
 
+A precision the CPU has no native instructions for is not timed (``native_isa``): emulated, its kernels are
+hundreds of times slower (a 2-core Zen 2 EPYC, AVX2 only: bf16 ``torch.mm`` 0.76 GFLOPS, int8 1.7 GOPS, float32
+54), so timing them would take many minutes and name a "peak" nothing should run at. Such a precision's record
+has ``gflops`` None and ``skipped`` saying why.
+
 The record names every kernel's rate and which one won. The theoretical float32 peak (cores x AVX lanes x
 2 FMA units x 2 FLOP x clock) is recorded beside it where the clock can be read, as a ceiling only: the number
 of FMA units per core is not visible from software (assumed 2), so it is never used as the limit itself, but
@@ -100,15 +105,41 @@ def _kernels(precision: str, repeats: int, full: bool) -> list[tuple[str, Callab
             *[(f"oneDNN conv 3x3x3 {c}", lambda c=c, s=s: _conv(dtype, c, s, 3, repeats)) for c, s in shapes]]
 
 
+def native_isa(precision: str) -> str | None:
+    """The instruction set that runs ``precision`` natively on this CPU, or None: float32 always ("FMA" via
+    torch's CPU capability); bf16 AMX-BF16 / AVX512_BF16 (``common.inference.precision.native_bf16``); int8
+    AMX-INT8 / AVX512_VNNI / AVX_VNNI from /proc/cpuinfo's flags."""
+    import torch
+
+    from common.inference.precision import cpu_flags, native_bf16
+
+    if precision == "float32":
+        return torch.backends.cpu.get_cpu_capability()
+    if precision == "bf16":
+        return native_bf16()
+    flags = cpu_flags()
+    for flag, isa in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512_VNNI"), ("avx_vnni", "AVX_VNNI")):
+        if flag in flags:
+            return isa
+    return None
+
+
 def measure_peak(precision: str, threads: int, repeats: int = REPEATS, full: bool = True) -> dict:
     """The peak of ``precision`` ("float32", "bf16", "int8") on ``threads`` threads: {"precision", "gflops"
     (the best kernel's rate, GFLOPS or for int8 GOPS), "kernel" (its name), "kernels" (every candidate:
     {"kernel", "gflops", "best_s"} or {"kernel", "error"}), "threads", "repeats"}. ``gflops`` is None when no
-    kernel of the precision ran (e.g. int8 without ``torch._int_mm`` on this CPU)."""
+    kernel of the precision ran (e.g. int8 without ``torch._int_mm`` on this CPU), and then also when the CPU
+    has no native instructions for it: nothing is timed and "skipped" says why ("native_isa" names them)."""
     import torch
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+    isa = native_isa(precision)
+    if isa is None:
+        return {"precision": precision, "gflops": None, "kernel": None, "kernels": [], "threads": max(1, threads),
+                "repeats": repeats, "native_isa": None,
+                "skipped": f"not timed: this CPU has no native {precision} instructions (emulated, far slower than "
+                           "float32)"}
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     rows: list[dict] = []
@@ -124,7 +155,7 @@ def measure_peak(precision: str, threads: int, repeats: int = REPEATS, full: boo
     best = max(timed, key=lambda r: r["gflops"]) if timed else None
     return {"precision": precision, "gflops": best["gflops"] if best else None,
             "kernel": best["kernel"] if best else None, "kernels": rows, "threads": max(1, threads),
-            "repeats": repeats}
+            "repeats": repeats, "native_isa": isa}
 
 
 def _clock_ghz() -> tuple[float | None, str | None]:
