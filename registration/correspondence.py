@@ -167,7 +167,8 @@ class SurfacePoints:
     ``points`` (n, 3) fixed boundary points, ``owner`` (n,) their structure index; ``moving_points`` /
     ``moving_owner`` likewise (rigidly mapped); ``normals`` (n, 3) unit PCA normals (0 where undefined,
     all 0 in "point" mode); ``smoothed``: ``points`` moved along the normal onto the local mean surface;
-    ``k_query``: neighbour count of the local-mean searches (the same for both clouds).
+    ``k_query``: neighbour count of the local-mean searches (the same for both clouds); ``moving_normals``
+    (m, 3) unit PCA normals of the moving cloud ("plane" mode with ``symmetric``, else None).
     """
 
     points: np.ndarray
@@ -178,6 +179,7 @@ class SurfacePoints:
     normals: np.ndarray
     smoothed: np.ndarray
     k_query: int
+    moving_normals: np.ndarray | None = None
 
 
 def surface_points(selection: StructureSelection, options: DeformableOptions) -> SurfacePoints:
@@ -208,7 +210,23 @@ def surface_points(selection: StructureSelection, options: DeformableOptions) ->
             mean_nb = _local_mean(pts, nb[:, :o.surface_neighbours], nb_d[:, :o.surface_neighbours])
             off = np.einsum("ij,ij->i", mean_nb - pts, normals)
             smooth_pts = pts + normals * off[:, None]
-    return SurfacePoints(pts, owner, mpts, m_owner, tree_m, normals, smooth_pts, k_query)
+    m_normals = None
+    if o.mode == "plane" and o.symmetric and len(mpts):
+        m_normals = _pca_normals(mpts, _knn_same_owner(tree_m, mpts, m_owner, max(o.normal_neighbours, 3))[1],
+                                 o.normal_neighbours)
+    return SurfacePoints(pts, owner, mpts, m_owner, tree_m, normals, smooth_pts, k_query, m_normals)
+
+
+def symmetric_normals(fixed_normals: np.ndarray, moving_normals: np.ndarray) -> np.ndarray:
+    """Unit normals of the symmetric point-to-plane objective (Rusinkiewicz 2019, "A symmetric objective function
+    for ICP"): n_f + n_m with n_m's sign turned to agree with n_f, normalised. On two locally spherical patches
+    the residual along it vanishes only where the points correspond, so curvature says something about sliding
+    along the surface, which the fixed normal alone cannot. Rows where either normal is 0 keep the fixed one."""
+    sign = np.where(np.einsum("ij,ij->i", fixed_normals, moving_normals) < 0, -1.0, 1.0)
+    n = fixed_normals + sign[:, None] * moving_normals
+    norm = np.linalg.norm(n, axis=1)
+    ok = (norm > 1e-9) & np.any(fixed_normals != 0, axis=1) & np.any(moving_normals != 0, axis=1)
+    return np.where(ok[:, None], n / np.where(ok, norm, 1.0)[:, None], fixed_normals)
 
 
 @dataclass
@@ -248,6 +266,8 @@ def match_step(surface: SurfacePoints, cell: np.ndarray, n_cells: int, u_cell: n
     if o.mutual:
         back = _knn_same_owner(cKDTree(_with_owner(fhat, owner)), mpts[np.maximum(nn, 0)], owner, 1)[1][:, 0]
         keep &= back == np.arange(len(fhat))
+    if o.mode == "plane" and surface.moving_normals is not None:
+        normals = symmetric_normals(normals, surface.moving_normals[np.maximum(nn, 0)])
     if o.mode == "plane":
         r = np.einsum("ij,ij->i", delta, normals)
         dist = np.abs(r)

@@ -79,6 +79,7 @@ class DeformableOptions:
     iterations: int = 5
     mode: str = "plane"
     mutual: bool = True
+    symmetric: bool = False
     normal_neighbours: int = 12
     surface_neighbours: int = 8
     normal_damping: float = 0.1

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers.dicom_files import write_dicom_series
+from helpers.processes import default_sigint
 
 from common.core.atomic import leftover_temp_files
 from common.inference.run_config import RunConfig, save_config
@@ -150,7 +151,8 @@ def _start_06(scans: Path, out: Path, result: Path, onnx: Path, home: Path, cfg:
     env = {**os.environ, PROJECT_HOME_ENV: str(home)}
     cmd = [sys.executable, str(ROOT / "06_inferenceAndPassport.py"), "--input", str(scans), "--out", str(out),
            "--result", str(result), "--onnx", str(onnx), "--weights", "standin", "--config", str(cfg)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
 
 
 def _small_scans(d: Path, example_ct_sm: Path, n: int, step: int) -> Path:

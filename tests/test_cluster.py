@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.processes import live_processes
+from helpers.processes import default_sigint, live_processes
 
 from common.core.atomic import leftover_temp_files
 from common.inference.run_config import RunConfig, save_config
@@ -137,7 +137,8 @@ def _start(scans: Path, onnx: Path, config: Path, out: Path, home: Path, marker:
     # many boundary points: each scan's passport takes a few seconds, so that a kill lands mid-scan
     cmd = [sys.executable, str(ROOT / "06_inferenceAndPassport.py"),
            *_base(scans, onnx, config, out, "--max-points", "20000", *CLUSTER)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
 
 
 def _scan_in_progress(out: Path, proc: subprocess.Popen, timeout_s: float = 180) -> tuple[str, int]:

@@ -173,8 +173,12 @@ def test_rtstruct_has_the_official_roi_names(work):
     ours, theirs = (pydicom.dcmread(f / "rtstruct.dcm") for f in (work["ours"], work["theirs"]))
     names = [[r.ROIName for r in ds.StructureSetROISequence] for ds in (ours, theirs)]
     assert names[0] == names[1] and len(names[0]) > 5
-    assert [len(c.ContourSequence) for c in ours.ROIContourSequence] == \
-        [len(c.ContourSequence) for c in theirs.ROIContourSequence]
+    # the label maps agree on >= 99.9 % of voxels, not all (near-tied logits, exact mode's free float32
+    # summation order: which ones depends on the CPU): a differing voxel can add or split one contour of an ROI
+    # (seen on a Zen 2 EPYC: 2037 against 2036). Most ROIs have the same contours, none differ by more than 1 %
+    a, b = ([len(c.ContourSequence) for c in ds.ROIContourSequence] for ds in (ours, theirs))
+    assert len(a) == len(b) and np.mean(np.equal(a, b)) >= 0.9, (a, b)
+    assert all(abs(x - y) <= max(1, 0.01 * y) for x, y in zip(a, b, strict=True)), (a, b)
 
 
 @pytest.mark.parametrize("flags", [["-ot", "dicom_seg"], ["-v1o"], ["-sl", "-rs", "liver"],

@@ -265,3 +265,31 @@ def test_rigid_result_dict_is_json_ready():
     assert abs(d["rotation_angle_deg"] - 4.0) < 0.01
 
 
+
+
+def test_symmetric_normals_vanish_between_points_of_one_sphere():
+    """Rusinkiewicz's symmetric objective: for two nearby points p, q of one sphere (normals radial),
+    (q - p) . (n_p + n_q) = 0, while the fixed normal alone gives a residual; a flipped moving normal is turned
+    back, and a missing (zero) normal leaves the fixed one."""
+    from registration.correspondence import symmetric_normals
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(50, 3))
+    q = p + rng.normal(size=(50, 3)) * 0.3  # neighbours, as matches are (normals within about 30 degrees)
+    p *= 30.0 / np.linalg.norm(p, axis=1, keepdims=True)
+    q *= 30.0 / np.linalg.norm(q, axis=1, keepdims=True)
+    n_p, n_q = p / 30.0, q / 30.0
+    flip = np.where(rng.random(50) < 0.5, -1.0, 1.0)[:, None]  # PCA normals have no sign
+    n = symmetric_normals(n_p, flip * n_q)
+    assert np.allclose(np.linalg.norm(n, axis=1), 1.0)
+    assert np.abs(np.einsum("ij,ij->i", q - p, n)).max() < 1e-9
+    assert np.abs(np.einsum("ij,ij->i", q - p, n_p)).max() > 1.0
+    n_q[:5] = 0.0
+    assert np.allclose(symmetric_normals(n_p, n_q)[:5], n_p[:5])
+
+
+def test_symmetric_matching_keeps_self_registration_exact_and_still_deforms():
+    fixed = make_passport(6)
+    defo = register_deformable(fixed, fixed, register_rigid(fixed, fixed), symmetric=True)
+    assert np.abs(defo.grid.fixed_to_moving).max() < 0.01
+    assert defo.settings["symmetric"] is True

@@ -20,3 +20,14 @@ def live_processes(env_marker: str, cmdline_part: str | None = None) -> list[int
         if env_marker.encode() in env and state != "Z" and (cmdline_part is None or cmdline_part.encode() in cmdline):
             found.append(int(proc.name))
     return found
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test will interrupt with SIGINT: SIGINT back to its default action.
+
+    A job started in the background of a non-interactive shell (``pytest &``, ``nohup``) inherits SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler: the child would ignore the test's Ctrl-C and run to the
+    end, as POSIX asks of such a job (seen: the suite run with ``nohup ... &``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
