@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=nonnegative_int, default=None, metavar="N", help="ICP rounds of the TPS tier")
     p.add_argument("--mode", choices=("plane", "point"), default=None, help="TPS correspondence mode")
     p.add_argument("--no-mutual", action="store_true", help="use one-way nearest neighbours")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric point-to-plane matches (the fixed and the moving normal; Rusinkiewicz 2019)")
     p.add_argument("--max-control-points", type=nonnegative_int, default=None, metavar="N",
                    help=f"TPS control-point budget; {FLOOR_HELP}")
     p.add_argument("--smoothing-factors", type=positive_float, nargs="+", default=None, metavar="F",
@@ -174,6 +176,8 @@ def deformable_options(args: argparse.Namespace) -> DeformableOptions:
         dkw["mode"] = args.mode
     if args.no_mutual:
         dkw["mutual"] = False
+    if args.symmetric:
+        dkw["symmetric"] = True
     if args.max_control_points is not None:
         dkw["max_control_points"] = args.max_control_points
     if args.smoothing_factors is not None:

@@ -115,3 +115,11 @@ def test_options_resolve_defaults_and_refuse_bad_values():
     rigid = register_rigid(fixed, fixed)
     with pytest.raises(TypeError, match="not both"):
         register_deformable(fixed, fixed, rigid, DeformableOptions(), smoothing=1.0)
+
+
+def test_evaluate_passes_its_matching_flags_to_the_options():
+    from registration.evaluate import build_parser, deformable_options
+
+    assert deformable_options(build_parser().parse_args([])) == DeformableOptions()
+    chosen = deformable_options(build_parser().parse_args(["--symmetric", "--no-mutual", "--iterations", "3"]))
+    assert (chosen.symmetric, chosen.mutual, chosen.iterations) == (True, False, 3)
