@@ -102,6 +102,19 @@ def test_06_refuses_bf16_without_native_support(monkeypatch, tmp_path, example_c
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))
 
 
+def test_totalseg_fast_refuses_bf16_without_native_support_in_one_line(monkeypatch, tmp_path, example_ct_sm,
+                                                                        in_tiny_home, capsys):
+    """The refusal comes before anything else is said on stderr (it once followed the 'approximate' line)."""
+    from common.cli.console import main
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: None)
+    code = main(["-i", str(example_ct_sm), "-o", str(tmp_path / "segs"), "--weights", "standin", "--precision",
+                 "bf16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no native bfloat16" in err, err
+    assert not (tmp_path / "segs").exists()
+
+
 @needs_bf16
 @pytest.mark.slow
 def test_06_bf16_is_labelled_approximate_everywhere(tmp_path, example_ct_sm, in_tiny_home, capsys, monkeypatch):

@@ -243,6 +243,7 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     from common.core.signals import exit_cleanly_on_sigterm
     from common.inference.model_cache import ensure_onnx, prepare_model
     from common.inference.predictor_factory import build_predictor
+    from common.inference.precision import require_native
     from common.inference.run_config import RunConfig, load_config
     from common.sources.inputs import resolve_inputs
 
@@ -261,7 +262,8 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     cfg.segment.resample_threads = args.nr_thr_resamp
     cfg.segment.resample_order = args.resampling_order
     cfg.ort.providers = providers
-    cfg = cfg.with_precision(args.precision)  # PrecisionError (one line) in build_predictor without native bf16
+    cfg = cfg.with_precision(args.precision)
+    require_native(cfg.precision)  # without native bf16: PrecisionError, one line, before anything else is said
     if cfg.approximate:
         say(f"arithmetic: approximate ({cfg.precision} network): labels can differ from the official tool's",
             always=True)
