@@ -242,8 +242,8 @@ def _prepare(args: argparse.Namespace, say: Say, held: ExitStack) -> _Prepared:
     from common.core.paths import DEFAULT_ONNX, OPTIMIZED_CONFIG
     from common.core.signals import exit_cleanly_on_sigterm
     from common.inference.model_cache import ensure_onnx, prepare_model
-    from common.inference.predictor_factory import build_predictor
     from common.inference.precision import require_native
+    from common.inference.predictor_factory import build_predictor
     from common.inference.run_config import RunConfig, load_config
     from common.sources.inputs import resolve_inputs
 
