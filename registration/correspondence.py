@@ -266,9 +266,9 @@ def match_step(surface: SurfacePoints, cell: np.ndarray, n_cells: int, u_cell: n
     if o.mutual:
         back = _knn_same_owner(cKDTree(_with_owner(fhat, owner)), mpts[np.maximum(nn, 0)], owner, 1)[1][:, 0]
         keep &= back == np.arange(len(fhat))
-    if o.mode == "plane" and surface.moving_normals is not None:
-        normals = symmetric_normals(normals, surface.moving_normals[np.maximum(nn, 0)])
     if o.mode == "plane":
+        if surface.moving_normals is not None:
+            normals = symmetric_normals(normals, surface.moving_normals[np.maximum(nn, 0)])
         r = np.einsum("ij,ij->i", delta, normals)
         dist = np.abs(r)
     else:

@@ -26,8 +26,8 @@ Correspondences (per structure, matched by name, never across structures):
    the directions no normal constrains are left to the bending energy, not pinned to the previous field);
    with ``symmetric`` (off by default) the residual is taken along the sum of the fixed and the matched moving
    normal (Rusinkiewicz 2019), which lets curvature say something about sliding: measured, it moved the 20 mm
-   family's mean body TRE by -1 to -4 % and the breathing family's by -1 to +4 % (README, registration accuracy), so it is
-   not the default;
+   family's mean body TRE by -1 to -4 % and the breathing family's by -1 to +4 % (README, registration
+   accuracy), so it is not the default;
 5. the check (registration.validation): k-fold cross-validation on held-out cells chooses the smoothing
    among ``smoothing`` x ``smoothing_factors`` and keeps the spline only when it predicts the held-out
    matches better than the rigid result (``validate``; otherwise the field is zero: the rigid result);

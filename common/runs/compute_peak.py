@@ -106,8 +106,8 @@ def _kernels(precision: str, repeats: int, full: bool) -> list[tuple[str, Callab
 
 
 def native_isa(precision: str) -> str | None:
-    """The instruction set that runs ``precision`` natively on this CPU, or None: float32 always ("FMA" via
-    torch's CPU capability); bf16 AMX-BF16 / AVX512_BF16 (``common.inference.precision.native_bf16``); int8
+    """The instruction set that runs ``precision`` natively on this CPU, or None: float32 always (torch's CPU
+    capability, e.g. "AVX2", "AVX512"); bf16 AMX-BF16 / AVX512_BF16 (``common.inference.precision.native_bf16``); int8
     AMX-INT8 / AVX512_VNNI / AVX_VNNI from /proc/cpuinfo's flags."""
     import torch
 
@@ -135,9 +135,9 @@ def measure_peak(precision: str, threads: int, repeats: int = REPEATS, full: boo
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
     isa = native_isa(precision)
+    record = {"precision": precision, "threads": max(1, threads), "repeats": repeats, "native_isa": isa}
     if isa is None:
-        return {"precision": precision, "gflops": None, "kernel": None, "kernels": [], "threads": max(1, threads),
-                "repeats": repeats, "native_isa": None,
+        return {**record, "gflops": None, "kernel": None, "kernels": [],
                 "skipped": f"not timed: this CPU has no native {precision} instructions (emulated, far slower than "
                            "float32)"}
     previous = torch.get_num_threads()
@@ -153,9 +153,8 @@ def measure_peak(precision: str, threads: int, repeats: int = REPEATS, full: boo
         torch.set_num_threads(previous)
     timed = [r for r in rows if "gflops" in r]
     best = max(timed, key=lambda r: r["gflops"]) if timed else None
-    return {"precision": precision, "gflops": best["gflops"] if best else None,
-            "kernel": best["kernel"] if best else None, "kernels": rows, "threads": max(1, threads),
-            "repeats": repeats, "native_isa": isa}
+    return {**record, "gflops": best["gflops"] if best else None, "kernel": best["kernel"] if best else None,
+            "kernels": rows}
 
 
 def _clock_ghz() -> tuple[float | None, str | None]:

@@ -91,8 +91,8 @@ def scan_efficiency(inference_s: float | None, n_tiles: int | None, limit_s_per_
     return out
 
 
-EFFICIENCY_HELP = ("for benchmarking: measure this machine's float32, bf16 and int8 peaks with the fastest kernel "
-                   "available (about 15 s), count the tile's FLOPs from the ONNX graph, and record inference "
+EFFICIENCY_HELP = ("for benchmarking: measure this machine's float32, bf16 and int8 peaks (those it runs natively) "
+                   "with the fastest kernel available (about 15 s), count the tile's FLOPs from the ONNX graph, and record inference "
                    "seconds per tile and efficiency (compute limit / actual) per scan; 07 reports them")
 
 
